@@ -1,0 +1,17 @@
+"""Transport: everything that speaks to an IPFS daemon. Imports nothing else from grid_ipfs."""
+
+from .cids import CID, cid_str, parse_cid, same_cid
+from .errors import (
+    DaemonError,
+    DaemonUnreachable,
+    InvalidCID,
+    IPFSError,
+    IPFSTimeout,
+    NotFound,
+    TooLarge,
+)
+
+__all__ = [
+    "CID", "cid_str", "parse_cid", "same_cid",
+    "IPFSError", "DaemonUnreachable", "IPFSTimeout", "NotFound", "TooLarge", "DaemonError", "InvalidCID",
+]

@@ -1,0 +1,38 @@
+"""CID parsing and comparison.
+
+Daemons print the same CID in different bases (js-ipfs may answer base58btc for a CIDv1 that Kubo
+prints in base32), so CIDs are compared parsed, by version-independent content address, never as
+strings. Every CID that crosses a trust boundary goes through `parse_cid`, which names the bad value.
+"""
+
+from __future__ import annotations
+
+from multiformats import CID
+
+from .errors import InvalidCID
+
+__all__ = ["CID", "parse_cid", "same_cid", "cid_str"]
+
+
+def parse_cid(value: str | bytes | CID) -> CID:
+    """Parse a CID given as a string (any multibase, or a bare CIDv0) or as an existing CID."""
+    if isinstance(value, CID):
+        return value
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise InvalidCID(value, "expected a CID string")
+    try:
+        return CID.decode(value.strip())
+    except Exception as exc:  # multiformats raises several unrelated types
+        raise InvalidCID(value, str(exc) or type(exc).__name__) from None
+
+
+def same_cid(a: str | CID, b: str | CID) -> bool:
+    """True when both name the same content with the same codec (CIDv0 == its CIDv1 twin)."""
+    ca, cb = parse_cid(a), parse_cid(b)
+    return ca.codec == cb.codec and ca.digest == cb.digest
+
+
+def cid_str(cid: str | CID) -> str:
+    """The canonical text form: CIDv0 stays `Qm...`, CIDv1 is printed base32 (`b...`) like Kubo."""
+    cid = parse_cid(cid)
+    return str(cid) if cid.version == 0 else cid.encode("base32")
