@@ -259,18 +259,24 @@ class Devnet:
             if not (keep_ports and node.ports):
                 node.ports = {name: _free_port() for name in ("api", "gateway", "swarm", "rpc")}
             config_file = repo / "config"
-            config = self.daemon.configure(json.loads(config_file.read_text()), node.ports)
+            try:
+                config = self.daemon.configure(json.loads(config_file.read_text()), node.ports)
+            except ValueError as exc:
+                raise DevnetError(f"node {node.index}: {config_file} is not valid JSON ({exc})") from None
             config_file.write_text(json.dumps(config, indent=2))
             node.peer_id = config.get("Identity", {}).get("PeerID", "")
             (repo / "api").unlink(missing_ok=True)  # stale after a crash; the daemon rewrites it
             _remove_stale_lock(repo / "repo.lock")  # left by a killed daemon (js-ipfs: a directory)
             log_path = repo / "daemon.log"
+            # The shell writes the PID file and then becomes the daemon (exec keeps the PID), so no
+            # instant exists where a daemon runs unrecorded, even if `up` is killed mid-start.
+            launcher = ['/bin/sh', '-c', 'echo $$ > "$0" && exec "$@"', str(repo / PID_FILE),
+                        *self.daemon.daemon_args()]
             with open(log_path, "wb") as log_file:
-                proc = subprocess.Popen(self.daemon.daemon_args(), env={**os.environ, "IPFS_PATH": str(repo)},
+                proc = subprocess.Popen(launcher, env={**os.environ, "IPFS_PATH": str(repo)},
                                         stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
             node.pid = proc.pid
-            (repo / PID_FILE).write_text(str(proc.pid))
             node.api = f"/ip4/127.0.0.1/tcp/{node.ports['api']}"
             error = self._wait_started(node, proc, log_path, timeout)
             if error is None:
@@ -353,9 +359,23 @@ def _recorded_pids(directory: Path) -> list[int]:
     return sorted(pids)
 
 
+def _pids_by_repo(directory: Path) -> set[int]:
+    """Daemons whose IPFS_PATH lies under `directory`: found even if a PID file was lost."""
+    found = set()
+    prefix = f"IPFS_PATH={directory}/".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if any(var.startswith(prefix) for var in (proc / "environ").read_bytes().split(b"\0")):
+                found.add(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def _alive_pids(directory: Path) -> list[int]:
-    """Recorded PIDs that still run an IPFS daemon (a recycled PID running something else is left alone)."""
-    return [pid for pid in _recorded_pids(directory) if _pid_alive(pid) and _is_daemon(pid)]
+    """PIDs under `directory` that still run an IPFS daemon (a recycled PID running something else is left alone)."""
+    pids = set(_recorded_pids(directory)) | _pids_by_repo(directory)
+    return sorted(pid for pid in pids if pid != os.getpid() and _pid_alive(pid) and _is_daemon(pid))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,0 +1,102 @@
+"""`python -m grid_ipfs.devnet` as a user runs it: up, status, down, and the ways it can go wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grid_ipfs.ipfs.devnet import PID_FILE, Devnet, DevnetError, _pid_alive
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def devnet_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "grid_ipfs.devnet", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_up_status_down_leaves_no_process(tmp_path):
+    directory = tmp_path / "net"
+    try:
+        up = devnet_cli("up", "--nodes", "3", "--dir", str(directory), "--json")
+        assert up.returncode == 0, up.stderr
+        state = json.loads(up.stdout)
+        assert [n["api"] for n in state["nodes"]] == [n["api"] for n in json.loads((directory / "devnet.json").read_text())["nodes"]]
+        nodes = state["nodes"]
+        assert len(nodes) == 3
+        for node in nodes:
+            assert node["api"].startswith("/ip4/127.0.0.1/tcp/") and node["peer_id"]
+            assert node["swarm"].startswith("/ip4/127.0.0.1/")
+        assert len({node["api"] for node in nodes}) == 3
+        pids = [node["pid"] for node in nodes]
+        assert all(_pid_alive(pid) for pid in pids)
+
+        status = devnet_cli("status", "--dir", str(directory), "--json")
+        assert status.returncode == 0 and all(row["up"] and row["peers"] >= 2 for row in json.loads(status.stdout))
+
+        again = devnet_cli("up", "--nodes", "1", "--dir", str(directory))
+        assert again.returncode == 1
+        assert "holds a running devnet" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    finally:
+        down = devnet_cli("down", "--dir", str(directory))
+    assert down.returncode == 0 and "stopped 3" in down.stdout
+    wait_for(lambda: not any(_pid_alive(pid) for pid in pids), 10, what="daemons to exit")
+
+
+def test_status_says_which_nodes_are_down(make_devnet):
+    net = make_devnet(2)
+    net.stop_node(1)
+    status = devnet_cli("status", "--dir", str(net.directory))
+    assert status.returncode == 1 and "DOWN" in status.stdout and "up, " in status.stdout
+
+
+def test_nodes_below_one_is_a_one_line_error(tmp_path):
+    result = devnet_cli("up", "--nodes", "0", "--dir", str(tmp_path))
+    assert result.returncode == 1 and result.stderr.strip() == "error: --nodes must be at least 1 (got 0)"
+
+
+def test_daemon_dying_during_start_names_the_cause_and_leaves_nothing(tmp_path):
+    Devnet.up(1, tmp_path).stop()  # makes a repo we can break
+    config_file = tmp_path / "node0" / "config"
+    config = json.loads(config_file.read_text())
+    config["Identity"]["PrivKey"] = "bm90IGEga2V5"  # valid JSON, but the daemon cannot load its key
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(DevnetError, match="node 0 did not start: exited with code") as error:
+        Devnet.up(1, tmp_path)
+    assert "\n" not in str(error.value)
+    assert not any(_pid_alive(int(p.read_text())) for p in tmp_path.glob(f"node*/{PID_FILE}"))
+
+
+def test_corrupt_config_is_named(tmp_path):
+    Devnet.up(1, tmp_path).stop()
+    (tmp_path / "node0" / "config").write_text("{ this is not json")
+    with pytest.raises(DevnetError, match="config is not valid JSON"):
+        Devnet.up(1, tmp_path)
+
+
+def test_down_after_an_interrupted_up(tmp_path):
+    """Kill `up` as soon as a daemon PID is recorded: `down` still finds and stops it."""
+    proc = subprocess.Popen([sys.executable, "-m", "grid_ipfs.devnet", "up", "--nodes", "2", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pid_files = wait_for(lambda: list(tmp_path.glob(f"node*/{PID_FILE}")), 120, what="a daemon to start")
+        pids = [int(p.read_text()) for p in pid_files if p.read_text().strip()]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    down = devnet_cli("down", "--dir", str(tmp_path))
+    assert down.returncode == 0
+    wait_for(lambda: not any(_pid_alive(pid) for pid in pids), 15, what="orphaned daemons to exit")
+    assert not list(tmp_path.glob(f"node*/{PID_FILE}"))
+
+
+def test_help_exits_zero():
+    result = devnet_cli("--help")
+    assert result.returncode == 0 and "up" in result.stdout and "down" in result.stdout
