@@ -1,0 +1,226 @@
+"""Chain blocks: signed dag-cbor maps whose links are real IPLD links.
+
+One block per aggregated round, plus a genesis block (seq 0, round 0, aggregation "init") that records
+the model and the initial weights. Links are CIDs encoded as dag-cbor tag 42, so any IPFS node can walk
+the history (`ipfs dag get HEAD/prev/prev/round`) and a recursive pin of the head keeps all of it.
+
+    v, job, seq, round, prev (absent in genesis), model, weights,
+    aggregation {name, params}, updates [{worker, weights, num_examples, metrics}] sorted by worker,
+    metrics {str: float}, time, signer, sig
+
+`sig` is the signer's Ed25519 signature over the dag-cbor encoding of the block without `sig`.
+dag-cbor is canonical (one encoding per value), so a block's CID can be recomputed from its fields by
+anyone, and `decode_block` refuses bytes that would not re-encode identically. Numbers are typed
+strictly: counters are ints (never bools or floats), metrics and time are finite floats.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import dag_cbor
+from multiformats import CID, multihash
+
+from ..identity import Identity, is_public_id, verify
+from ..ipfs.cids import InvalidCID, cid_str, parse_cid
+from ..messages import valid_job_id
+
+__all__ = [
+    "BLOCK_VERSION", "GENESIS_AGGREGATION", "ChainError",
+    "encode_block", "decode_block", "sign_block", "check_signature", "validate_block", "block_cid",
+]
+
+BLOCK_VERSION = 1
+GENESIS_AGGREGATION = "init"
+
+_REQUIRED = {"v", "job", "seq", "round", "model", "weights", "aggregation", "updates", "metrics", "time",
+             "signer", "sig"}
+_UPDATE_KEYS = {"worker", "weights", "num_examples", "metrics"}
+
+
+class ChainError(Exception):
+    """A block or chain that is malformed, does not hash to its CID, or cannot be extended."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metrics(where: str, metrics: object) -> None:
+    if not isinstance(metrics, dict):
+        raise ChainError(f"{where}: expected a map of floats")
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not key:
+            raise ChainError(f"{where}: metric names must be non-empty strings, got {key!r}")
+        if not isinstance(value, float) or not math.isfinite(value):
+            raise ChainError(f"{where}.{key}: expected a finite float, got {value!r}")
+
+
+def validate_block(block: object, *, signed: bool = True) -> None:
+    """Raise ChainError naming the first field that does not fit the block layout.
+
+    With `signed=False` the block may lack `sig` (what `sign_block` checks before signing).
+    Signature validity is not checked here; see `check_signature`.
+    """
+    if not isinstance(block, dict):
+        raise ChainError(f"a block is a map, got {type(block).__name__}")
+    required = _REQUIRED if signed else _REQUIRED - {"sig"}
+    genesis = block.get("seq") == 0
+    missing = sorted((required - set(block)) | ({"prev"} - set(block) if not genesis else set()))
+    if missing:
+        raise ChainError(f"missing field {missing[0]}")
+    extra = sorted(set(block) - _REQUIRED - {"prev"})
+    if extra:
+        raise ChainError(f"unexpected field {extra[0]!r}")
+    if block["v"] != BLOCK_VERSION or not _is_int(block["v"]):
+        raise ChainError(f"unsupported block version {block['v']!r}")
+    if not valid_job_id(block["job"]):
+        raise ChainError(f"bad job id {block['job']!r}")
+    for key in ("seq", "round"):
+        if not _is_int(block[key]) or block[key] < 0:
+            raise ChainError(f"{key}: expected an integer >= 0, got {block[key]!r}")
+    if genesis and "prev" in block:
+        raise ChainError("genesis (seq 0) has a prev link")
+    if genesis != (block["round"] == 0):
+        raise ChainError(f"round {block['round']} at seq {block['seq']}: round 0 is genesis only")
+    for key in ("prev", "model", "weights"):
+        if key in block and not isinstance(block[key], CID):
+            raise ChainError(f"{key}: expected an IPLD link, got {type(block[key]).__name__}")
+
+    aggregation = block["aggregation"]
+    if (not isinstance(aggregation, dict) or set(aggregation) != {"name", "params"}
+            or not isinstance(aggregation["name"], str) or not aggregation["name"]
+            or not isinstance(aggregation["params"], dict)):
+        raise ChainError("aggregation: expected {name: str, params: map}")
+    if genesis != (aggregation["name"] == GENESIS_AGGREGATION):
+        raise ChainError(f"aggregation {aggregation['name']!r} at seq {block['seq']}: "
+                         f"{GENESIS_AGGREGATION!r} is for genesis only")
+
+    updates = block["updates"]
+    if not isinstance(updates, list) or genesis != (not updates):
+        raise ChainError("updates: expected a list, empty in genesis only")
+    for i, update in enumerate(updates):
+        where = f"updates[{i}]"
+        if not isinstance(update, dict) or set(update) != _UPDATE_KEYS:
+            raise ChainError(f"{where}: expected exactly {sorted(_UPDATE_KEYS)}")
+        if not is_public_id(update["worker"]):
+            raise ChainError(f"{where}.worker: not a public id: {update['worker']!r}")
+        if i and not updates[i - 1]["worker"] < update["worker"]:
+            raise ChainError(f"{where}: updates must be sorted by worker id, each worker once")
+        if not isinstance(update["weights"], CID):
+            raise ChainError(f"{where}.weights: expected an IPLD link")
+        if not _is_int(update["num_examples"]) or update["num_examples"] < 1:
+            raise ChainError(f"{where}.num_examples: expected an integer >= 1, got {update['num_examples']!r}")
+        _check_metrics(f"{where}.metrics", update["metrics"])
+
+    _check_metrics("metrics", block["metrics"])
+    if not isinstance(block["time"], float) or not math.isfinite(block["time"]):
+        raise ChainError(f"time: expected a finite float, got {block['time']!r}")
+    if not is_public_id(block["signer"]):
+        raise ChainError(f"signer: not a public id: {block['signer']!r}")
+    if signed and not (isinstance(block["sig"], bytes) and len(block["sig"]) == 64):
+        raise ChainError("sig: expected 64 bytes")
+
+
+def block_cid(data: bytes) -> CID:
+    """The CIDv1 (dag-cbor, sha2-256) of encoded block bytes, as `ipfs block put` computes it."""
+    return CID("base32", 1, "dag-cbor", multihash.digest(data, "sha2-256"))
+
+
+def encode_block(block: dict) -> tuple[bytes, CID]:
+    """Validate a signed block and return its dag-cbor bytes and CID."""
+    validate_block(block)
+    data = dag_cbor.encode(block)
+    return data, block_cid(data)
+
+
+def decode_block(data: bytes, cid: str | CID | None = None) -> dict:
+    """Parse block bytes, checking (when `cid` is given) that they hash to it, and validate the layout."""
+    data = bytes(data)
+    if cid is not None:
+        cid = parse_cid(cid)
+        try:
+            ok = cid.codec.name == "dag-cbor" and multihash.digest(data, cid.hashfun.name) == cid.digest
+        except Exception:  # an unknown hash function: we cannot recompute it, so we cannot trust it
+            ok = False
+        if not ok:
+            raise ChainError(f"block {cid_str(cid)}: bytes do not hash to its CID")
+    try:
+        block = dag_cbor.decode(data)
+    except Exception as exc:  # untrusted bytes: any decoder failure (CBOR errors, bad CID bytes) is ours
+        raise ChainError(f"not canonical dag-cbor: {(str(exc) or type(exc).__name__).splitlines()[-1]}") from None
+    validate_block(block)
+    if dag_cbor.encode(block) != data:  # belt and braces: the decoder should refuse non-canonical input
+        raise ChainError("not canonical dag-cbor: re-encoding differs")
+    return block
+
+
+def _float(where: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ChainError(f"{where}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ChainError(f"{where}: number out of range") from None
+
+
+def _link(where: str, value: object) -> CID:
+    try:
+        return parse_cid(value)  # type: ignore[arg-type]
+    except InvalidCID as exc:
+        raise ChainError(f"{where}: {exc}") from None
+
+
+def _normalise(fields: dict) -> dict[str, Any]:
+    """Accept what callers naturally hold (CID strings, numpy scalars, ints for floats, unsorted
+    updates) and turn it into the exact types the layout requires."""
+    block = dict(fields)
+    for key in ("prev", "model", "weights"):
+        if key in block and block[key] is not None:
+            block[key] = _link(key, block[key])
+        elif key == "prev":
+            block.pop("prev", None)
+    if isinstance(block.get("metrics"), dict):
+        block["metrics"] = {k: _float(f"metrics.{k}", v) for k, v in block["metrics"].items()}
+    if "time" in block:
+        block["time"] = _float("time", block["time"])
+    if isinstance(block.get("updates"), (list, tuple)):
+        updates = []
+        for i, u in enumerate(block["updates"]):
+            if not isinstance(u, dict):
+                raise ChainError(f"updates[{i}]: expected a map")
+            u = dict(u)
+            if "weights" in u:
+                u["weights"] = _link(f"updates[{i}].weights", u["weights"])
+            if isinstance(u.get("num_examples"), numbers.Integral) and not isinstance(u["num_examples"], bool):
+                u["num_examples"] = int(u["num_examples"])  # numpy ints from len(x) arithmetic
+            if isinstance(u.get("metrics"), dict):
+                u["metrics"] = {k: _float(f"updates[{i}].metrics.{k}", v) for k, v in u["metrics"].items()}
+            updates.append(u)
+        block["updates"] = sorted(updates, key=lambda u: str(u.get("worker")))
+    return block
+
+
+def sign_block(fields: dict, identity: Identity) -> dict:
+    """Return the block `fields` signed by `identity` (sets `v`, `signer` and `sig`).
+
+    The fields are normalised first (see `_normalise`) and validated, so a malformed block is never
+    signed: a signature must only ever vouch for a block that other nodes will accept.
+    """
+    block = _normalise({k: v for k, v in fields.items() if k != "sig"})
+    block["v"] = BLOCK_VERSION
+    block["signer"] = identity.id
+    validate_block(block, signed=False)
+    block["sig"] = identity.sign(dag_cbor.encode(block))
+    return block
+
+
+def check_signature(block: dict) -> bool:
+    """True when `sig` is the signer's signature over the block without `sig`; never raises."""
+    try:
+        unsigned = {k: v for k, v in block.items() if k != "sig"}
+        return verify(block["signer"], dag_cbor.encode(unsigned), block["sig"])
+    except Exception:  # a malformed block is simply not validly signed
+        return False

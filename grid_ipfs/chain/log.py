@@ -1,0 +1,146 @@
+"""The append-only log: a head file naming the newest block, and blocks linked back to genesis.
+
+The head file is the only mutable state. It is changed under a file lock (read head, build the next
+block on it, store the block, replace the file atomically), so concurrent appenders from several
+processes serialise into one line of blocks and none is lost; readers never see a half-written head.
+The store is anything with the `BlockStore` methods, an `IPFSClient` in production.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from multiformats import CID
+
+from ..identity import Identity
+from ..ipfs.cids import InvalidCID, cid_str, parse_cid, same_cid
+from .blocks import ChainError, decode_block, encode_block, sign_block
+
+__all__ = ["BlockStore", "ChainLog", "walk", "read_head", "write_head"]
+
+
+class BlockStore(Protocol):
+    """The slice of `grid_ipfs.ipfs.rpc.IPFSClient` the chain needs."""
+
+    def block_put(self, data: bytes, *, codec: str = "dag-cbor") -> CID: ...
+
+    def block_get(self, cid: str | CID) -> bytes: ...
+
+    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: float | None = None) -> bytes: ...
+
+    def add(self, data: bytes) -> CID: ...
+
+
+def read_head(head_file: str | os.PathLike) -> CID | None:
+    """The CID in `head_file`, or None when the file does not exist yet (an empty chain)."""
+    path = Path(head_file)
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if not text:
+        return None
+    try:
+        return parse_cid(text)
+    except InvalidCID as exc:
+        raise ChainError(f"head file {path}: {exc}") from None
+
+
+def write_head(head_file: str | os.PathLike, cid: str | CID) -> None:
+    """Replace the head file's content atomically (temp file, fsync, rename)."""
+    path = Path(head_file)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(cid_str(cid) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def walk(store: BlockStore, head: str | CID) -> Iterator[tuple[CID, dict]]:
+    """Yield (cid, block) from `head` back to genesis, each block checked against its CID and layout.
+
+    Stops with ChainError when a block's seq is not one less than its successor's: a chain that skips
+    or repeats is not a log anyone should read as history. Use `verify_chain` for a full audit.
+    """
+    cid: CID | None = parse_cid(head)
+    expected: int | None = None
+    while cid is not None:
+        block = decode_block(store.block_get(cid), cid)
+        if expected is not None and block["seq"] != expected:
+            raise ChainError(f"block {cid_str(cid)} has seq {block['seq']}, expected {expected}")
+        yield cid, block
+        expected = block["seq"] - 1
+        cid = block.get("prev")
+
+
+class ChainLog:
+    """A job's chain as seen by its writer: `store` holds the blocks, `head_file` names the newest.
+
+    With `head_file=None` the head lives in this object only (tests, throwaway runs).
+    """
+
+    def __init__(self, store: BlockStore, head_file: str | os.PathLike | None):
+        self.store = store
+        self.head_file = Path(head_file) if head_file is not None else None
+        self._head: CID | None = None
+
+    @property
+    def head(self) -> CID | None:
+        """The newest block, or None for an empty chain."""
+        return read_head(self.head_file) if self.head_file is not None else self._head
+
+    def append(self, fields: dict, identity: Identity) -> CID:
+        """Sign `fields` as the next block on the current head, store it, advance the head; return its CID.
+
+        `seq` and `prev` are set here (genesis when the chain is empty), `time` defaults to now. The
+        block's job and model must match the head's: one chain, one job, one architecture.
+        """
+        if "seq" in fields or "prev" in fields:
+            raise ChainError("append sets seq and prev itself; do not pass them")
+        if self.head_file is None:
+            return self._append(fields, identity)
+        from filelock import FileLock
+
+        self.head_file.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{self.head_file}.lock"):
+            return self._append(fields, identity)
+
+    def _append(self, fields: dict, identity: Identity) -> CID:
+        head = self.head
+        block = {"time": time.time(), **fields}
+        if head is None:
+            block["seq"] = 0
+        else:
+            parent = decode_block(self.store.block_get(head), head)
+            for key in ("job", "model"):
+                if key in block and not _same(block[key], parent[key]):
+                    raise ChainError(f"{key} {_show(block[key])} differs from the head's {_show(parent[key])}")
+            block["seq"] = parent["seq"] + 1
+            block["prev"] = head
+        data, cid = encode_block(sign_block(block, identity))
+        stored = self.store.block_put(data, codec="dag-cbor")
+        if not same_cid(stored, cid):
+            raise ChainError(f"the store answered CID {cid_str(stored)} for block {cid_str(cid)}")
+        if self.head_file is None:
+            self._head = cid
+        else:
+            write_head(self.head_file, cid)
+        return cid
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(b, CID):
+        try:
+            return same_cid(a, b)  # type: ignore[arg-type]
+        except InvalidCID:
+            return False
+    return a == b
+
+
+def _show(value: object) -> str:
+    return cid_str(value) if isinstance(value, CID) else repr(value)

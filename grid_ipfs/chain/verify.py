@@ -1,0 +1,176 @@
+"""Audit a chain from its head: anyone holding a head CID can check a whole training run.
+
+Checks, per block: its bytes hash to its CID and decode to a valid block; the signature is the
+signer's; `seq` drops by exactly one per step down to a genesis at seq 0 without `prev`; job and model
+never change; every linked object is retrievable (`check_objects`); and the global weights equal, bit
+for bit, the aggregation rule applied to the recorded updates in worker order (`recompute`).
+
+The report names the *oldest* bad block reachable from the head, because everything built on a bad
+block inherits the problem: the first failure is the one to investigate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from multiformats import CID
+
+from ..ipfs.cids import cid_str, parse_cid, same_cid
+from ..ipfs.errors import IPFSError
+from .blocks import ChainError, check_signature, decode_block
+from .log import BlockStore
+
+__all__ = ["BlockCheck", "VerifyReport", "verify_chain"]
+
+
+@dataclass
+class BlockCheck:
+    """One block's verdict: `ok` is None when it was not checked because an older block failed."""
+
+    cid: CID
+    seq: int | None
+    round: int | None
+    ok: bool | None = None
+    reason: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """`ok` for the whole chain; otherwise `first_bad` (oldest failure) and its `reason`."""
+
+    ok: bool
+    blocks: int
+    """How many blocks were read walking from the head."""
+    first_bad: CID | None = None
+    reason: str = ""
+    checks: list[BlockCheck] = field(default_factory=list)
+    """Per block, genesis first (or the oldest block reached, if the walk broke)."""
+
+
+class _Bad(Exception):
+    """A block fails a check; the message is the reason without the block's label."""
+
+
+def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = True, recompute: bool = True,
+                 signer: str | None = None) -> VerifyReport:
+    """Walk `head` -> genesis and check every block (see the module docstring).
+
+    `signer`, if given, is the only id allowed to have signed blocks (e.g. the job owner's). Fetch
+    failures are verdicts, not exceptions: a chain whose objects cannot be found does not verify.
+    """
+    walked, broken = _walk(store, parse_cid(head))
+    chain = walked[::-1]  # oldest first, so the first failure found is the oldest one
+    checks = [BlockCheck(cid, None if b is None else b["seq"], None if b is None else b["round"])
+              for cid, b in chain]
+    failure: tuple[int, str] | None = None
+    if broken is not None:  # the oldest block reached could not be read: nothing older is checked
+        failure = (0, broken)
+    else:
+        for index, (_, block) in enumerate(chain):
+            parent = chain[index - 1][1] if index else None
+            try:
+                _check_block(store, block, parent, check_objects, recompute, signer)
+            except _Bad as exc:
+                failure = (index, f"{_label(index, block)}: {exc}")
+                break
+            checks[index].ok = True
+    if failure is None:
+        return VerifyReport(True, len(walked), checks=checks)
+    index, reason = failure
+    checks[index].ok, checks[index].reason = False, reason
+    return VerifyReport(False, len(walked), checks[index].cid, reason, checks)
+
+
+def _label(index: int, block: dict) -> str:
+    return f"block {index} (seq {block['seq']})"
+
+
+def _walk(store: BlockStore, head: CID) -> tuple[list[tuple[CID, dict | None]], str | None]:
+    """Follow `prev` links to genesis. Returns the blocks head first and, if a block could not be
+    fetched or decoded (so its `prev` cannot be trusted), that block last (as None) and the reason."""
+    walked: list[tuple[CID, dict | None]] = []
+    cid: CID | None = head
+    while cid is not None:
+        depth = f"block {cid_str(cid)} ({len(walked)} below the head)"
+        try:
+            data = store.block_get(cid)
+        except (IPFSError, ChainError) as exc:
+            walked.append((cid, None))
+            return walked, f"{depth}: cannot be fetched: {exc}"
+        try:
+            block = decode_block(data, cid)
+        except ChainError as exc:
+            walked.append((cid, None))
+            reason = str(exc).removeprefix(f"block {cid_str(cid)}: ")
+            return walked, f"{depth}: {reason}"
+        walked.append((cid, block))
+        cid = block.get("prev")
+    return walked, None
+
+
+def _check_block(store: BlockStore, block: dict, parent: dict | None, check_objects: bool,
+                 recompute: bool, signer: str | None) -> None:
+    if signer is not None and block["signer"] != signer:
+        raise _Bad(f"signed by {block['signer']}, expected {signer}")
+    if not check_signature(block):
+        raise _Bad(f"bad signature from {block['signer']}")
+    if parent is None:
+        if block["seq"] != 0:  # the layout ties "no prev" to seq 0, so this is belt and braces
+            raise _Bad(f"the oldest block has seq {block['seq']}, expected genesis at seq 0")
+    else:
+        if block["seq"] != parent["seq"] + 1:
+            raise _Bad(f"seq {block['seq']} follows seq {parent['seq']}")
+        if block["job"] != parent["job"]:
+            raise _Bad(f"job {block['job']!r} differs from the previous block's {parent['job']!r}")
+        if not same_cid(block["model"], parent["model"]):
+            raise _Bad("model differs from the previous block's")
+    from ..payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES
+
+    if parent is None:  # genesis: nothing to recompute; the model is the same along the chain
+        if check_objects:
+            _fetch(store, block["model"], MAX_MODEL_BYTES, "model")
+            _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
+        return
+    if check_objects or recompute:
+        weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
+        updates = [_fetch(store, u["weights"], MAX_WEIGHTS_BYTES, f"update from {u['worker']}")
+                   for u in block["updates"]]
+        if recompute:
+            _recompute(block, weights, updates)
+
+
+def _fetch(store: BlockStore, cid: CID, max_size: int, what: str) -> bytes:
+    try:
+        return store.cat(cid, max_size=max_size)
+    except IPFSError as exc:
+        raise _Bad(f"{what} {cid_str(cid)} not retrievable: {exc}") from None
+
+
+def _recompute(block: dict, stored: bytes, updates: list[bytes]) -> None:
+    """Raise _Bad unless the block's weights are exactly the aggregate of its updates.
+
+    Arrays are compared as raw bytes (dtype, shape and every bit), not with a tolerance: aggregation is
+    deterministic, so any difference means the recorded updates are not what produced these weights.
+    """
+    from ..aggregate import aggregate
+    from ..payloads import weights_from_bytes
+
+    name, params = block["aggregation"]["name"], block["aggregation"]["params"]
+    try:
+        results = [(weights_from_bytes(data, source=f"update from {u['worker']}"), u["num_examples"])
+                   for u, data in zip(block["updates"], updates, strict=True)]
+        expected = aggregate(name, results, **params)
+    except (ValueError, TypeError) as exc:  # PayloadError is a ValueError; so are the rules' own errors
+        raise _Bad(f"cannot recompute {name}: {exc}") from None
+    try:
+        actual = weights_from_bytes(stored, source="global weights")
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    if not (len(actual) == len(expected) and all(_identical(a, e) for a, e in zip(actual, expected))):
+        raise _Bad(f"weights differ from {name} of its {len(updates)} updates")
+
+
+def _identical(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()

@@ -1,0 +1,183 @@
+"""Ed25519 identities: who sent a pubsub message, who trained an update, who signed a chain block.
+
+Pubsub's own `from` is the daemon's peer ID, shared by every process on that daemon, so it says nothing
+about which worker or client spoke. Each process therefore holds its own Ed25519 key and signs what it
+publishes. The public half, written as unpadded base64url of its 32 raw bytes (43 characters), *is* the
+worker/client id everywhere in the protocol and the chain: ids are short, safe in JSON and file names,
+and verifying a signature needs nothing but the id itself.
+
+Ids are compared as strings, so only the canonical spelling is accepted (`parse_public_id`): base64 has
+several spellings of the same bytes (padding, non-zero trailing bits), and one key must have one id.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+__all__ = [
+    "Identity", "IdentityError", "verify", "default_key_path", "read_id_list",
+    "parse_public_id", "is_public_id", "b64url_encode", "b64url_decode",
+]
+
+PUBLIC_ID_LENGTH = 43
+"""Length of an id: 32 bytes in unpadded base64url."""
+
+SIGNATURE_LENGTH = 64
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+class IdentityError(Exception):
+    """A key file that cannot be used as is (too open, unreadable, not an Ed25519 key), or a bad id."""
+
+
+def b64url_encode(raw: bytes) -> str:
+    """Unpadded base64url: the text form of ids and pubsub signatures."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict inverse of `b64url_encode`: rejects padding, other alphabets and non-canonical spellings.
+
+    Raises ValueError. Strictness matters because ids and signatures are compared and hashed as text.
+    """
+    if not isinstance(text, str) or not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url_encode(raw) != text:
+        raise ValueError("not canonical base64url (non-zero trailing bits)")
+    return raw
+
+
+def parse_public_id(public_id: str) -> bytes:
+    """The 32 raw public-key bytes of a canonical id; IdentityError otherwise."""
+    try:
+        if not isinstance(public_id, str) or len(public_id) != PUBLIC_ID_LENGTH:
+            raise ValueError(f"expected {PUBLIC_ID_LENGTH} characters")
+        return b64url_decode(public_id)
+    except ValueError as exc:
+        shown = repr(public_id) if len(repr(public_id)) <= 60 else repr(public_id)[:57] + "..."
+        raise IdentityError(f"not a public id: {shown} ({exc})") from None
+
+
+def is_public_id(value: object) -> bool:
+    """True for a canonical id string (it may still not be a valid curve point; `verify` checks that)."""
+    try:
+        parse_public_id(value)  # type: ignore[arg-type]
+    except IdentityError:
+        return False
+    return True
+
+
+def verify(public_id: str, data: bytes, sig: bytes) -> bool:
+    """Check an Ed25519 signature by the key named `public_id`. False on any malformed input, never raises.
+
+    Callers handle untrusted values here, so "invalid" and "malformed" are the same answer.
+    """
+    try:
+        key = Ed25519PublicKey.from_public_bytes(parse_public_id(public_id))
+        if not isinstance(sig, (bytes, bytearray)) or len(sig) != SIGNATURE_LENGTH:
+            return False
+        key.verify(bytes(sig), bytes(data))
+        return True
+    except (IdentityError, InvalidSignature, ValueError, TypeError):
+        return False
+
+
+def default_key_path(role: str) -> Path:
+    """Where a role's key lives by default: `$GRID_IPFS_HOME/<role>.key`, else `~/.grid_ipfs/<role>.key`."""
+    home = os.environ.get("GRID_IPFS_HOME")
+    return (Path(home) if home else Path.home() / ".grid_ipfs") / f"{role}.key"
+
+
+def read_id_list(path: str | os.PathLike) -> set[str]:
+    """The ids in an allow-list file: one per line, `#` starts a comment, blank lines ignored.
+
+    Every entry must be a canonical id; a typo raises IdentityError naming file and line, because a
+    silently ignored entry would lock out (or let in) the wrong party.
+    """
+    ids = set()
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if not is_public_id(entry):
+            raise IdentityError(f"{path}:{number}: not a public id: {entry[:60]!r}")
+        ids.add(entry)
+    return ids
+
+
+class Identity:
+    """An Ed25519 key pair; `id` is the public key as the protocol spells it."""
+
+    def __init__(self, private_key: Ed25519PrivateKey, path: Path | None = None):
+        self._key = private_key
+        self.path = path
+        """The key file it was loaded from, or None for an in-memory identity."""
+        self._id = b64url_encode(private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+    @property
+    def id(self) -> str:
+        """Unpadded base64url of the 32 raw public-key bytes: the worker/client id."""
+        return self._id
+
+    def __repr__(self) -> str:
+        return f"Identity({self.id})"
+
+    @classmethod
+    def generate(cls) -> Identity:
+        """A fresh key that lives in memory only (tests, throwaway workers)."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike) -> Identity:
+        """Load the key at `path`, creating it (mode 0600, parent directories too) on first use.
+
+        A file lock makes two processes starting together end up with the same single key, and the file
+        is created with O_EXCL so an existing key is never overwritten. A key readable or writable by
+        group or others is refused rather than silently used (or silently chmod'ed): someone else may
+        already have copied it, and the owner should know.
+        """
+        from filelock import FileLock
+
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with FileLock(f"{path}.lock"):
+            if path.exists():
+                return cls._load(path)
+            key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
+            return cls(key, path)
+
+    @classmethod
+    def _load(cls, path: Path) -> Identity:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if os.name == "posix" and mode & 0o077:
+            raise IdentityError(f"key file {path} has mode {mode:04o}, open to group/others; "
+                                f"fix it with `chmod 600 {path}` (or delete it to make a new identity)")
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise IdentityError(f"key file {path} is not a readable PEM private key: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise IdentityError(f"key file {path} holds a {type(key).__name__}, not an Ed25519 key")
+        return cls(key, path)
+
+    def sign(self, data: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of `data`."""
+        return self._key.sign(bytes(data))

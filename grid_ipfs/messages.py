@@ -1,0 +1,378 @@
+"""The pubsub protocol: small signed JSON messages that carry CIDs, never payloads.
+
+Anyone can publish on a pubsub topic, so a message is data to judge, not an instruction: `decode` checks
+size, encoding, version, type, the exact set of fields, every field's type and range, that CIDs parse,
+and finally the Ed25519 signature of the sender named in `from` (see `grid_ipfs.identity` for why the
+daemon's own peer ID is not used). Whatever fails raises `MessageError`, whose `reason` is short and
+precise because it is what gets logged when the message is dropped.
+
+Wire form: one JSON object per pubsub message with `"v": 1`, `"type"`, `"job"`, `"from"` and `"sig"`
+plus the type's fields. `sig` is the unpadded base64url Ed25519 signature over the *canonical JSON* of
+the object without `sig` (`canonical_json`: sorted keys, no spaces, UTF-8, no NaN), recomputed by the
+receiver from the parsed object, so it does not depend on how the sender spaced or ordered its JSON.
+
+Topics: `JOBS_TOPIC` announces jobs; everything about one job goes to `job_topic(job_id)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .identity import Identity, b64url_decode, b64url_encode, is_public_id, verify
+from .ipfs.cids import CID, cid_str, parse_cid
+from .ipfs.errors import InvalidCID
+
+__all__ = [
+    "VERSION", "JOBS_TOPIC", "MAX_MESSAGE_BYTES", "MessageError", "Envelope",
+    "Job", "Join", "Round", "Update", "Head", "Done", "Message",
+    "encode", "decode", "canonical_json", "job_topic", "topic_of", "valid_job_id",
+]
+
+VERSION = 1
+JOBS_TOPIC = "grid-ipfs/v1/jobs"
+MAX_MESSAGE_BYTES = 64 * 1024
+"""Our messages are a few hundred bytes; gossipsub would carry up to 1 MiB, we refuse far less."""
+
+_JOB_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ENVELOPE = ("v", "type", "job", "from", "sig")
+
+
+class MessageError(ValueError):
+    """A message that is dropped; `reason` says why in a few words."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+def valid_job_id(value: object) -> bool:
+    """Job ids are 1-64 characters of `[A-Za-z0-9_.-]`: safe in topic names, file names and logs."""
+    return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
+
+
+def job_topic(job_id: str) -> str:
+    """The topic of one job's rounds, updates, heads and done notice."""
+    if not valid_job_id(job_id):
+        raise MessageError(f"bad job id {_short(job_id)}")
+    return f"grid-ipfs/v1/job/{job_id}"
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The bytes that are signed: sorted keys, no whitespace, UTF-8, non-finite floats refused."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+# -- field checks: each takes (field name, value) and returns the value to store, or raises ----------------
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    # True is an int to Python, not to us; numpy integers (len() arithmetic) are welcome.
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _job(name: str, value: object) -> str:
+    if not valid_job_id(value):
+        raise MessageError(f"bad job id {_short(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _int(minimum: int) -> Callable[[str, object], int]:
+    def check(name: str, value: object) -> int:
+        if not _is_int(value) or value < minimum:  # type: ignore[operator]
+            raise MessageError(f"{name}: expected an integer >= {minimum}, got {_short(value)}")
+        return int(value)  # type: ignore[call-overload]
+    return check
+
+
+def _float(name: str, value: object) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):  # Keras metrics: often np.float32
+        raise MessageError(f"{name}: expected a number, got {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # a 400-digit JSON integer is valid JSON
+        number = math.inf
+    if not math.isfinite(number):
+        raise MessageError(f"{name}: non-finite number {number}")
+    return number
+
+
+def _cid(name: str, value: object) -> str:
+    if isinstance(value, CID):
+        return cid_str(value)  # callers may pass what IPFSClient.add returned
+    try:
+        parse_cid(value)  # type: ignore[arg-type]
+        if value != value.strip():  # type: ignore[union-attr]
+            raise InvalidCID(value, "surrounding whitespace")
+    except InvalidCID as exc:
+        raise MessageError(f"{name}: {exc}") from None
+    return value  # type: ignore[return-value]
+
+
+def _public_id(name: str, value: object) -> str:
+    if not is_public_id(value):
+        raise MessageError(f"{name}: not a public id: {_short(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _str(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > 200:
+        raise MessageError(f"{name}: expected a string of 1-200 characters, got {_short(value)}")
+    return value
+
+
+def _metrics(name: str, value: object) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise MessageError(f"{name}: expected an object of numbers, got {_short(value)}")
+    return {_str(f"{name} key", k): _float(f"{name}.{k}", v) for k, v in value.items()}
+
+
+def _selected(name: str, value: object) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise MessageError(f"{name}: expected a list of worker ids or null, got {_short(value)}")
+    ids = [_public_id(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if len(set(ids)) != len(ids):
+        raise MessageError(f"{name}: duplicate worker id")
+    return ids
+
+
+_CONFIG_INTS = ("epochs", "batch_size", "rounds")
+
+
+def _config(name: str, value: object) -> dict[str, Any]:
+    """Training settings. Known keys are type-checked; unknown keys are kept, so a client can add an
+    option (workers ignore what they do not know) without a protocol version bump."""
+    if not isinstance(value, dict):
+        raise MessageError(f"{name}: expected an object, got {_short(value)}")
+    config = dict(value)
+    for key in _CONFIG_INTS:
+        if key not in config:
+            raise MessageError(f"{name}: missing {key}")
+        _int(1)(f"{name}.{key}", config[key])
+    if config.get("val_split") is not None:
+        split = _float(f"{name}.val_split", config["val_split"])
+        if not 0.0 <= split < 1.0:
+            raise MessageError(f"{name}.val_split: expected a number in [0, 1), got {split}")
+        config["val_split"] = split
+    try:
+        canonical_json(config)
+    except (TypeError, ValueError) as exc:
+        raise MessageError(f"{name}: not JSON-encodable ({exc})") from None
+    return config
+
+
+# -- messages --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Message:
+    """Base of the message types: validates every field on construction (decoded or built locally)."""
+
+    TYPE: ClassVar[str]
+    _CHECKS: ClassVar[dict[str, Callable[[str, Any], Any]]]
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = self._CHECKS[field.name](field.name, getattr(self, field.name))
+            object.__setattr__(self, field.name, value)
+
+    def fields(self) -> dict[str, Any]:
+        """The type's own fields as JSON values (no envelope)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class Job(_Message):
+    """Announces a job on `JOBS_TOPIC`: the model to train and how; `owner` must be the sender."""
+
+    TYPE: ClassVar[str] = "job"
+    _CHECKS: ClassVar[dict] = {"job": _job, "model": _cid, "owner": _public_id, "config": _config}
+    job: str
+    model: str
+    owner: str
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Join(_Message):
+    """A worker offers to train `job` on `num_examples` local examples; the worker is the sender.
+
+    Sent on the job's topic after the worker fetched the model and checked its data fits. `name` is for
+    humans (logs, progress); the sender's id is what identifies the worker.
+    """
+
+    TYPE: ClassVar[str] = "join"
+    _CHECKS: ClassVar[dict] = {"job": _job, "name": _str, "num_examples": _int(1)}
+    job: str
+    name: str
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class Round(_Message):
+    """Starts round `round` from global `weights`; only `selected` workers (all if None) take part.
+
+    `attempt` counts restarts of the same round (e.g. after a deadline passed with too few updates), so an
+    update for an abandoned attempt is recognisable.
+    """
+
+    TYPE: ClassVar[str] = "round"
+    _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "weights": _cid, "deadline": _float,
+                               "selected": _selected, "attempt": _int(1)}
+    job: str
+    round: int
+    weights: str
+    deadline: float
+    selected: list[str] | None
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class Update(_Message):
+    """A worker's trained weights for one round; the worker is the message's sender."""
+
+    TYPE: ClassVar[str] = "update"
+    _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "weights": _cid, "num_examples": _int(1),
+                               "metrics": _metrics, "eval_metrics": _metrics, "attempt": _int(1)}
+    job: str
+    round: int
+    weights: str
+    num_examples: int
+    metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class Head(_Message):
+    """The job's chain grew: `head` is the new block, `weights` the global weights it records."""
+
+    TYPE: ClassVar[str] = "head"
+    _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(0), "head": _cid, "weights": _cid}
+    job: str
+    round: int
+    head: str
+    weights: str
+
+
+@dataclass(frozen=True)
+class Done(_Message):
+    """The job ended; `head` is its final chain block."""
+
+    TYPE: ClassVar[str] = "done"
+    _CHECKS: ClassVar[dict] = {"job": _job, "head": _cid, "reason": _str}
+    job: str
+    head: str
+    reason: str = "completed"
+
+
+Message = Job | Join | Round | Update | Head | Done
+_TYPES: dict[str, type[_Message]] = {cls.TYPE: cls for cls in (Job, Join, Round, Update, Head, Done)}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded, verified message and the public id that signed it."""
+
+    message: Message
+    sender: str
+
+
+def topic_of(msg: Message) -> str:
+    """Where `msg` is published."""
+    return JOBS_TOPIC if isinstance(msg, Job) else job_topic(msg.job)
+
+
+def encode(msg: Message, identity: Identity) -> bytes:
+    """Sign `msg` as `identity` and return the bytes to publish."""
+    if isinstance(msg, Job) and msg.owner != identity.id:
+        raise MessageError(f"job owner {msg.owner} is not the signer {identity.id}")
+    obj = {"v": VERSION, "type": msg.TYPE, "from": identity.id, **msg.fields()}
+    obj["sig"] = b64url_encode(identity.sign(canonical_json(obj)))
+    data = canonical_json(obj)
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message too large ({len(data)} bytes > {MAX_MESSAGE_BYTES})")
+    return data
+
+
+def _no_constants(name: str) -> None:
+    raise MessageError(f"non-finite number {name}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise MessageError("duplicate key in JSON object")
+    return obj
+
+
+def decode(data: bytes) -> Envelope:
+    """Parse, validate and verify one pubsub message; MessageError(reason) if it must be dropped."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MessageError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message too large ({len(data)} bytes > {MAX_MESSAGE_BYTES})")
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageError("not UTF-8") from None
+    try:
+        obj = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+    except ValueError as exc:  # MessageError is a ValueError too: keep its reason
+        raise (exc if isinstance(exc, MessageError) else MessageError(f"not JSON ({exc})")) from None
+    if not isinstance(obj, dict):
+        raise MessageError(f"not a JSON object but {type(obj).__name__}")
+
+    if "v" not in obj:
+        raise MessageError("missing protocol version v")
+    if not _is_int(obj["v"]) or obj["v"] != VERSION:
+        raise MessageError(f"unsupported protocol version {_short(obj['v'])}")
+    kind = obj.get("type")
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise MessageError(f"unknown message type {_short(obj.get('type'))}")
+
+    names = [f.name for f in dataclasses.fields(cls)]
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    missing = [k for k in (*_ENVELOPE, *required) if k not in obj]
+    if missing:
+        raise MessageError(f"{cls.TYPE} message: missing field {missing[0]}")
+    extra = sorted(set(obj) - set(_ENVELOPE) - set(names))
+    if extra:
+        raise MessageError(f"{cls.TYPE} message: unexpected field {_short(extra[0])}")
+
+    sender = obj["from"]
+    if not is_public_id(sender):
+        raise MessageError(f"from: not a public id: {_short(sender)}")
+    try:
+        sig = b64url_decode(obj["sig"])
+    except ValueError:
+        raise MessageError(f"sig: not base64url: {_short(obj['sig'])}") from None
+    message = cls(**{k: obj[k] for k in names if k in obj})
+    if isinstance(message, Job) and message.owner != sender:
+        raise MessageError(f"job owner {message.owner} is not the sender {sender}")
+
+    signed = {k: v for k, v in obj.items() if k != "sig"}
+    try:
+        payload = canonical_json(signed)
+    except ValueError:  # e.g. 1e999 parses as inf inside an unchecked config value
+        raise MessageError("non-finite number in message") from None
+    if not verify(sender, payload, sig):
+        raise MessageError(f"bad signature from {sender}")
+    return Envelope(message, sender)

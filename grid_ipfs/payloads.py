@@ -1,0 +1,319 @@
+"""Bytes <-> things: Keras models, weight lists and JSON documents, with size limits.
+
+Everything a worker or client fetches from IPFS arrives as untrusted bytes named by a CID. This module is
+the one place that turns such bytes into Python objects, so it is where the safety rules live:
+
+* Models are `.keras` archives (a zip holding `config.json`, `metadata.json` and the weights). The archive
+  is inspected *before* Keras sees it (size, member count, declared uncompressed size, required members),
+  then loaded with `safe_mode=True`, which refuses the one Keras feature that runs code (`Lambda` layers
+  holding Python bytecode). Nothing is ever unpickled or executed.
+* Weights are safetensors files: a JSON header plus raw little-endian tensors, so parsing runs no code.
+  Keys are `w0000`, `w0001`, ... in `model.get_weights()` order; the header metadata carries the format
+  name and the tensor count so a stray safetensors file from elsewhere is recognised as such.
+* JSON is canonical (sorted keys, no spaces, UTF-8, no NaN), so equal documents are equal bytes and get
+  equal CIDs.
+
+Every failure raises `PayloadError` naming the source (usually the CID) and what was expected, because a
+worker log line such as "bafy...: expected a .keras archive (not a zip file)" is what an operator needs.
+
+Keras/TensorFlow are imported lazily inside the model functions: importing TensorFlow takes seconds, and
+the weights/JSON paths (the client's aggregation, chain verification) never need it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+import warnings
+import zipfile
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MiB = 1024 * 1024
+
+MAX_MODEL_BYTES = 256 * MiB
+"""Largest `.keras` archive accepted (compressed size, i.e. the bytes fetched)."""
+
+MAX_WEIGHTS_BYTES = 256 * MiB
+"""Largest safetensors weights file accepted."""
+
+MAX_JSON_BYTES = 1 * MiB
+"""Largest JSON document accepted; protocol messages and metrics are far smaller."""
+
+MODEL_UNCOMPRESSED_FACTOR = 4
+"""A `.keras` archive may declare at most this many times `max_bytes` of uncompressed content.
+
+Keras stores its members uncompressed, so an honest archive sits near 1x; the slack allows for archives
+re-zipped with compression. Anything far beyond is a zip bomb meant to fill the disk or memory."""
+
+MAX_MODEL_MEMBERS = 1000
+"""Most members a `.keras` archive may hold (real ones hold three, plus any assets)."""
+
+WEIGHTS_FORMAT = "grid_ipfs.weights.v1"
+"""The `format` value in the safetensors metadata of every weights file this module writes."""
+
+_MODEL_REQUIRED = ("config.json", "metadata.json")
+_WEIGHTS_MEMBER_PREFIX = "model.weights."  # model.weights.h5 (current Keras) or model.weights.npz (older)
+
+
+class PayloadError(ValueError):
+    """Fetched bytes are not the payload they should be (too large, malformed, wrong shape...).
+
+    `source` names where the bytes came from (a CID, a file path) so the message is actionable on its own.
+    """
+
+    def __init__(self, source: str, message: str):
+        self.source = source
+        super().__init__(f"{source}: {message}")
+
+
+# -- models ---------------------------------------------------------------------------------------------
+
+
+def model_to_bytes(model) -> bytes:
+    """Serialise a Keras model (architecture, weights, compile settings) to `.keras` archive bytes.
+
+    Keras only saves to a path, so this goes through a temporary file. The bytes are not reproducible
+    between calls (the archive carries a save date), so do not expect the same CID for the same model.
+    """
+    with tempfile.TemporaryDirectory(prefix="grid_ipfs-") as tmp:
+        path = Path(tmp) / "model.keras"
+        model.save(path)
+        return path.read_bytes()
+
+
+def model_from_bytes(data: bytes, *, source: str = "model", max_bytes: int = MAX_MODEL_BYTES,
+                     compile: bool = True):
+    """Load a Keras model from untrusted `.keras` archive bytes, refusing anything else.
+
+    The archive is checked before Keras touches it, because the checks are cheap and Keras's own errors
+    on garbage are confusing (or, for a zip bomb, arrive only after the disk filled up):
+
+    * at most `max_bytes` long;
+    * a zip archive with at most `MAX_MODEL_MEMBERS` members whose declared uncompressed sizes add up to
+      at most `MODEL_UNCOMPRESSED_FACTOR * max_bytes` (Python's zipfile never inflates a member past its
+      declared size, so bounding the declarations bounds what loading can write);
+    * containing `config.json`, `metadata.json` and a `model.weights.*` file.
+
+    Loading then uses `safe_mode=True`. With `compile=True` (the default) the model comes back with the
+    optimizer, loss and metrics it was saved with, ready for `training.fit`.
+    """
+    _check_size(data, max_bytes, source, "a .keras archive")
+    _check_keras_archive(data, max_bytes, source)
+
+    import keras  # lazy: see module docstring
+
+    with tempfile.TemporaryDirectory(prefix="grid_ipfs-") as tmp:
+        path = Path(tmp) / "model.keras"
+        path.write_bytes(data)
+        try:
+            with warnings.catch_warnings():
+                # A model saved after compile() but before any training has an unbuilt optimizer; Keras
+                # then warns that it skips loading the optimizer variables. Nothing is lost (the optimizer
+                # is built fresh on the first fit), so the warning would only alarm operators.
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                return keras.saving.load_model(path, safe_mode=True, compile=compile)
+        except Exception as exc:  # Keras raises many unrelated types for a bad archive
+            raise PayloadError(source, f"expected a .keras archive (Keras could not load it: "
+                                       f"{type(exc).__name__}: {_shorten(str(exc))})") from exc
+
+
+def _check_keras_archive(data: bytes, max_bytes: int, source: str) -> None:
+    """Structural checks of a `.keras` zip, without extracting anything."""
+    expected = "expected a .keras archive"
+    declared = _declared_member_count(data)
+    if declared is not None and declared > MAX_MODEL_MEMBERS:
+        raise PayloadError(source, f"{expected} (it declares {declared} members, more than {MAX_MODEL_MEMBERS})")
+    try:
+        with zipfile.ZipFile(BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+        raise PayloadError(source, f"{expected} (not a zip file: {exc})") from exc
+    if len(members) > MAX_MODEL_MEMBERS:
+        raise PayloadError(source, f"{expected} (it has {len(members)} members, more than "
+                                   f"{MAX_MODEL_MEMBERS})")
+    uncompressed = sum(member.file_size for member in members)
+    limit = MODEL_UNCOMPRESSED_FACTOR * max_bytes
+    if uncompressed > limit:
+        raise PayloadError(source, f"{expected} (its members unpack to {uncompressed} bytes, more than "
+                                   f"{limit}: refusing a possible zip bomb)")
+    names = {member.filename for member in members}
+    missing = [name for name in _MODEL_REQUIRED if name not in names]
+    if not any(name.startswith(_WEIGHTS_MEMBER_PREFIX) for name in names):
+        missing.append(_WEIGHTS_MEMBER_PREFIX + "*")
+    if missing:
+        raise PayloadError(source, f"{expected} (missing {', '.join(missing)}; found "
+                                   f"{sorted(names)[:10]})")
+
+
+def _declared_member_count(data: bytes) -> int | None:
+    """The entry count in a zip's end-of-central-directory record, or None if there is no such record.
+
+    Read before `zipfile` parses the central directory, because that builds one object per entry: a
+    256 MiB archive of empty entries would take gigabytes of memory before the member count could be
+    checked. A zip64 archive reports 0xFFFF here and is refused too (a model needs neither).
+    """
+    tail = bytes(data[-(22 + 0xFFFF):])  # the record is 22 bytes plus a comment of up to 64 KiB
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return None  # not a zip: zipfile will say so
+    return int.from_bytes(tail[at + 10:at + 12], "little")
+
+
+# -- weights --------------------------------------------------------------------------------------------
+
+
+def weight_key(index: int) -> str:
+    """The safetensors key of the `index`-th tensor of `model.get_weights()`."""
+    return f"w{index:04d}"
+
+
+def weights_to_bytes(weights: list[np.ndarray]) -> bytes:
+    """Serialise a weight list (as from `model.get_weights()`) to safetensors bytes.
+
+    Order is encoded in the keys (`w0000`, `w0001`, ...) because safetensors itself keeps a dict; the
+    metadata records the format and count so readers can tell our files from other safetensors files.
+    The output is deterministic — equal weights give equal bytes, hence equal CIDs, which lets anyone
+    re-derive an aggregate's CID — so the header is rewritten canonically (see `_canonical_header`).
+    """
+    from safetensors.numpy import save
+
+    # np.asarray(order="C"), not np.ascontiguousarray: the latter turns 0-d tensors into shape (1,).
+    tensors = {weight_key(i): np.asarray(w, order="C") for i, w in enumerate(weights)}
+    return _canonical_header(save(tensors, metadata={"format": WEIGHTS_FORMAT, "count": str(len(tensors))}))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """Re-serialise a safetensors header with sorted keys, leaving the tensor data untouched.
+
+    safetensors stores `__metadata__` in a Rust HashMap, so its key order (and thus the file's bytes)
+    changes from call to call. Offsets in the header are relative to the end of the header, so a header
+    of another length stays valid; it is space-padded to a multiple of 8 as the format recommends.
+    """
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + header_len:]
+
+
+def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int = MAX_WEIGHTS_BYTES,
+                       like: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Parse safetensors bytes written by `weights_to_bytes` into a list of writable arrays.
+
+    Checks, in order: size, safetensors structure, our format metadata, keys exactly `w0000..w{n-1}`, and
+    (with `like`, typically `model.get_weights()`) the same count, shapes and dtypes. Finally every value
+    must be finite: one NaN from a diverged or malicious worker would poison a whole aggregate.
+    """
+    _check_size(data, max_bytes, source, "a safetensors weights file")
+    expected = "expected a safetensors weights file"
+    metadata = _safetensors_metadata(data, source)
+    if metadata.get("format") != WEIGHTS_FORMAT:
+        raise PayloadError(source, f"{expected} with metadata format {WEIGHTS_FORMAT!r}, got "
+                                   f"{metadata.get('format')!r}")
+
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(data if isinstance(data, bytes) else bytes(data))
+    except Exception as exc:  # safetensors raises its own SafetensorError and others
+        raise PayloadError(source, f"{expected} ({type(exc).__name__}: {_shorten(str(exc))})") from exc
+
+    count = len(tensors)
+    keys = [weight_key(i) for i in range(count)]
+    if sorted(tensors) != keys:
+        unexpected = sorted(set(tensors) - set(keys))[:5]
+        raise PayloadError(source, f"{expected} with keys {keys[0]}..{keys[-1]} for {count} tensors; "
+                                   f"found unexpected keys {unexpected}")
+    if metadata.get("count") != str(count):
+        raise PayloadError(source, f"{expected}: metadata says {metadata.get('count')!r} tensors, "
+                                   f"the file holds {count}")
+    weights = [np.array(tensors[key], copy=True) for key in keys]
+
+    if like is not None:
+        _check_like(weights, like, source)
+    for i, w in enumerate(weights):
+        if np.issubdtype(w.dtype, np.inexact) and not np.isfinite(w).all():
+            bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+            raise PayloadError(source, f"tensor {i} has {bad} non-finite values (NaN or Inf)")
+    return weights
+
+
+def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
+    """Read the `__metadata__` of a safetensors header (the numpy loader drops it).
+
+    The layout is an 8-byte little-endian header length, then that many bytes of JSON.
+    """
+    expected = "expected a safetensors weights file"
+    if len(data) < 8:
+        raise PayloadError(source, f"{expected} (only {len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    if header_len > len(data) - 8:
+        raise PayloadError(source, f"{expected} (header length {header_len} exceeds the data)")
+    try:
+        header = json.loads(bytes(data[8:8 + header_len]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PayloadError(source, f"{expected} (header is not JSON: {exc})") from exc
+    if not isinstance(header, dict):
+        raise PayloadError(source, f"{expected} (header is not a JSON object)")
+    metadata = header.get("__metadata__") or {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _check_like(weights: list[np.ndarray], like: list[np.ndarray], source: str) -> None:
+    """Raise on the first difference in count, shape or dtype from the reference weights."""
+    if len(weights) != len(like):
+        raise PayloadError(source, f"expected {len(like)} tensors, got {len(weights)}")
+    for i, (got, want) in enumerate(zip(weights, like)):
+        want = np.asarray(want)
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise PayloadError(source, f"tensor {i}: expected shape {want.shape} {want.dtype}, "
+                                       f"got {got.shape} {got.dtype}")
+
+
+# -- JSON -----------------------------------------------------------------------------------------------
+
+
+def json_to_bytes(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8, and no NaN/Infinity (they are not JSON)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def json_from_bytes(data: bytes, *, source: str = "json", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse untrusted UTF-8 JSON, refusing oversize input and the non-standard NaN/Infinity tokens."""
+    _check_size(data, max_bytes, source, "a JSON document")
+
+    def reject_constant(token: str):
+        raise ValueError(f"{token} is not valid JSON")
+
+    try:
+        return json.loads(bytes(data).decode("utf-8"), parse_constant=reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PayloadError(source, f"expected a UTF-8 JSON document ({_shorten(str(exc))})") from exc
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+
+
+def _check_size(data: bytes, max_bytes: int, source: str, what: str) -> None:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError(source, f"expected {what} as bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise PayloadError(source, f"expected {what} of at most {max_bytes} bytes, got {len(data)}")
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+__all__ = [
+    "MAX_JSON_BYTES", "MAX_MODEL_BYTES", "MAX_MODEL_MEMBERS", "MAX_WEIGHTS_BYTES", "MODEL_UNCOMPRESSED_FACTOR",
+    "PayloadError", "WEIGHTS_FORMAT", "json_from_bytes", "json_to_bytes", "model_from_bytes",
+    "model_to_bytes", "weight_key", "weights_from_bytes", "weights_to_bytes",
+]

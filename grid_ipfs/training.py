@@ -1,0 +1,127 @@
+"""Local training and evaluation of a Keras model on one worker's data; no IPFS in here.
+
+The model arrives as a compiled `.keras` file, so the job owner — not the worker — chooses the optimizer,
+loss and metrics: `fit` trains with the model's own compile settings and never recompiles. Each round
+starts from the global weights passed in, and both functions return plain Python floats so their metrics
+can go straight into JSON messages and chain blocks.
+
+The optimizer's own state (Adam's moments, the step counter behind a learning-rate schedule) lives in
+the model object, not in the federated weights. By default `fit` puts it back to what it was the first
+time `fit` saw that model, so every round starts the same way from the global weights: momentum left
+over from the previous round's weights would push the new global model in a stale direction, and a
+worker's update depends only on (global weights, data, seed), which makes it reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+Weights = list[np.ndarray]
+
+
+def fit(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.ndarray, *, epochs: int = 1,
+        batch_size: int = 32, seed: int | None = None, verbose: int = 0,
+        callbacks: Sequence[keras.callbacks.Callback] | None = None,
+        reset_optimizer: bool = True) -> tuple[Weights, dict[str, float]]:
+    """Train `model` from `weights` on (x, y); return the new weights and the last epoch's metrics.
+
+    `weights=None` trains from the model's current weights. With `seed`, Python, NumPy and the backend
+    are seeded first (`keras.utils.set_random_seed`), so shuffling and dropout repeat exactly: the same
+    seed, data and starting weights give the same update. `callbacks` are ordinary Keras callbacks
+    (progress reporting, or a FedProx-style proximal term added by a callback). `reset_optimizer=False`
+    keeps the optimizer state of the previous call instead (see the module docstring).
+
+    Metrics are named as Keras reports them (`loss`, `accuracy`, ...); non-finite values are dropped so
+    the result is always valid JSON.
+    """
+    _require_compiled(model)
+    if len(x) == 0:
+        raise ValueError("fit: no training examples")
+    if epochs < 1:
+        raise ValueError(f"fit: epochs must be >= 1, got {epochs}")
+    if weights is not None:
+        model.set_weights(weights)
+    if reset_optimizer:
+        _restore_optimizer_state(model)
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
+                        callbacks=list(callbacks) if callbacks else None)
+    last_epoch = {name: values[-1] for name, values in history.history.items() if len(values)}
+    return [np.array(w, copy=True) for w in model.get_weights()], _plain_metrics(last_epoch)
+
+
+def evaluate(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.ndarray, *,
+             batch_size: int = 256) -> dict[str, float]:
+    """Evaluate `model` with `weights` (None: current weights) on (x, y): `{"loss": ..., ...}`.
+
+    Returns `{}` for empty data, so a worker without a validation split needs no special case.
+    """
+    if len(x) == 0:
+        return {}
+    _require_compiled(model)
+    if weights is not None:
+        model.set_weights(weights)
+    results = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+    return _plain_metrics(results)
+
+
+_INITIAL_OPTIMIZER_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Optimizer -> its variables' values when `fit` first saw it (weak: dropped with the model)."""
+
+
+def _restore_optimizer_state(model: keras.Model) -> None:
+    """Reset the optimizer's variables to their values at the first `fit` of this model.
+
+    The optimizer is built here if needed, so "first seen" is its freshly initialised state for a model
+    that never trained (Adagrad, for one, does not start from zeros, hence a snapshot, not a zeroing),
+    or the state saved in the `.keras` file for one that did.
+    """
+    optimizer = model.optimizer
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    saved = _INITIAL_OPTIMIZER_STATE.get(optimizer)
+    if saved is None or len(saved) != len(optimizer.variables):
+        _INITIAL_OPTIMIZER_STATE[optimizer] = [np.array(v.numpy(), copy=True) for v in optimizer.variables]
+        return
+    for variable, value in zip(optimizer.variables, saved):
+        variable.assign(value)
+
+
+def _require_compiled(model: keras.Model) -> None:
+    """Fail with the fix spelled out: the job owner must compile before saving the `.keras` file."""
+    if not getattr(model, "compiled", False):
+        raise ValueError("the model is not compiled: call model.compile(optimizer, loss, metrics) before "
+                         "saving the .keras file, so workers train with your settings")
+
+
+def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Flatten Keras metric results to `{name: finite python float}`.
+
+    Keras 3 may group the compiled metrics under `compile_metrics` (a dict, or a bare scalar while the
+    metrics are not yet built, e.g. on a freshly loaded model); nested dicts are flattened into their
+    own names and a bare `compile_metrics` scalar is dropped because its name means nothing to a reader.
+    """
+    flat: dict[str, float] = {}
+    for name, value in metrics.items():
+        if isinstance(value, Mapping):
+            flat.update(_plain_metrics(value))
+            continue
+        if name == "compile_metrics":
+            continue
+        try:
+            number = float(np.asarray(value))
+        except (TypeError, ValueError):
+            continue  # a non-scalar metric (e.g. a confusion matrix) has no place in a JSON summary
+        if math.isfinite(number):
+            flat[name] = number
+    return flat
+
+
+__all__ = ["evaluate", "fit"]
