@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL := 3
 export TF_ENABLE_ONEDNN_OPTS := 0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -20,7 +20,10 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: setup
+lint: setup
+	$(PY) -m ruff check grid_ipfs tests
+
+test: setup lint
 	$(PY) -m pytest
 
 demo: setup

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -28,7 +26,8 @@ def test_up_status_down_leaves_no_process(tmp_path):
         up = devnet_cli("up", "--nodes", "3", "--dir", str(directory), "--json")
         assert up.returncode == 0, up.stderr
         state = json.loads(up.stdout)
-        assert [n["api"] for n in state["nodes"]] == [n["api"] for n in json.loads((directory / "devnet.json").read_text())["nodes"]]
+        written = json.loads((directory / "devnet.json").read_text())
+        assert [n["api"] for n in state["nodes"]] == [n["api"] for n in written["nodes"]]
         nodes = state["nodes"]
         assert len(nodes) == 3
         for node in nodes:

@@ -72,7 +72,7 @@ class Daemon:
         return [self.binary, "daemon"]
 
     def configure(self, config: dict, ports: dict[str, int]) -> dict:
-        """Loopback only, chosen ports, no bootstrap/mDNS/NAT, pubsub on. Edited as JSON: each CLI call costs seconds."""
+        """Loopback only, chosen ports, no bootstrap/mDNS/NAT, pubsub on. Edited as JSON: a CLI call costs seconds."""
         addresses = config.setdefault("Addresses", {})
         addresses["API"] = f"/ip4/127.0.0.1/tcp/{ports['api']}"
         addresses["Gateway"] = f"/ip4/127.0.0.1/tcp/{ports['gateway']}"
@@ -255,7 +255,7 @@ class Devnet:
 
     def _start(self, node: Node, timeout: float, keep_ports: bool = False) -> None:
         repo = Path(node.repo)
-        for attempt in range(3):
+        for _attempt in range(3):
             if not (keep_ports and node.ports):
                 node.ports = {name: _free_port() for name in ("api", "gateway", "swarm", "rpc")}
             config_file = repo / "config"

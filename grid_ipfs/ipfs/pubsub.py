@@ -17,7 +17,6 @@ import logging
 import queue
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 

@@ -265,12 +265,17 @@ class IPFSClient:
         """Resolve an IPLD path (`CID/prev/prev/round`) on the daemon and return the value as JSON.
 
         js-ipfs answers 500 for a node that holds links; resolve to a scalar there, or use
-        `block_get` and decode locally.
+        `block_get` and decode locally. js-ipfs also writes a string scalar bare (`init`, not
+        `"init"`): an answer that is not JSON is returned as that string.
         """
         params = {"arg": path}
         if timeout:
             params["timeout"] = f"{int(timeout * 1000)}ms"
-        return self._json("dag/get", params=params, timeout=timeout)
+        text = self._request("dag/get", params=params, timeout=timeout).text.strip()
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
 
     # -- swarm --------------------------------------------------------------------------------------
 

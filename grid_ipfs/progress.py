@@ -1,0 +1,111 @@
+"""Progress a person can watch while a job runs: a rich live display, or plain log lines.
+
+Both are `ClientCallback`s; the client does not know which one it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .client import ClientCallback, JobResult, RoundResult
+
+log = logging.getLogger("grid_ipfs.client")
+
+
+def _fmt(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    return f"{value:.4f}" if isinstance(value, float) else "-"
+
+
+class LogProgress(ClientCallback):
+    """One log line per event: for `--json` runs, CI logs and files."""
+
+    def on_job_start(self, job, genesis):
+        log.info("job %s: model %s, genesis %s; waiting for workers", job.job, job.model, genesis)
+
+    def on_worker_joined(self, worker, name, joined, needed):
+        log.info("worker %s (%s) joined: %d/%d", name, worker[:12], joined, needed)
+
+    def on_round_start(self, round, expected, deadline):
+        log.info("round %d: asked %d worker(s), deadline in %.0fs", round, expected, deadline - time.time())
+
+    def on_update(self, round, worker, received, expected):
+        log.info("round %d: update %d/%d from %s", round, received, expected, worker[:12])
+
+    def on_round_end(self, result: RoundResult):
+        m = result.metrics
+        log.info("round %d done: %d updates, loss %s, accuracy %s, val_accuracy %s, %.1fs; head %s",
+                 result.round, result.updates, _fmt(m, "loss"), _fmt(m, "accuracy"), _fmt(m, "val_accuracy"),
+                 result.seconds, result.head)
+
+    def on_job_end(self, result: JobResult):
+        log.info("job %s complete: head %s, final weights %s", result.job, result.head, result.weights)
+
+    def on_job_failed(self, job, error):
+        log.error("job %s failed: %s", job.job, error)
+
+
+class RichProgress(ClientCallback):
+    """A live table on stderr: one row per round, the current one updating as updates arrive."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.rows: list[tuple] = []
+        self.current: dict = {}
+        self.live: Live | None = None
+        self.job = ""
+
+    def _table(self) -> Table:
+        table = Table(title=f"job {self.job}", expand=False)
+        for column in ("round", "updates", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
+            table.add_column(column, justify="right")
+        for row in self.rows:
+            table.add_row(*row)
+        if self.current:
+            c = self.current
+            table.add_row(str(c["round"]), f"{c['received']}/{c['expected']}", "…", "…", "…", "…",
+                          f"{time.monotonic() - c['started']:.1f}", style="yellow")
+        return table
+
+    def _refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self._table())
+
+    def on_job_start(self, job, genesis):
+        self.job = job.job
+        self.console.print(f"[bold]job {job.job}[/]: model {job.model}\n  genesis {genesis}; waiting for workers…")
+        self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def on_worker_joined(self, worker, name, joined, needed):
+        self.console.print(f"  worker [cyan]{name}[/] ({worker[:12]}…) joined ({joined}/{needed} needed)")
+
+    def on_round_start(self, round, expected, deadline):
+        self.current = {"round": round, "received": 0, "expected": expected, "started": time.monotonic()}
+        self._refresh()
+
+    def on_update(self, round, worker, received, expected):
+        self.current.update(received=received, expected=expected)
+        self._refresh()
+
+    def on_round_end(self, result: RoundResult):
+        m = result.metrics
+        self.rows.append((str(result.round), str(result.updates), _fmt(m, "loss"), _fmt(m, "accuracy"),
+                          _fmt(m, "val_loss"), _fmt(m, "val_accuracy"), f"{result.seconds:.1f}"))
+        self.current = {}
+        self._refresh()
+
+    def on_job_end(self, result: JobResult):
+        if self.live is not None:
+            self.live.stop()
+        self.console.print(f"[green]done[/]: head {result.head}\n  final weights {result.weights}")
+
+    def on_job_failed(self, job, error):
+        if self.live is not None:
+            self.live.stop()
+        self.console.print(f"[red]failed[/]: {error}")

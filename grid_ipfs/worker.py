@@ -1,0 +1,223 @@
+"""The worker role: `python -m grid_ipfs.worker --api MULTIADDR --data SHARD.npz`.
+
+A worker listens on the jobs topic, joins each job it can train (its data fits the model's input),
+and for every round it is selected for: fetches the global weights by CID, evaluates them on its
+validation split (federated evaluation), trains locally with the model's own compile settings,
+adds the new weights to IPFS and announces them in a signed `update`.
+
+Everything fetched is data: models load with Keras `safe_mode=True`, weights are safetensors whose
+shapes and dtypes must match the model. A message that does not parse, validate or verify is dropped
+with one log line; it never stops the worker. SIGINT/SIGTERM stop it between steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from . import messages  # noqa: E402
+from .data import DataError, check_shard_for_model, load_shard, train_val_split  # noqa: E402
+from .identity import Identity, IdentityError, default_key_path, read_id_list  # noqa: E402
+from .ipfs import IPFSError  # noqa: E402
+from .ipfs.pubsub import PubsubMessage, Subscription  # noqa: E402
+from .ipfs.rpc import IPFSClient  # noqa: E402
+from .payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
+
+log = logging.getLogger("grid_ipfs.worker")
+
+
+@dataclass
+class JoinedJob:
+    job: messages.Job
+    model: object  # keras.Model, loaded once per job so its optimizer state carries across rounds
+    subscription: Subscription
+    done_rounds: set[tuple[int, int]] = field(default_factory=set)  # (round, attempt) already answered
+
+
+class Worker:
+    """One worker process: a data shard, an identity, a daemon. `run()` until `stop()`."""
+
+    def __init__(self, client: IPFSClient, identity: Identity, x, y, *, name: str = "worker",
+                 val_split: float = 0.1, jobs_topic: str = messages.JOBS_TOPIC,
+                 trusted_clients: set[str] | None = None, seed: int = 0):
+        self.client = client
+        self.identity = identity
+        self.name = name
+        self.jobs_topic = jobs_topic
+        self.trusted_clients = trusted_clients
+        self.x_train, self.y_train, self.x_val, self.y_val = train_val_split(x, y, val_split, seed=seed)
+        self.seed = seed
+        self.inbox: queue.Queue[PubsubMessage] = queue.Queue()
+        self.jobs: dict[str, JoinedJob] = {}
+        self.refused: set[str] = set()  # jobs this worker cannot train (data does not fit the model)
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._jobs_sub: Subscription | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._jobs_sub = self.client.pubsub_subscribe(self.jobs_topic, on_message=self.inbox.put)
+        self._jobs_sub.wait_ready()
+        log.info("%s (%s) listening on %s with %d training / %d validation examples", self.name,
+                 self.identity.id[:12], self.jobs_topic, len(self.x_train), len(self.x_val))
+        try:
+            while not self._stop.is_set():
+                try:
+                    raw = self.inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self.handle(raw)
+        finally:
+            self.close()
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        for joined in self.jobs.values():
+            joined.subscription.close()
+        if self._jobs_sub is not None:
+            self._jobs_sub.close()
+
+    # -- messages ------------------------------------------------------------------------------------
+
+    def handle(self, raw: PubsubMessage) -> None:
+        try:
+            envelope = messages.decode(raw.data)
+        except messages.MessageError as exc:
+            self.dropped += 1
+            log.warning("dropped a message on %s from peer %s: %s", raw.topic, raw.sender[-8:], exc)
+            return
+        message, sender = envelope.message, envelope.sender
+        try:
+            if isinstance(message, messages.Job):
+                self.join(message, sender)
+            elif isinstance(message, messages.Round) and message.job in self.jobs:
+                if self.jobs[message.job].job.owner != sender:
+                    self.dropped += 1
+                    log.warning("dropped round %d of %s: signed by %s, not the job's owner",
+                                message.round, message.job, sender[:12])
+                    return
+                self.train_round(message)
+            elif isinstance(message, messages.Done) and message.job in self.jobs:
+                if self.jobs[message.job].job.owner == sender:
+                    log.info("job %s done (%s); head %s", message.job, message.reason, message.head)
+                    self.jobs.pop(message.job).subscription.close()
+        except (IPFSError, PayloadError) as exc:
+            log.warning("job %s: %s", getattr(message, "job", "?"), exc)
+
+    def join(self, job: messages.Job, sender: str) -> None:
+        if job.job in self.jobs or job.job in self.refused:
+            return
+        if job.owner != sender:
+            log.warning("ignored job %s: announced by %s but owned by %s", job.job, sender[:12], job.owner[:12])
+            return
+        if self.trusted_clients is not None and sender not in self.trusted_clients:
+            log.info("ignored job %s from untrusted client %s", job.job, sender[:12])
+            self.refused.add(job.job)
+            return
+        from .payloads import model_from_bytes
+
+        model = model_from_bytes(self.client.cat(job.model, max_size=MAX_MODEL_BYTES),
+                                 source=f"model {job.model} of job {job.job}")
+        try:
+            check_shard_for_model(self.x_train, self.y_train, tuple(model.input_shape))
+        except DataError as exc:
+            log.error("cannot join job %s: %s", job.job, exc)
+            self.refused.add(job.job)
+            return
+        subscription = self.client.pubsub_subscribe(messages.job_topic(job.job), on_message=self.inbox.put)
+        subscription.wait_ready()
+        self.jobs[job.job] = JoinedJob(job, model, subscription)
+        self.publish(messages.Join(job=job.job, name=self.name, num_examples=len(self.x_train)))
+        log.info("joined job %s (model %s, %s)", job.job, job.model, job.config)
+
+    def train_round(self, round_: messages.Round) -> None:
+        from .payloads import weights_from_bytes, weights_to_bytes
+        from .training import evaluate, fit
+
+        joined = self.jobs[round_.job]
+        key = (round_.round, round_.attempt)
+        if key in joined.done_rounds:
+            return
+        if round_.selected is not None and self.identity.id not in round_.selected:
+            return
+        if time.time() > round_.deadline:
+            log.info("skipped round %d of %s: its deadline has passed", round_.round, round_.job)
+            return
+        joined.done_rounds.add(key)
+        started = time.monotonic()
+        model = joined.model
+        global_weights = weights_from_bytes(
+            self.client.cat(round_.weights, max_size=MAX_WEIGHTS_BYTES),
+            source=f"weights {round_.weights}", like=model.get_weights())
+        config = joined.job.config
+        eval_metrics = evaluate(model, global_weights, self.x_val, self.y_val) if len(self.x_val) else {}
+        new_weights, metrics = fit(model, global_weights, self.x_train, self.y_train,
+                                   epochs=config["epochs"], batch_size=config["batch_size"],
+                                   seed=self.seed + round_.round)
+        cid = self.client.add(weights_to_bytes(new_weights))
+        self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
+                                     num_examples=len(self.x_train), metrics=metrics,
+                                     eval_metrics=eval_metrics, attempt=round_.attempt))
+        log.info("job %s round %d: %d examples, loss %.4f, accuracy %s, %.1fs", round_.job, round_.round,
+                 len(self.x_train), metrics.get("loss", float("nan")),
+                 f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a", time.monotonic() - started)
+
+    def publish(self, message: object) -> None:
+        data = messages.encode(message, self.identity)
+        topic = messages.topic_of(message)
+        if not self.client.pubsub_publish(topic, data):
+            log.warning("nobody subscribed to %s yet; %s not delivered", topic, type(message).__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grid_ipfs.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--api", required=True, help="the IPFS daemon's API multiaddr, e.g. /ip4/127.0.0.1/tcp/5001")
+    parser.add_argument("--data", required=True, help="the local shard: .npz with arrays x and y")
+    parser.add_argument("--topic", default=messages.JOBS_TOPIC, help=f"jobs topic (default {messages.JOBS_TOPIC})")
+    parser.add_argument("--name", default=None, help="a name for logs and the key file (default: the data file's stem)")
+    parser.add_argument("--val-split", type=float, default=0.1, help="fraction held out for federated evaluation")
+    parser.add_argument("--key", default=None, help="Ed25519 key file (default ~/.grid_ipfs/worker-NAME.key)")
+    parser.add_argument("--trust-clients", default=None, help="join only jobs signed by the keys in this file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    name = args.name or Path(args.data).stem
+    if not 0 <= args.val_split < 1:
+        parser.error("--val-split must be in [0, 1)")
+    try:
+        x, y = load_shard(args.data)
+        identity = Identity.load_or_create(args.key or default_key_path(f"worker-{name}"))
+        client = IPFSClient(args.api)
+        client.wait_ready(timeout=10)
+        trusted = read_id_list(args.trust_clients) if args.trust_clients else None
+        worker = Worker(client, identity, x, y, name=name, val_split=args.val_split, jobs_topic=args.topic,
+                        trusted_clients=trusted, seed=args.seed)
+    except (DataError, IPFSError, IdentityError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    worker.run()
+    log.info("%s stopped (%d messages dropped)", name, worker.dropped)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
