@@ -30,9 +30,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from . import messages  # noqa: E402
 from .aggregate import aggregate  # noqa: E402
-from .chain import ChainLog  # noqa: E402
+from .chain import ChainError, ChainLog  # noqa: E402
 from .identity import Identity, IdentityError, default_key_path, read_id_list  # noqa: E402
-from .ipfs import IPFSError, cid_str  # noqa: E402
+from .ipfs import IPFSError, cid_str, parse_cid  # noqa: E402
 from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
 from .payloads import MAX_WEIGHTS_BYTES, PayloadError, weights_from_bytes, weights_to_bytes  # noqa: E402
@@ -40,6 +40,8 @@ from .payloads import MAX_WEIGHTS_BYTES, PayloadError, weights_from_bytes, weigh
 log = logging.getLogger("grid_ipfs.client")
 
 REANNOUNCE_EVERY = 2.0  # seconds between job re-announcements while waiting for workers to join
+JOIN_GRACE = 1.0  # seconds without a new join before round 1 starts, once --min-workers have joined
+FETCH_TIMEOUT = 30.0  # seconds to fetch one update's weights before the update is rejected
 
 
 class JobFailed(RuntimeError):
@@ -48,7 +50,10 @@ class JobFailed(RuntimeError):
 
 @dataclass
 class JobSpec:
-    model_path: Path
+    """What the owner asks for. Everything but the paths is recorded in the genesis block's `config`,
+    so `resume` (and any auditor) knows the job's settings without the original command line."""
+
+    model_path: Path | None
     rounds: int
     min_workers: int = 1
     fraction: float = 1.0
@@ -56,10 +61,26 @@ class JobSpec:
     batch_size: int = 32
     round_timeout: float = 120.0
     join_timeout: float = 120.0
+    max_retries: int = 2
+    max_norm_ratio: float = 10.0
     eval_data: Path | None = None
     job_id: str | None = None
     aggregation: str = "fedavg"
+    aggregation_params: dict = field(default_factory=dict)
     seed: int = 0
+
+    _RECORDED = ("rounds", "min_workers", "fraction", "epochs", "batch_size", "round_timeout", "max_retries",
+                 "max_norm_ratio", "aggregation", "aggregation_params", "seed")
+
+    def config(self) -> dict:
+        return {key: getattr(self, key) for key in self._RECORDED}
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> JobSpec:
+        known = {k: v for k, v in config.items() if k in cls._RECORDED}
+        known.update({k: v for k, v in overrides.items() if v is not None})
+        known.setdefault("model_path", None)
+        return cls(**known)
 
 
 @dataclass
@@ -70,7 +91,9 @@ class RoundResult:
     updates: int
     metrics: dict
     seconds: float
+    attempts: int = 1
     rejected: dict = field(default_factory=dict)
+    """Updates refused this round, by reason (not selected, replay, bad weights, outlier norm, ...)."""
 
 
 @dataclass
@@ -80,12 +103,16 @@ class JobResult:
     head: str
     weights: str
     rounds: list[RoundResult] = field(default_factory=list)
+    dropped: dict = field(default_factory=dict)
+    """Messages dropped on the job topic over the whole job, by reason."""
 
     def as_dict(self) -> dict:
         return {"job": self.job, "head": self.head, "model": self.model, "weights": self.weights,
                 "rounds": [{"round": r.round, "weights": r.weights, "head": r.head, "updates": r.updates,
-                            "metrics": r.metrics, "seconds": round(r.seconds, 3), "rejected": r.rejected}
-                           for r in self.rounds]}
+                            "metrics": r.metrics, "seconds": round(r.seconds, 3), "attempts": r.attempts,
+                            "rejected": r.rejected}
+                           for r in self.rounds],
+                "dropped": self.dropped}
 
 
 class ClientCallback:
@@ -95,6 +122,7 @@ class ClientCallback:
     def on_worker_joined(self, worker: str, name: str, joined: int, needed: int) -> None: ...
     def on_round_start(self, round: int, expected: int, deadline: float) -> None: ...
     def on_update(self, round: int, worker: str, received: int, expected: int) -> None: ...
+    def on_round_retry(self, round: int, attempt: int, received: int, needed: int) -> None: ...
     def on_round_end(self, result: RoundResult) -> None: ...
     def on_job_end(self, result: JobResult) -> None: ...
     def on_job_failed(self, job: messages.Job, error: BaseException) -> None: ...
@@ -107,24 +135,43 @@ class _Collected:
     weights: list
 
 
+@dataclass
+class _Job:
+    """A running job's state on the client side."""
+
+    message: messages.Job
+    spec: JobSpec
+    chain: ChainLog
+    model: object
+    weights: list
+    result: JobResult
+    eval_xy: tuple | None
+    workers: dict[str, messages.Join] = field(default_factory=dict)
+
+
 class Client:
-    """Runs jobs on one daemon with one identity."""
+    """Runs jobs on one daemon with one identity: `submit` a new one or `resume` one from its chain."""
 
     def __init__(self, ipfs: IPFSClient, identity: Identity, *, head_dir: Path | None = None,
                  callbacks: list[ClientCallback] | None = None, allowed_workers: set[str] | None = None,
                  jobs_topic: str = messages.JOBS_TOPIC):
         self.ipfs = ipfs
-        self.jobs_topic = jobs_topic
         self.identity = identity
+        self.jobs_topic = jobs_topic
         self.head_dir = Path(head_dir) if head_dir else Path.home() / ".grid_ipfs" / "chains"
         self.callbacks = callbacks or []
         self.allowed_workers = allowed_workers
         self.inbox: queue.Queue[PubsubMessage] = queue.Queue()
         self.dropped: dict[str, int] = {}
+        self._last_join = 0.0
 
-    # -- the job ---------------------------------------------------------------------------------------
+    def head_file(self, job_id: str) -> Path:
+        return self.head_dir / f"{job_id}.head"
+
+    # -- starting a job --------------------------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> JobResult:
+        """Add the model and initial weights, write the genesis block, announce the job, run every round."""
         from .payloads import model_from_bytes
 
         model_bytes = spec.model_path.read_bytes()
@@ -133,119 +180,239 @@ class Client:
         eval_xy = _load_eval(spec.eval_data, model) if spec.eval_data else None
 
         job_id = spec.job_id or f"{spec.model_path.stem}-{secrets.token_hex(4)}"
+        chain = ChainLog(self.ipfs, self.head_file(job_id))
+        if chain.head is not None:
+            raise JobFailed(f"job {job_id} already has a chain (head file {chain.head_file}); "
+                            f"continue it with `client resume --job {job_id}` or pick another --job")
         model_cid = cid_str(self.ipfs.add(model_bytes))
         weights_cid = cid_str(self.ipfs.add(weights_to_bytes(weights)))
-        chain = ChainLog(self.ipfs, self.head_dir / f"{job_id}.head")
-        genesis = chain.append(self._block(job_id, 0, model_cid, weights_cid, "init", [],
-                                           self._evaluate(model, weights, eval_xy)), self.identity)
-        job = messages.Job(job=job_id, model=model_cid, owner=self.identity.id,
-                           config={"epochs": spec.epochs, "batch_size": spec.batch_size, "rounds": spec.rounds})
+        genesis = chain.append({**self._block(job_id, 0, model_cid, weights_cid, "init", [],
+                                              self._evaluate(model, weights, eval_xy)),
+                                "config": spec.config()}, self.identity)
         result = JobResult(job_id, model_cid, cid_str(genesis), weights_cid)
-        for cb in self.callbacks:
-            cb.on_job_start(job, result.head)
+        job = _Job(self._job_message(job_id, model_cid, spec), spec, chain, model, weights, result, eval_xy)
+        return self._run(job, first_round=1)
 
-        subscription = self.ipfs.pubsub_subscribe(messages.job_topic(job_id), on_message=self.inbox.put)
+    def resume(self, *, head: str | None = None, job_id: str | None = None, eval_data: Path | None = None,
+               **overrides) -> JobResult:
+        """Continue a job from its chain: the round after the newest block, with the genesis config.
+
+        The head comes from `head` or from the job's head file. Only the job's owner can resume it
+        (workers follow rounds signed by the owner only), and no round is run twice: the chain says
+        which rounds are done.
+        """
+        from .chain import walk
+        from .payloads import MAX_MODEL_BYTES, model_from_bytes
+
+        if head is None:
+            if job_id is None:
+                raise JobFailed("resume needs a chain head CID or a job id")
+            found = ChainLog(self.ipfs, self.head_file(job_id)).head
+            if found is None:
+                raise JobFailed(f"no head file for job {job_id} in {self.head_dir}; pass --head CID")
+            head = cid_str(found)
+        blocks = [block for _, block in walk(self.ipfs, head)]
+        newest, genesis = blocks[0], blocks[-1]
+        if genesis["signer"] != self.identity.id:
+            raise JobFailed(f"job {genesis['job']} is owned by {genesis['signer']}; resume it with that key")
+        job_id = genesis["job"]
+        chain = ChainLog(self.ipfs, self.head_file(job_id))
+        on_file = chain.head
+        if on_file is not None and cid_str(on_file) != cid_str(parse_cid(head)):
+            raise JobFailed(f"head file {chain.head_file} names {cid_str(on_file)}, not {head}: "
+                            "resume from the head file (omit --head) or remove it")
+        if on_file is None:
+            from .chain import write_head
+
+            chain.head_file.parent.mkdir(parents=True, exist_ok=True)
+            write_head(chain.head_file, head)
+        spec = JobSpec.from_config(genesis.get("config", {}), job_id=job_id, eval_data=eval_data, **overrides)
+        model_cid = cid_str(genesis["model"])
+        model = model_from_bytes(self.ipfs.cat(model_cid, max_size=MAX_MODEL_BYTES), source=f"model {model_cid}")
+        weights = weights_from_bytes(self.ipfs.cat(newest["weights"], max_size=MAX_WEIGHTS_BYTES),
+                                     source=f"weights {cid_str(newest['weights'])}", like=model.get_weights())
+        eval_xy = _load_eval(eval_data, model) if eval_data else None
+        result = JobResult(job_id, model_cid, cid_str(parse_cid(head)), cid_str(newest["weights"]))
+        log.info("resuming job %s after round %d of %d (head %s)", job_id, newest["round"], spec.rounds, head)
+        job = _Job(self._job_message(job_id, model_cid, spec), spec, chain, model, weights, result, eval_xy)
+        return self._run(job, first_round=newest["round"] + 1)
+
+    def _job_message(self, job_id: str, model_cid: str, spec: JobSpec) -> messages.Job:
+        return messages.Job(job=job_id, model=model_cid, owner=self.identity.id,
+                            config={"epochs": spec.epochs, "batch_size": spec.batch_size, "rounds": spec.rounds})
+
+    def _run(self, job: _Job, first_round: int) -> JobResult:
+        for cb in self.callbacks:
+            cb.on_job_start(job.message, job.result.head)
+        subscription = self.ipfs.pubsub_subscribe(messages.job_topic(job.message.job), on_message=self.inbox.put)
         try:
             subscription.wait_ready()
-            workers = self._gather_workers(job, spec)
-            for r in range(1, spec.rounds + 1):
-                round_result, weights = self._run_round(job, spec, r, workers, weights, result, chain,
-                                                        model, eval_xy)
-                result.rounds.append(round_result)
-                result.head, result.weights = round_result.head, round_result.weights
-            self._publish(messages.Done(job=job_id, head=result.head, reason="completed"))
+            if first_round <= job.spec.rounds:
+                self._gather_workers(job)
+            for r in range(first_round, job.spec.rounds + 1):
+                outcome = self._run_round(job, r)
+                job.result.rounds.append(outcome)
+                job.result.head, job.result.weights = outcome.head, outcome.weights
+            self._publish(messages.Done(job=job.message.job, head=job.result.head, reason="completed"))
         except BaseException as exc:
             for cb in self.callbacks:
-                cb.on_job_failed(job, exc)
+                cb.on_job_failed(job.message, exc)
             raise
         finally:
             subscription.close()
+        job.result.dropped = dict(self.dropped)
         for cb in self.callbacks:
-            cb.on_job_end(result)
-        return result
+            cb.on_job_end(job.result)
+        return job.result
 
-    def _gather_workers(self, job: messages.Job, spec: JobSpec) -> dict[str, messages.Join]:
+    # -- rounds ----------------------------------------------------------------------------------------
+
+    def _gather_workers(self, job: _Job) -> None:
         """Announce the job (again every few seconds: pubsub is lossy) until enough workers joined."""
-        workers: dict[str, messages.Join] = {}
+        spec = job.spec
         deadline = time.monotonic() + spec.join_timeout
         next_announce = 0.0
-        while len(workers) < spec.min_workers:
+        self._last_join = time.monotonic()
+        # Enough workers, and none joined for a moment: workers that answer the same announcement take
+        # part from round 1 instead of waiting for round 2.
+        while len(job.workers) < spec.min_workers or time.monotonic() - self._last_join < JOIN_GRACE:
             now = time.monotonic()
             if now > deadline:
-                raise JobFailed(f"only {len(workers)} of {spec.min_workers} workers joined job {job.job} "
-                                f"within {spec.join_timeout:.0f}s (are workers running on connected daemons?)")
+                if len(job.workers) >= spec.min_workers:
+                    break
+                raise JobFailed(f"only {len(job.workers)} of {spec.min_workers} workers joined job "
+                                f"{job.message.job} within {spec.join_timeout:.0f}s "
+                                "(are workers running on connected daemons?)")
             if now >= next_announce:
-                self._publish(job)
+                self._publish(job.message)
                 next_announce = now + REANNOUNCE_EVERY
-            self._drain(job.job, min(0.2, max(0.0, deadline - now)), workers=workers, needed=spec.min_workers)
-        return workers
+            self._drain(job, min(0.2, max(0.0, deadline - now)))
 
-    def _run_round(self, job, spec, r, workers, weights, result, chain, model, eval_xy):
-        started = time.monotonic()
-        self._publish(job)  # late joiners learn about the job and take part from the next round
-        selected = _select(sorted(workers), spec.fraction, spec.min_workers, random.Random(spec.seed + r))
-        expected = set(selected) if selected is not None else set(workers)
-        deadline = time.time() + spec.round_timeout
-        round_msg = messages.Round(job=job.job, round=r, weights=result.weights, deadline=deadline,
-                                   selected=selected)
-        self._publish(round_msg)
-        for cb in self.callbacks:
-            cb.on_round_start(r, len(expected), deadline)
-
+    def _run_round(self, job: _Job, r: int) -> RoundResult:
+        """One round: announce, collect, screen, aggregate, append a block. A round whose deadline
+        passes with fewer than `min_workers` good updates is announced again (a new attempt, same global
+        weights), at most `max_retries` times; updates from earlier attempts still count."""
+        spec, started = job.spec, time.monotonic()
+        dropped_before = sum(self.dropped.values())
         collected: dict[str, _Collected] = {}
-        rejected: dict[str, int] = {}
-        while True:
-            answered = set(collected) & expected
-            if len(collected) >= spec.min_workers and (answered >= expected or time.time() > deadline):
+        refused: dict[str, str] = {}  # worker -> reason its update was refused this round
+        for attempt in range(1, spec.max_retries + 2):
+            self._publish(job.message)  # late joiners and restarted workers learn about the job
+            if attempt == 1:
+                selected = _select(sorted(job.workers), spec.fraction, spec.min_workers,
+                                   random.Random(spec.seed * 100_003 + r))
+            else:  # ask again only those who have not answered (and any worker that joined since)
+                asked = set(selected) if selected is not None else set(job.workers)
+                selected = sorted((asked | set(job.workers)) - set(collected) - set(refused))
+            round_msg = messages.Round(job=job.message.job, round=r, weights=job.result.weights,
+                                       deadline=time.time() + spec.round_timeout, selected=selected,
+                                       attempt=attempt)
+            self._publish(round_msg)
+            expected = set(selected) if selected is not None else set(job.workers)
+            for cb in self.callbacks:
+                cb.on_round_start(r, len(expected), round_msg.deadline)
+            self._collect(job, round_msg, expected, collected, refused)
+            self._screen_outliers(job, collected, refused)
+            if len(collected) >= spec.min_workers:
                 break
-            if time.time() > deadline:
-                raise JobFailed(f"round {r} of job {job.job}: {len(collected)} of {spec.min_workers} required "
-                                f"updates by the deadline ({spec.round_timeout:.0f}s)")
-            for update, sender in self._drain(job.job, 0.2, workers=workers, round_=round_msg):
-                reason = self._check_update(update, sender, selected, collected)
+            for cb in self.callbacks:
+                cb.on_round_retry(r, attempt, len(collected), spec.min_workers)
+            if attempt <= spec.max_retries:
+                log.warning("round %d of job %s: %d of %d required updates by the deadline; announcing it again "
+                            "(attempt %d of %d)", r, job.message.job, len(collected), spec.min_workers,
+                            attempt + 1, spec.max_retries + 1)
+        else:
+            raise JobFailed(f"round {r} of job {job.message.job}: {len(collected)} of {spec.min_workers} required "
+                            f"updates by the deadline ({spec.round_timeout:.0f}s), "
+                            f"{spec.max_retries + 1} attempt(s)")
+        return self._close_round(job, r, collected, refused, attempt, started, dropped_before)
+
+    def _collect(self, job: _Job, round_msg: messages.Round, expected: set[str],
+                 collected: dict[str, _Collected], refused: dict[str, str]) -> None:
+        """Take updates for this round until every expected worker answered or the deadline passed."""
+        while time.time() < round_msg.deadline and not expected <= (set(collected) | set(refused)):
+            for update, sender in self._drain(job, 0.2, round_=round_msg):
+                reason = self._check_update(update, sender, expected, collected, refused)
                 if reason is None:
                     try:
                         fetched = weights_from_bytes(
-                            self.ipfs.cat(update.weights, max_size=MAX_WEIGHTS_BYTES, timeout=30),
-                            source=f"update {update.weights} from {sender[:12]}", like=weights)
+                            self.ipfs.cat(update.weights, max_size=MAX_WEIGHTS_BYTES, timeout=FETCH_TIMEOUT),
+                            source=f"update {update.weights} from {sender[:12]}", like=job.weights)
                     except (IPFSError, PayloadError) as exc:
-                        reason = f"weights rejected: {exc}"
+                        reason = f"bad weights: {exc}"
                 if reason is not None:
-                    rejected[reason.split(":")[0]] = rejected.get(reason.split(":")[0], 0) + 1
-                    log.warning("round %d: dropped update from %s: %s", r, sender[:12], reason)
+                    if sender in expected and sender not in collected:
+                        refused.setdefault(sender, reason)
+                    self._reject(round_msg.round, sender, reason)
                     continue
                 collected[sender] = _Collected(sender, update, fetched)
                 for cb in self.callbacks:
-                    cb.on_update(r, sender, len(collected), len(expected))
+                    cb.on_update(round_msg.round, sender, len(collected), len(expected))
 
+    def _screen_outliers(self, job: _Job, collected: dict[str, _Collected], refused: dict[str, str]) -> None:
+        """Refuse updates that moved the model `max_norm_ratio` times further than the median update:
+        a scaled or random update would otherwise dominate FedAvg. Needs at least three updates."""
+        if len(collected) < 3 or not job.spec.max_norm_ratio:
+            return
+        from .aggregate import update_norm
+
+        norms = {w: update_norm(c.weights, job.weights) for w, c in collected.items()}
+        typical = sorted(norms.values())[len(norms) // 2]
+        for worker, norm in norms.items():
+            if typical > 0 and norm > job.spec.max_norm_ratio * typical:
+                reason = f"outlier norm: {norm:.3g} vs median {typical:.3g}"
+                refused[worker] = reason
+                del collected[worker]
+                self._reject(None, worker, reason)
+
+    def _close_round(self, job: _Job, r: int, collected: dict[str, _Collected], refused: dict[str, str],
+                     attempts: int, started: float, dropped_before: int) -> RoundResult:
+        spec = job.spec
         ordered = [collected[w] for w in sorted(collected)]  # deterministic order: verify recomputes this
-        new_weights = aggregate(spec.aggregation, [(c.weights, c.update.num_examples) for c in ordered])
+        new_weights = aggregate(spec.aggregation, [(c.weights, c.update.num_examples) for c in ordered],
+                                **spec.aggregation_params)
         new_cid = cid_str(self.ipfs.add(weights_to_bytes(new_weights)))
+        rejected: dict[str, int] = {}
+        for reason in refused.values():
+            kind = reason.split(":")[0]
+            rejected[kind] = rejected.get(kind, 0) + 1
         metrics = _weighted_metrics(ordered)
-        metrics.update(self._evaluate(model, new_weights, eval_xy))
+        metrics.update(self._evaluate(job.model, new_weights, job.eval_xy))
+        metrics.update(rejected_updates=float(len(refused)), attempts=float(attempts),
+                       dropped_messages=float(sum(self.dropped.values()) - dropped_before))
         updates = [{"worker": c.worker, "weights": c.update.weights, "num_examples": c.update.num_examples,
                     "metrics": {**c.update.metrics, **{f"eval_{k}": v for k, v in c.update.eval_metrics.items()}}}
                    for c in ordered]
-        head = cid_str(chain.append(self._block(job.job, r, job.model, new_cid, spec.aggregation, updates, metrics),
-                                    self.identity))
-        self._publish(messages.Head(job=job.job, round=r, head=head, weights=new_cid))
-        outcome = RoundResult(r, new_cid, head, len(ordered), metrics, time.monotonic() - started, rejected)
+        block = self._block(job.message.job, r, job.message.model, new_cid, spec.aggregation, updates, metrics,
+                            spec.aggregation_params)
+        head = cid_str(job.chain.append(block, self.identity))
+        self._publish(messages.Head(job=job.message.job, round=r, head=head, weights=new_cid))
+        job.weights = new_weights
+        outcome = RoundResult(r, new_cid, head, len(ordered), metrics, time.monotonic() - started, attempts,
+                              rejected)
         for cb in self.callbacks:
             cb.on_round_end(outcome)
-        return outcome, new_weights
+        return outcome
 
-    # -- helpers ---------------------------------------------------------------------------------------
+    # -- messages --------------------------------------------------------------------------------------
 
-    def _check_update(self, update: messages.Update, sender: str, selected, collected) -> str | None:
+    def _check_update(self, update: messages.Update, sender: str, expected: set[str],
+                      collected: dict, refused: dict) -> str | None:
         if self.allowed_workers is not None and sender not in self.allowed_workers:
             return "not allowed: worker not on the allow-list"
-        if selected is not None and sender not in selected:
-            return "not selected: worker not selected for this round"
+        if sender not in expected:
+            return "not selected: worker not asked for this round"
         if sender in collected:
             return "replay: second update from this worker for this round"
+        if sender in refused:
+            return "refused: this worker's update for this round was already refused"
         return None
 
-    def _drain(self, job_id: str, timeout: float, *, workers: dict, needed: int = 0,
+    def _reject(self, r: int | None, sender: str, reason: str) -> None:
+        self.dropped["rejected update"] = self.dropped.get("rejected update", 0) + 1
+        log.warning("round %s: rejected update from %s: %s", r if r is not None else "?", sender[:12], reason)
+
+    def _drain(self, job: _Job, timeout: float,
                round_: messages.Round | None = None) -> list[tuple[messages.Update, str]]:
         """Handle what arrived on the job topic within `timeout`; return the updates for `round_`."""
         updates = []
@@ -261,19 +428,32 @@ class Client:
                 self._drop("malformed", f"from peer {raw.sender[-8:]}: {exc}")
                 continue
             msg, sender = envelope.message, envelope.sender
-            if getattr(msg, "job", None) != job_id:
+            if getattr(msg, "job", None) != job.message.job:
                 self._drop("other job", f"{type(msg).__name__} for job {getattr(msg, 'job', '?')}")
             elif isinstance(msg, messages.Join):
-                if sender not in workers and (self.allowed_workers is None or sender in self.allowed_workers):
-                    workers[sender] = msg
-                    for cb in self.callbacks:
-                        cb.on_worker_joined(sender, msg.name, len(workers), needed)
+                self._joined(job, msg, sender, round_)
             elif isinstance(msg, messages.Update):
                 if round_ is None or msg.round != round_.round:
                     self._drop("late", f"update for round {msg.round} from {sender[:12]}")
                 else:
                     updates.append((msg, sender))
+            elif sender != self.identity.id:
+                self._drop("not from a worker", f"{msg.TYPE} message from {sender[:12]}")
             # our own round/head/done messages come back to us: nothing to do
+
+    def _joined(self, job: _Job, join: messages.Join, sender: str, round_: messages.Round | None) -> None:
+        if self.allowed_workers is not None and sender not in self.allowed_workers:
+            self._drop("not allowed", f"join from {sender[:12]} ({join.name})")
+            return
+        if sender not in job.workers:
+            job.workers[sender] = join
+            self._last_join = time.monotonic()
+            for cb in self.callbacks:
+                cb.on_worker_joined(sender, join.name, len(job.workers), job.spec.min_workers)
+        if round_ is not None:
+            # A join during a round comes from a worker that (re)started after the round was announced
+            # and so missed it: announce it again (workers ignore a round message they already answered).
+            self._publish(round_)
 
     def _drop(self, kind: str, detail: str) -> None:
         self.dropped[kind] = self.dropped.get(kind, 0) + 1
@@ -283,9 +463,10 @@ class Client:
         topic = self.jobs_topic if isinstance(message, messages.Job) else messages.topic_of(message)
         return self.ipfs.pubsub_publish(topic, messages.encode(message, self.identity))
 
-    def _block(self, job_id, r, model_cid, weights_cid, aggregation, updates, metrics) -> dict:
+    def _block(self, job_id, r, model_cid, weights_cid, aggregation, updates, metrics, params=None) -> dict:
         return {"job": job_id, "round": r, "model": model_cid, "weights": weights_cid,
-                "aggregation": {"name": aggregation, "params": {}}, "updates": updates, "metrics": metrics,
+                "aggregation": {"name": aggregation, "params": dict(params or {})}, "updates": updates,
+                "metrics": metrics,
                 "time": time.time()}
 
     @staticmethod
@@ -332,48 +513,77 @@ def _progress(json_mode: bool) -> list[ClientCallback]:
     return [LogProgress()] if json_mode or not sys.stderr.isatty() else [RichProgress()]
 
 
+def _job_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
+    """Options shared by submit and resume; on resume they default to the genesis block's config."""
+    default = (lambda value: None) if resume else (lambda value: value)
+    p.add_argument("--api", required=True, help="the IPFS daemon's API multiaddr, e.g. /ip4/127.0.0.1/tcp/5001")
+    p.add_argument("--min-workers", type=int, default=default(1), help="updates needed to close a round (default 1)")
+    p.add_argument("--round-timeout", type=float, default=default(120.0), help="seconds a round waits for updates")
+    p.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for --min-workers to join")
+    p.add_argument("--max-retries", type=int, default=default(2),
+                   help="times a round short of --min-workers updates is announced again (default 2)")
+    p.add_argument("--eval-data", type=Path, help=".npz (x, y) the client evaluates each global model on")
+    p.add_argument("--topic", default=messages.JOBS_TOPIC, help=f"jobs topic (default {messages.JOBS_TOPIC})")
+    p.add_argument("--key", help="Ed25519 key file (default ~/.grid_ipfs/client.key)")
+    p.add_argument("--head-dir", type=Path, help="where chain head files live (default ~/.grid_ipfs/chains)")
+    p.add_argument("--allow-workers", help="accept updates only from the worker ids listed in this file")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .aggregate import AGGREGATIONS
+
     parser = argparse.ArgumentParser(prog="python -m grid_ipfs.client",
-                                     description="Submit and follow federated training jobs.")
+                                     description="Submit and follow federated training jobs.",
+                                     epilog="Exit codes: 0 done, 1 the job failed (the reason is printed), "
+                                            "2 usage, 130 interrupted.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="run a job: R rounds of federated training of a compiled .keras model")
-    s.add_argument("--api", required=True, help="the IPFS daemon's API multiaddr, e.g. /ip4/127.0.0.1/tcp/5001")
+    _job_options(s, resume=False)
     s.add_argument("--model", required=True, type=Path, help="a compiled .keras model")
     s.add_argument("--rounds", required=True, type=int)
-    s.add_argument("--min-workers", type=int, default=1, help="updates needed to close a round (default 1)")
     s.add_argument("--fraction", type=float, default=1.0, help="fraction of joined workers asked per round")
     s.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--round-timeout", type=float, default=120.0, help="seconds a round waits for updates")
-    s.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for --min-workers to join")
-    s.add_argument("--eval-data", type=Path, help=".npz (x, y) the client evaluates each global model on")
-    s.add_argument("--topic", default=messages.JOBS_TOPIC, help=f"jobs topic (default {messages.JOBS_TOPIC})")
+    s.add_argument("--aggregation", choices=sorted(AGGREGATIONS), default="fedavg")
+    s.add_argument("--trim", type=float, help="trimmed-mean: fraction cut at each end (default 0.1)")
+    s.add_argument("--byzantine", type=int, help="krum/multi-krum: number of faulty workers tolerated (default 1)")
+    s.add_argument("--max-norm-ratio", type=float, default=10.0,
+                   help="refuse updates moving the model this many times further than the median update (0: off)")
     s.add_argument("--job", dest="job_id", help="job id (default: MODEL-STEM-RANDOM)")
-    s.add_argument("--key", help="Ed25519 key file (default ~/.grid_ipfs/client.key)")
-    s.add_argument("--head-dir", type=Path, help="where chain head files live (default ~/.grid_ipfs/chains)")
-    s.add_argument("--allow-workers", help="accept updates only from the worker ids listed in this file")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    r = sub.add_parser("resume", help="continue a job from its chain after the client stopped")
+    _job_options(r, resume=True)
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--head", help="the newest chain block's CID")
+    which.add_argument("--job", dest="job_id", help="the job id: read the head from its head file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.rounds < 1 or args.min_workers < 1 or not 0 < args.fraction <= 1:
+    if args.command == "submit" and (args.rounds < 1 or args.min_workers < 1 or not 0 < args.fraction <= 1):
         parser.error("--rounds and --min-workers must be >= 1 and --fraction in (0, 1]")
-
-    spec = JobSpec(model_path=args.model, rounds=args.rounds, min_workers=args.min_workers,
-                   fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size,
-                   round_timeout=args.round_timeout, join_timeout=args.join_timeout, eval_data=args.eval_data,
-                   job_id=args.job_id, seed=args.seed)
     try:
         ipfs = IPFSClient(args.api)
-        ipfs.wait_ready(timeout=10)
+        ipfs.wait_ready(timeout=5)
         identity = Identity.load_or_create(args.key or default_key_path("client"))
         client = Client(ipfs, identity, head_dir=args.head_dir, callbacks=_progress(args.json),
                         allowed_workers=read_id_list(args.allow_workers) if args.allow_workers else None,
                         jobs_topic=args.topic)
-        result = client.submit(spec)
-    except (JobFailed, IPFSError, IdentityError, PayloadError, OSError, ValueError) as exc:
+        if args.command == "submit":
+            params = {k: v for k, v in (("trim", args.trim), ("byzantine", args.byzantine)) if v is not None}
+            spec = JobSpec(model_path=args.model, rounds=args.rounds, min_workers=args.min_workers,
+                           fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size,
+                           round_timeout=args.round_timeout, join_timeout=args.join_timeout,
+                           max_retries=args.max_retries, max_norm_ratio=args.max_norm_ratio,
+                           eval_data=args.eval_data, job_id=args.job_id, aggregation=args.aggregation,
+                           aggregation_params=params, seed=args.seed)
+            result = client.submit(spec)
+        else:
+            result = client.resume(head=args.head, job_id=args.job_id, eval_data=args.eval_data,
+                                   min_workers=args.min_workers, round_timeout=args.round_timeout,
+                                   join_timeout=args.join_timeout, max_retries=args.max_retries)
+    except (JobFailed, IPFSError, IdentityError, ChainError, PayloadError, OSError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

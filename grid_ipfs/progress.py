@@ -37,6 +37,9 @@ class LogProgress(ClientCallback):
     def on_update(self, round, worker, received, expected):
         log.info("round %d: update %d/%d from %s", round, received, expected, worker[:12])
 
+    def on_round_retry(self, round, attempt, received, needed):
+        log.warning("round %d attempt %d: %d of %d updates by the deadline", round, attempt, received, needed)
+
     def on_round_end(self, result: RoundResult):
         m = result.metrics
         log.info("round %d done: %d updates, loss %s, accuracy %s, val_accuracy %s, %.1fs; head %s",
@@ -92,6 +95,10 @@ class RichProgress(ClientCallback):
     def on_update(self, round, worker, received, expected):
         self.current.update(received=received, expected=expected)
         self._refresh()
+
+    def on_round_retry(self, round, attempt, received, needed):
+        self.console.print(f"  [yellow]round {round} attempt {attempt}[/]: {received} of {needed} updates by the "
+                           "deadline; announcing it again")
 
     def on_round_end(self, result: RoundResult):
         m = result.metrics

@@ -42,7 +42,9 @@ class JoinedJob:
     job: messages.Job
     model: object  # keras.Model, loaded once per job so its optimizer state carries across rounds
     subscription: Subscription
-    done_rounds: set[tuple[int, int]] = field(default_factory=set)  # (round, attempt) already answered
+    done_rounds: set[tuple[int, int, float]] = field(default_factory=set)
+    """(round, attempt, deadline) of the round messages already answered: pubsub may deliver a message
+    twice, and a resumed client announces the same round again with a new deadline."""
 
 
 class Worker:
@@ -119,7 +121,11 @@ class Worker:
             log.warning("job %s: %s", getattr(message, "job", "?"), exc)
 
     def join(self, job: messages.Job, sender: str) -> None:
-        if job.job in self.jobs or job.job in self.refused:
+        if job.job in self.jobs:
+            if self.jobs[job.job].job.owner == sender:  # a re-announcement: the client may have restarted
+                self.publish(messages.Join(job=job.job, name=self.name, num_examples=len(self.x_train)))
+            return
+        if job.job in self.refused:
             return
         if job.owner != sender:
             log.warning("ignored job %s: announced by %s but owned by %s", job.job, sender[:12], job.owner[:12])
@@ -149,7 +155,7 @@ class Worker:
         from .training import evaluate, fit
 
         joined = self.jobs[round_.job]
-        key = (round_.round, round_.attempt)
+        key = (round_.round, round_.attempt, round_.deadline)
         if key in joined.done_rounds:
             return
         if round_.selected is not None and self.identity.id not in round_.selected:

@@ -425,3 +425,14 @@ def test_missing_block():
     del store.objects[bytes(cids[0].digest)]
     report = verify_chain(store, cids[-1])
     assert report.first_bad == cids[0] and "cannot be fetched" in report.reason
+
+
+def test_genesis_may_carry_the_job_config_and_only_genesis():
+    store, rng = MemoryStore(), np.random.default_rng(0)
+    log = ChainLog(store, None)
+    config = {"epochs": 2, "batch_size": 32, "rounds": 3, "val_split": 0.1}
+    genesis = genesis_fields(store, rng)
+    first = log.append({**genesis, "config": config}, OWNER)
+    assert get_block(store, first)["config"] == config
+    with pytest.raises(ChainError, match="config at seq 1: the job's config lives in genesis only"):
+        log.append({**round_fields(store, rng, genesis, 1), "config": config}, OWNER)

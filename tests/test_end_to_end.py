@@ -183,17 +183,23 @@ def test_round_fails_plainly_when_the_workers_fall_silent(grid):
     stalled = grid.local.workers[index]
 
     class FreezeOnJoin(ClientCallback):
+        retries: list = []
+
         def on_worker_joined(self, worker, name, joined, needed):
             stalled.send_signal(signal.SIGSTOP)
+
+        def on_round_retry(self, round, attempt, received, needed):
+            self.retries.append((round, attempt, received, needed))
 
     try:
         with grid.local.client(0) as ipfs:
             client = Client(ipfs, Identity.generate(), head_dir=grid.root / "heads", callbacks=[FreezeOnJoin()],
                             jobs_topic=topic)
             spec = JobSpec(model_path=grid.root / "digits.keras", rounds=2, min_workers=1, round_timeout=3,
-                           join_timeout=120)
-            with pytest.raises(JobFailed, match=r"round 1 of job .*: 0 of 1 required updates"):
+                           join_timeout=120, max_retries=1)
+            with pytest.raises(JobFailed, match=r"round 1 of job .*: 0 of 1 required updates .* 2 attempt"):
                 client.submit(spec)
+        assert FreezeOnJoin.retries == [(1, 1, 0, 1), (1, 2, 0, 1)]
     finally:
         stalled.send_signal(signal.SIGCONT)
         grid.local.stop_worker(index)

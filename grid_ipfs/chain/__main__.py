@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         with IPFSClient(args.api) as client:
+            client.wait_ready(timeout=5)  # an unreachable daemon is an error, not a failed verification
             head = _head(args)
             if args.command == "show":
                 return show(client, head, args.json)

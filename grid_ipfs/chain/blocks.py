@@ -6,7 +6,9 @@ the history (`ipfs dag get HEAD/prev/prev/round`) and a recursive pin of the hea
 
     v, job, seq, round, prev (absent in genesis), model, weights,
     aggregation {name, params}, updates [{worker, weights, num_examples, metrics}] sorted by worker,
-    metrics {str: float}, time, signer, sig
+    metrics {str: float}, time, signer, sig, and in genesis only an optional config {str: value}
+    (the job's training settings: epochs, batch size, rounds, ... so `client resume` and auditors
+    know what was asked of the workers)
 
 `sig` is the signer's Ed25519 signature over the dag-cbor encoding of the block without `sig`.
 dag-cbor is canonical (one encoding per value), so a block's CID can be recomputed from its fields by
@@ -71,9 +73,14 @@ def validate_block(block: object, *, signed: bool = True) -> None:
     missing = sorted((required - set(block)) | ({"prev"} - set(block) if not genesis else set()))
     if missing:
         raise ChainError(f"missing field {missing[0]}")
-    extra = sorted(set(block) - _REQUIRED - {"prev"})
+    extra = sorted(set(block) - _REQUIRED - {"prev", "config"})
     if extra:
         raise ChainError(f"unexpected field {extra[0]!r}")
+    if "config" in block:
+        if not genesis:
+            raise ChainError(f"config at seq {block['seq']}: the job's config lives in genesis only")
+        if not isinstance(block["config"], dict) or not all(isinstance(k, str) and k for k in block["config"]):
+            raise ChainError("config: expected a map with non-empty string keys")
     if block["v"] != BLOCK_VERSION or not _is_int(block["v"]):
         raise ChainError(f"unsupported block version {block['v']!r}")
     if not valid_job_id(block["job"]):

@@ -1,0 +1,83 @@
+"""A hostile peer: `python -m tests.hostile --api A --job JOB --count N` floods a job's topic.
+
+It publishes what anyone on an open pubsub network can: garbage, messages of the wrong version or
+type or with wrong field types, oversized messages, forged signatures, and validly signed messages from
+keys the job never saw (joins, updates pointing at CIDs nobody has, rounds and heads pretending to be
+the owner's). Prints one JSON line with how many of each kind it published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+from multiformats import CID, multihash
+
+from grid_ipfs import messages
+from grid_ipfs.identity import Identity, b64url_encode
+from grid_ipfs.ipfs.rpc import IPFSClient
+
+
+def _nobody_has(i: int) -> str:
+    return str(CID("base32", 1, "raw", multihash.digest(f"nobody has this {i}".encode(), "sha2-256")))
+
+
+def _signed(obj: dict, identity: Identity) -> bytes:
+    obj = {**obj, "from": obj.get("from", identity.id)}
+    obj["sig"] = b64url_encode(identity.sign(messages.canonical_json(obj)))
+    return json.dumps(obj).encode()
+
+
+def hostile_messages(job: str, victim: str | None):
+    """Endless cycle of (kind, bytes)."""
+    stranger = Identity.generate()
+    impostor = victim or Identity.generate().id
+    base = {"v": 1, "job": job}
+    kinds = [
+        ("not json", lambda i: b"{not json " + str(i).encode()),
+        ("not an object", lambda i: b"[1, 2, 3]"),
+        ("wrong version", lambda i: _signed({**base, "v": 2, "type": "update"}, stranger)),
+        ("unknown type", lambda i: _signed({**base, "type": "gimme"}, stranger)),
+        ("wrong field types", lambda i: _signed({**base, "type": "update", "round": "three", "weights": 5,
+                                                 "num_examples": -1, "metrics": [], "eval_metrics": {}},
+                                                stranger)),
+        ("oversized", lambda i: b'{"pad": "' + b"x" * (100 * 1024) + b'"}'),
+        ("forged signature", lambda i: _signed({**base, "type": "update", "round": 1, "weights": _nobody_has(i),
+                                                "num_examples": 10**6, "metrics": {}, "eval_metrics": {},
+                                                "from": impostor}, stranger)),
+        ("stranger's update", lambda i: messages.encode(messages.Update(
+            job=job, round=1 + i % 5, weights=_nobody_has(i), num_examples=10**6, metrics={"loss": 0.0},
+            eval_metrics={}), stranger)),
+        ("stranger's join", lambda i: messages.encode(messages.Join(job=job, name=f"sybil{i}", num_examples=10**6),
+                                                      stranger)),
+        ("stranger's round", lambda i: messages.encode(messages.Round(
+            job=job, round=1 + i % 5, weights=_nobody_has(i), deadline=time.time() + 60, selected=None), stranger)),
+        ("stranger's head", lambda i: messages.encode(messages.Head(job=job, round=1, head=_nobody_has(i),
+                                                                    weights=_nobody_has(i)), stranger)),
+    ]
+    for i, (kind, make) in zip(itertools.count(), itertools.cycle(kinds)):
+        yield kind, make(i)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--api", required=True)
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--victim", help="a worker id to impersonate in forged-signature messages")
+    args = parser.parse_args(argv)
+    topic = messages.job_topic(args.job)
+    sent: dict[str, int] = {}
+    with IPFSClient(args.api) as ipfs:
+        for kind, data in itertools.islice(hostile_messages(args.job, args.victim), args.count):
+            if ipfs.pubsub_publish(topic, data):
+                sent[kind] = sent.get(kind, 0) + 1
+    print(json.dumps({"sent": sum(sent.values()), "by_kind": sent}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
