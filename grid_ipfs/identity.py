@@ -181,3 +181,63 @@ class Identity:
     def sign(self, data: bytes) -> bytes:
         """The 64-byte Ed25519 signature of `data`."""
         return self._key.sign(bytes(data))
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+_ROLE = re.compile(r"client|worker-[^/\\\x00]+")
+
+
+def _key_path(args, parser) -> Path:
+    if (args.keyfile is None) == (args.role is None):
+        parser.error("give a KEYFILE or --role ROLE (one of them)")
+    if args.role is not None:
+        if not _ROLE.fullmatch(args.role):
+            parser.error(f"--role must be `client` or `worker-NAME` (NAME without slashes), got {args.role!r}")
+        return default_key_path(args.role)
+    return Path(args.keyfile).expanduser()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m grid_ipfs.identity show|new`: print a key file's public id, or create a key file."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m grid_ipfs.identity",
+        description="Print the public id of an Ed25519 key file, or create one. The id is what "
+                    "--allow-workers and --trust-clients files list, one per line.",
+        epilog="Roles name the default key files: --role client is ~/.grid_ipfs/client.key, --role worker-NAME "
+               "is ~/.grid_ipfs/worker-NAME.key ($GRID_IPFS_HOME instead of ~/.grid_ipfs when set). "
+               "Exit codes: 0 ok, 1 error (one `error:` line), 2 usage.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    parsers = {}
+    for name, text in (("show", "print the id of an existing key file (creates nothing)"),
+                       ("new", "create a key file (mode 0600) and print its id; refuses to overwrite")):
+        p = parsers[name] = sub.add_parser(name, help=text, description=text)
+        p.add_argument("keyfile", nargs="?", metavar="KEYFILE", help="the key file")
+        p.add_argument("--role", metavar="ROLE", help="the default key file of `client` or `worker-NAME`")
+    args = parser.parse_args(argv)
+    path = _key_path(args, parsers[args.command])
+    try:
+        if args.command == "show":
+            if not path.exists():
+                raise IdentityError(f"no key file at {path} (create one with "
+                                    f"`python -m grid_ipfs.identity new {path}`)")
+            if not path.is_file():
+                raise IdentityError(f"{path} is not a file")
+            identity = Identity._load(path)
+        else:
+            if path.exists():
+                raise IdentityError(f"{path} already exists; refusing to overwrite a key (its id: "
+                                    f"`python -m grid_ipfs.identity show {path}`)")
+            identity = Identity.load_or_create(path)
+    except (IdentityError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(identity.id)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -162,6 +162,8 @@ def test_a_forged_copy_with_one_flipped_update_is_named_by_verify(grid, job, rea
     # The original still verifies, and pinning the owner's key exposes the copy at its genesis.
     client_id = Identity.load_or_create(grid.root / "client.key").id
     assert verify_chain(reader, job["head"], signer=client_id, check_objects=False).ok
+    owner_only = run_cli("grid_ipfs.chain", "verify", "--api", grid.apis[1], cid_str(copy.head), "--signer", client_id)
+    assert owner_only.returncode == 1 and "signed by" in owner_only.stdout, owner_only.stdout
     pinned = verify_chain(reader, copy.head, signer=client_id, check_objects=False, recompute=False)
     assert not pinned.ok and "signed by" in pinned.reason and pinned.checks[0].ok is False
 

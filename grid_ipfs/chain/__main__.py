@@ -1,11 +1,17 @@
-"""`python -m grid_ipfs.chain show|verify --api A HEAD`: read and audit a job's chain from any node.
+"""`python -m grid_ipfs.chain show|verify|plot|export --api A HEAD`: read, audit and use a job's chain from any node.
 
-    show    the log as a table, genesis first (round, workers, examples, loss, accuracy, weights CID)
+    show    the log as a table, genesis first (round, workers, examples, loss, accuracy, weights CID);
+            full CIDs also when piped (`--json` for machines)
     verify  walk to genesis and check every block: CID recomputed from its bytes, seq/prev
             continuity, signature, every linked object retrievable, and the global weights equal
             bit for bit to the aggregate recomputed from the recorded updates
+    plot    draw loss and accuracy per round (training, held-out val_*, workers' eval_* of the
+            incoming model; whatever numeric metrics the blocks hold) into an image: -o run.png
+    export  write the global model of the head's round (or --round R) as a standalone .keras file
+            (-o model.keras), or as ONNX with --onnx (needs `pip install tf2onnx`)
 
-Exit codes: 0 ok, 1 the chain does not verify (the first bad block is named) or cannot be read, 2 usage.
+Exit codes: 0 ok, 1 the chain does not verify (the first bad block is named) or cannot be read (or
+export/plot fails; the reason is printed as one `error:` line), 2 usage, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,15 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # export loads Keras; keep TensorFlow's start-up noise out
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from ..ipfs import IPFSError, cid_str, parse_cid
-from ..ipfs.rpc import IPFSClient
-from . import ChainError, read_head, verify_chain, walk
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from ..identity import IdentityError, parse_public_id  # noqa: E402
+from ..ipfs import IPFSError, cid_str, parse_cid  # noqa: E402
+from ..ipfs.rpc import IPFSClient  # noqa: E402
+from ..payloads import PayloadError  # noqa: E402
+from . import ChainError, read_head, verify_chain, walk  # noqa: E402
+from .export import ExportError, check_request, export_model  # noqa: E402
 
 
 def _head(args) -> str:
@@ -51,19 +64,48 @@ def show(client: IPFSClient, head: str, as_json: bool) -> int:
     first = blocks[0][1]
     table = Table(title=f"job {first['job']} · model {cid_str(first['model'])}")
     for column in ("seq", "round", "workers", "examples", "loss", "accuracy", "val_accuracy", "weights", "block"):
-        table.add_column(column, justify="right" if column not in ("weights", "block") else "left")
+        if column in ("weights", "block"):  # a CID is only useful whole: fold it over lines, never cut it
+            table.add_column(column, justify="left", overflow="fold", min_width=12)
+        else:
+            table.add_column(column, justify="right", no_wrap=True)
     for cid, block in blocks:
         metrics = block["metrics"]
         table.add_row(str(block["seq"]), str(block["round"]), str(len(block["updates"])),
                       str(sum(u["num_examples"] for u in block["updates"])), _fmt(metrics.get("loss")),
                       _fmt(metrics.get("accuracy")), _fmt(metrics.get("val_accuracy")),
                       cid_str(block["weights"]), cid_str(cid))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        # Piped or redirected: rich would assume 80 columns and fold every CID; there is no screen to fit,
+        # so give the table the room it needs and keep one row per line (grep, awk, copy and paste).
+        console = Console(width=1000)
+    console.print(table)
     return 0
 
 
-def verify(client: IPFSClient, head: str, recompute: bool, as_json: bool) -> int:
-    report = verify_chain(client, head, recompute=recompute)
+def plot(client: IPFSClient, head: str, output: Path, title: str | None) -> int:
+    from .plot import plot_chain
+
+    blocks = list(walk(client, head))[::-1]
+    panels = plot_chain(blocks, output, head=head, title=title)
+    job, last = blocks[0][1]["job"], blocks[-1][1]["round"]
+    drawn = "; ".join(f"{base}: {', '.join(keys)}" for base, keys in panels.items()) or "no metrics recorded"
+    print(f"wrote {output}: job {job}, rounds 0..{last} ({drawn})")
+    return 0
+
+
+def export(client: IPFSClient, head: str, args) -> int:
+    done = export_model(client, head, args.output, round=args.round, onnx=args.onnx, signer=args.signer)
+    if args.json:
+        print(json.dumps(done.as_dict()))
+    else:
+        print(f"wrote {done.path} ({done.format}): job {done.job} round {done.round}, weights {done.weights} "
+              f"from block {done.block}")
+    return 0
+
+
+def verify(client: IPFSClient, head: str, recompute: bool, as_json: bool, signer: str | None = None) -> int:
+    report = verify_chain(client, head, recompute=recompute, signer=signer)
     if as_json:
         print(json.dumps({"ok": report.ok, "blocks": report.blocks, "reason": report.reason,
                           "first_bad": cid_str(report.first_bad) if report.first_bad else None}))
@@ -80,26 +122,60 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("show", "verify"):
-        p = sub.add_parser(name)
+    helps = {"show": "print the chain as a table", "verify": "audit every block down to genesis",
+             "plot": "draw loss and accuracy per round into an image",
+             "export": "write a round's global model to a .keras (or .onnx) file"}
+    for name in ("show", "verify", "plot", "export"):
+        p = sub.add_parser(name, help=helps[name], description=helps[name])
         p.add_argument("--api", required=True, help="any IPFS daemon's API multiaddr")
         p.add_argument("head", nargs="?", help="the chain head CID")
         p.add_argument("--head-file", help="read the head CID from this file instead")
-        p.add_argument("--json", action="store_true")
+        if name != "plot":
+            p.add_argument("--json", action="store_true")
         if name == "verify":
             p.add_argument("--no-recompute", action="store_true", help="skip recomputing the aggregates")
+        if name == "plot":
+            p.add_argument("-o", "--output", required=True, type=Path,
+                           help="image file to write (PNG, or any format matplotlib knows from the suffix)")
+            p.add_argument("--title", help="figure title (default: job id, head CID prefix, rounds)")
+        if name in ("export", "verify"):
+            p.add_argument("--signer", metavar="ID", help="refuse a chain with a block not signed by this id "
+                                                          "(e.g. the job owner's)")
+        if name == "export":
+            p.add_argument("-o", "--output", required=True, type=Path,
+                           help="model file to write: NAME.keras (or NAME.onnx with --onnx)")
+            p.add_argument("--round", type=int, metavar="R", help="export round R's weights (default: the head's)")
+            p.add_argument("--onnx", action="store_true", help="write ONNX instead (needs: pip install tf2onnx)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        head = cid_str(parse_cid(args.head)) if args.head else None  # a bad HEAD is named before any connection
+        if args.command in ("export", "verify") and args.signer is not None:
+            parse_public_id(args.signer)
+        if args.command == "export":
+            if args.round is not None and args.round < 0:
+                parser.error(f"--round must be >= 0, got {args.round}")
+            check_request(args.output, args.onnx)
         with IPFSClient(args.api) as client:
             client.wait_ready(timeout=5)  # an unreachable daemon is an error, not a failed verification
-            head = _head(args)
+            head = head or _head(args)
             if args.command == "show":
                 return show(client, head, args.json)
-            return verify(client, head, not args.no_recompute, args.json)
-    except (ChainError, IPFSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+            if args.command == "plot":
+                return plot(client, head, args.output, args.title)
+            if args.command == "export":
+                return export(client, head, args)
+            return verify(client, head, not args.no_recompute, args.json, args.signer)
+    except (ChainError, IPFSError, ExportError, PayloadError, IdentityError, OSError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ class IPFSClient:
             message = "endpoint not found (daemon too old, or not an IPFS RPC API?)"
         if any(hint in message.lower() for hint in _NOT_FOUND_HINTS):
             return NotFound(f"{endpoint}: {message}")
-        if "timeout" in message.lower() or "deadline exceeded" in message.lower():
+        if any(hint in message.lower() for hint in ("timeout", "timed out", "deadline exceeded")):
             return IPFSTimeout(f"{endpoint}: {message}")
         return DaemonError(endpoint, status, message, code)
 
@@ -139,7 +139,10 @@ class IPFSClient:
         try:
             with self._http.stream("POST", endpoint, params=params, timeout=self._timeout(timeout)) as response:
                 if response.status_code >= 400:
-                    raise self._error(endpoint, response.status_code, response.read())
+                    error = self._error(endpoint, response.status_code, response.read())
+                    if isinstance(error, IPFSTimeout):  # the daemon's own deadline (our `timeout` param) passed
+                        error = IPFSTimeout(f"{what}: not found within {timeout}s ({error})")
+                    raise error
                 announced = response.headers.get("X-Content-Length") or response.headers.get("Content-Length")
                 if max_size is not None and announced and announced.isdigit() and int(announced) > max_size:
                     raise TooLarge(what, max_size)
