@@ -21,7 +21,7 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 lint: setup
-	$(PY) -m ruff check grid_ipfs tests examples
+	$(PY) -m ruff check grid_ipfs tests examples benchmarks
 
 test: setup lint
 	$(PY) -m pytest

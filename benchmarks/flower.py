@@ -1,0 +1,201 @@
+"""flower: the digits task of `overhead` on Flower, against the grid.
+
+Same model file, shards, held-out set, rounds, epochs, batch size and seeds as `benchmarks.overhead`.
+Flower runs as its deployment-style legacy API needs no extra service: `flwr.server.start_server` and three
+`flwr.client.start_client` processes over gRPC on 127.0.0.1 (`benchmarks.flower_app`). Its Ray-based
+simulation is not used (an extra heavy dependency, and it runs clients as actors, not as processes like
+the grid's workers). `s_per_round` is the mean round time on the server (clients sampled -> new global
+model evaluated); `ratio_grid_over_flower` divides the grid's seconds per round (from `overhead` in the
+same run, else measured here) by it.
+
+Flower lives in its own small environment, `benchmarks/.venv-flwr`, layered over the project's venv
+(a `.pth` file adds `.venv`'s site-packages after its own): installing `flwr` into `.venv` would downgrade
+protobuf, rich and packaging under everything else. It is created on first use with pip (PyPI); set
+`GRID_BENCH_FLWR_PYTHON` to use another interpreter that has flwr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from benchmarks import common, overhead
+from benchmarks.common import cell, log, table
+
+NAME = "flower"
+DEFAULT_REPEATS = (3, 2)
+FLWR_VERSION = "1.41.0"
+OVERLAY = common.BENCH_DIR / ".venv-flwr"
+
+
+def _has_flwr(python: str) -> str | None:
+    """flwr's version under `python`, or None."""
+    try:
+        out = subprocess.run([python, "-c", "import flwr; print(flwr.__version__)"], capture_output=True,
+                             text=True, timeout=120, env=common.child_env())
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def flwr_python(info: dict) -> str:
+    """An interpreter that imports flwr and grid_ipfs; creates the overlay environment if need be."""
+    override = os.environ.get("GRID_BENCH_FLWR_PYTHON")
+    if override:
+        if not _has_flwr(override):
+            raise RuntimeError(f"GRID_BENCH_FLWR_PYTHON={override} cannot import flwr")
+        info["flwr_env"] = f"GRID_BENCH_FLWR_PYTHON={override}"
+        return override
+    if _has_flwr(sys.executable):
+        info["flwr_env"] = "the project venv"
+        return sys.executable
+    python = OVERLAY / "bin" / "python"
+    if python.exists() and _has_flwr(str(python)):
+        info["flwr_env"] = str(OVERLAY.relative_to(common.REPO))
+        return str(python)
+    log(f"flower: creating {OVERLAY} (flwr=={FLWR_VERSION} over the project venv; once)")
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--clear", str(OVERLAY)], check=True, timeout=300)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    main_site = sysconfig.get_paths()["purelib"]  # this (project) interpreter's site-packages
+    Path(site, "zz_grid_ipfs_project_venv.pth").write_text(f"import site; site.addsitedir({main_site!r})\n")
+    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                           f"flwr=={FLWR_VERSION}"], capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install flwr=={FLWR_VERSION} failed: {(done.stderr or done.stdout)[-800:]}")
+    if not _has_flwr(str(python)):
+        raise RuntimeError(f"flwr installed into {OVERLAY} but does not import")
+    info["flwr_env"] = f"{OVERLAY.relative_to(common.REPO)} (created by this run)"
+    return str(python)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Flower server exited with code {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"Flower server not listening on port {port} after {timeout:.0f}s")
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").strip().splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run_flower(python: str, task: overhead.Task, directory: Path, timeout: float = 1200.0) -> dict:
+    """One Flower run of the task: server + one client process per shard. Stopped by PID in all cases."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = common.free_port()
+    out = directory / "server.json"
+    env = common.child_env()
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        server_log = directory / "server.log"
+        logs.append(server_log)
+        with open(server_log, "wb") as f:
+            server = subprocess.Popen(
+                [python, "-m", "benchmarks.flower_app", "server", "--port", str(port), "--model",
+                 str(task.model_path), "--test", str(task.test_path), "--workers", str(len(task.shards)),
+                 "--rounds", str(task.rounds), "--epochs", str(task.epochs), "--batch-size", str(task.batch_size),
+                 "--out", str(out)], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cwd=common.REPO)
+        procs.append(server)
+        _wait_port(port, server, timeout=180)
+        for i, shard in enumerate(task.shards):
+            client_log = directory / f"client{i}.log"
+            logs.append(client_log)
+            with open(client_log, "wb") as f:
+                procs.append(subprocess.Popen(
+                    [python, "-m", "benchmarks.flower_app", "client", "--port", str(port), "--model",
+                     str(task.model_path), "--shard", str(shard), "--val-split", str(overhead.VAL_SPLIT),
+                     "--seed", str(overhead.WORKER_SEED)], stdout=f, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env=env, cwd=common.REPO))
+        try:
+            server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"Flower server still running after {timeout:.0f}s") from None
+        if server.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"Flower server failed (exit {server.returncode}):\n{_tail(server_log)}")
+        for proc in procs[1:]:  # clients leave when the server ends the session
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+    except BaseException:
+        for path in logs:
+            log(f"flower: {path.name}:\n{_tail(path)}")
+        raise
+    finally:
+        for proc in procs:
+            common.stop_process(proc, timeout=10)
+    record = json.loads(out.read_text())
+    rounds = [r for r in record["rounds"] if r["round"] >= 1]
+    round_s = [r["end"] - r["start"] for r in rounds]
+    if len(round_s) != task.rounds:
+        raise RuntimeError(f"Flower ran {len(round_s)} of {task.rounds} rounds")
+    return {"flwr_version": record["flwr_version"], "round_s": round_s, "acc": rounds[-1]["accuracy"]}
+
+
+def grid_reference(ctx: common.Context, task: overhead.Task) -> tuple[float, str]:
+    """The grid's seconds per round on this task: from this run's `overhead`, else measured now."""
+    previous = ctx.previous.get("overhead")
+    if isinstance(previous, dict) and previous.get("grid_s_per_round") is not None \
+            and previous.get("rounds") == task.rounds:
+        return previous["grid_s_per_round"], "the overhead benchmark of this run"
+    log("flower: no overhead result in this run; measuring the grid on the same task")
+    grid_ctx = common.Context(repeats=ctx.repeats, quick=ctx.quick, workdir=ctx.workdir)
+    grid = overhead.compare(grid_ctx, task, ctx.workdir / "grid")
+    return grid["grid_s_per_round"], "measured by this benchmark (overhead was not run)"
+
+
+def run(ctx: common.Context) -> dict:
+    task = overhead.digits_task(ctx.workdir / "task", rounds=overhead.rounds_for(ctx))
+    ctx.info.update(task.describe())
+    try:
+        python = flwr_python(ctx.info)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return {"skipped": f"Flower could not be installed or imported here: {exc}"}
+    samples, version = [], None
+    for rep in range(ctx.repeats):
+        result = run_flower(python, task, ctx.workdir / f"flower{rep}")
+        version = result["flwr_version"]
+        samples.append({"s_per_round": statistics.fmean(result["round_s"]), "acc": result["acc"]})
+        log(f"flower repeat {rep + 1}/{ctx.repeats}: {samples[-1]['s_per_round']:.3f} s/round, "
+            f"acc {result['acc']:.4f}, rounds {[round(x, 2) for x in result['round_s']]}")
+    grid_s, source = grid_reference(ctx, task)
+    out = {"flwr_version": version}
+    out.update(common.fold(samples, ["s_per_round", "acc"]))
+    out["ratio_grid_over_flower"] = round(grid_s / out["s_per_round"], 3)
+    out.update(grid_s_per_round=grid_s, grid_source=source, task=task.name, workers=len(task.shards),
+               rounds=task.rounds, epochs=task.epochs, batch_size=task.batch_size, repeats=ctx.repeats,
+               transport="flwr.server.start_server + flwr.client.start_client, gRPC on 127.0.0.1",
+               environment=ctx.info.get("flwr_env"))
+    return out
+
+
+def render(r: dict) -> str:
+    body = table(["Flower", "task", "workers", "rounds", "Flower s/round", "Flower acc", "grid s/round",
+                  "grid / Flower"],
+                 [[r["flwr_version"], r["task"], r["workers"], r["rounds"], cell(r, "s_per_round", "{:.3f}"),
+                   cell(r, "acc", "{:.4f}"), f"{r['grid_s_per_round']:.3f}", f"{r['ratio_grid_over_flower']:.2f}"]])
+    return (f"{body}\n\nFlower {r['flwr_version']} via {r['transport']} ({r['environment']}); same model file, "
+            f"shards, seeds, {r['epochs']} epoch(s) of batch {r['batch_size']}, per-round evaluation on each "
+            f"client's validation split and of the global model on the held-out set. Grid figure from "
+            f"{r['grid_source']}; the grid/Flower ratio uses the medians.")
+
+
+if __name__ == "__main__":
+    sys.exit(common.main_for(sys.modules[__name__]))
