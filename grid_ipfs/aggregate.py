@@ -18,12 +18,24 @@ So every rule
 the example counts — a Byzantine worker could lie about them — and bound the influence of outliers.
 `fedavg` streams (one float64 model copy in memory); the robust rules look at all updates at once and
 hold them all in float64.
+
+`dp_fedavg` (DP-FedAvg with fixed clipping, McMahan et al., 2018) also needs the previous global weights
+(`reference`, to form each worker's delta) and the block's position (`round`, `seq`, which seed its
+Gaussian noise). Those are not parameters of the job but context of one round: `aggregate` passes them
+only to the rules listed in `CONTEXT`, and `chain verify` supplies them from the chain.
+
+`AcceptRule` / `parse_accept` are the acceptance rules of a job (`"val_accuracy>=0.6"`,
+`"improves:val_loss"`): a round whose aggregate does not clear the rule is recorded as rejected and run
+again. They are recorded as the `accept` entry of a block's aggregation params, which `aggregate`
+ignores (`RECORD_ONLY`): they say whether a result is kept, not how it is computed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -135,23 +147,177 @@ def multi_krum(results: Results, byzantine: int = 1, multi: int | None = None) -
     return krum(results, byzantine=byzantine, multi=multi)
 
 
+def dp_fedavg(results: Results, *, reference: Weights, clip: float, noise_multiplier: float, seed: int = 0,
+              round: int = 0, seq: int = 0) -> Weights:
+    """DP-FedAvg with fixed clipping (McMahan et al., 2018, "Learning differentially private recurrent
+    language models"); ignores `num_examples`.
+
+    Each update's delta from `reference` (the previous global weights) is scaled down to L2 norm at most
+    `clip` (over all tensors), the clipped deltas are averaged with equal weight (so one worker moves the
+    mean by at most `clip / n`), and Gaussian noise with standard deviation `noise_multiplier * clip / n`
+    is added to every coordinate: `reference + mean(clipped deltas) + N(0, (z C / n)^2)`.
+
+    The noise is drawn from `numpy.random.default_rng([seed, round, seq])`, tensor by tensor in order, so
+    anyone holding the chain draws the same noise: `chain verify` recomputes the result bit for bit
+    (numpy keeps `Generator.standard_normal` streams stable within a release series; a verifier on a very
+    different numpy could in principle draw differently). `seq`, the chain position, differs between a
+    rejected try of a round and its retry, so two published aggregates never share a noise draw. Norms
+    are summed with `math.fsum` (exactly rounded), so clipping does not depend on SIMD summation order.
+
+    The privacy accounting (epsilon over rounds for a given sampling rate) is not done here; with
+    `noise_multiplier=0` this is plain clipped federated averaging.
+    """
+    _check_nonempty(results)
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"dp-fedavg: clip must be a finite number > 0, got {clip!r}")
+    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"dp-fedavg: noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    for name, value in (("seed", seed), ("round", round), ("seq", seq)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"dp-fedavg: {name} must be an integer >= 0, got {value!r}")
+    if reference is None:
+        raise ValueError("dp-fedavg needs the previous global weights (reference=)")
+    ref = [np.asarray(r, dtype=np.float64) for r in reference]
+    _check_shapes([np.asarray(r) for r in reference], [np.asarray(w) for w in results[0][0]], index=None)
+    dtypes = [np.asarray(w).dtype for w in results[0][0]]
+    n = len(results)
+    sums = [np.zeros_like(r) for r in ref]
+    for index, (weights, _) in enumerate(results):
+        arrays = [np.asarray(w) for w in weights]
+        _check_shapes(arrays, ref, index=index)
+        deltas = [a.astype(np.float64) - r for a, r in zip(arrays, ref)]
+        norm = _l2(deltas)
+        factor = min(1.0, clip / norm) if norm > 0 else 1.0
+        for total, delta in zip(sums, deltas):
+            total += delta * factor
+    sigma = float(noise_multiplier) * float(clip) / n
+    rng = np.random.default_rng([int(seed), int(round), int(seq)])
+    out = []
+    for r, total in zip(ref, sums):
+        noise = rng.standard_normal(r.shape) * sigma  # drawn even when sigma == 0: one stream, whatever z
+        out.append(r + total / n + noise)
+    return _cast(out, dtypes)
+
+
 AGGREGATIONS: dict[str, Callable[..., Weights]] = {
     "fedavg": fedavg,
     "median": median,
     "trimmed-mean": trimmed_mean,
     "krum": krum,
     "multi-krum": multi_krum,
+    "dp-fedavg": dp_fedavg,
 }
 """Aggregation rules by the name used in job configs and chain blocks."""
 
+CONTEXT: dict[str, tuple[str, ...]] = {"dp-fedavg": ("reference", "round", "seq")}
+"""Per rule, the round context it takes besides its params: `reference` (the previous accepted global
+weights), `round` and `seq` (the block's round and chain position). Not recorded as params: the chain
+itself holds them."""
 
-def aggregate(name: str, results: Results, **params) -> Weights:
-    """Apply the rule registered as `name` (see `AGGREGATIONS`) with its keyword `params`."""
+RECORD_ONLY = ("accept",)
+"""Aggregation params that are recorded in blocks but are not arguments of the rule."""
+
+
+def needs_reference(name: str) -> bool:
+    """Whether the rule `name` needs the previous global weights (`aggregate(..., reference=...)`)."""
+    return "reference" in CONTEXT.get(name, ())
+
+
+def rule_params(params: Mapping) -> dict:
+    """A block's aggregation params without the record-only entries (`RECORD_ONLY`)."""
+    return {k: v for k, v in params.items() if k not in RECORD_ONLY}
+
+
+def aggregate(name: str, results: Results, *, reference: Weights | None = None, round: int = 0,
+              seq: int = 0, **params) -> Weights:
+    """Apply the rule registered as `name` (see `AGGREGATIONS`) with its keyword `params`.
+
+    `reference`, `round` and `seq` are passed only to the rules that take them (`CONTEXT`); entries of
+    `RECORD_ONLY` in `params` are dropped.
+    """
     try:
         rule = AGGREGATIONS[name]
     except KeyError:
         raise ValueError(f"unknown aggregation {name!r}; known: {', '.join(sorted(AGGREGATIONS))}") from None
-    return rule(results, **params)
+    available = {"reference": reference, "round": round, "seq": seq}
+    context = {key: available[key] for key in CONTEXT.get(name, ())}
+    if "reference" in context and reference is None:
+        raise ValueError(f"{name} needs the previous global weights (reference=)")
+    return rule(results, **rule_params(params), **context)
+
+
+# -- acceptance rules -----------------------------------------------------------------------------------
+
+_LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "mape", "msle", "hinge", "crossentropy")
+_THRESHOLD = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(>=|<=|>|<)\s*(\S+)\s*$")
+_IMPROVES = re.compile(r"^\s*improves\s*:\s*([A-Za-z_][A-Za-z0-9_.]*)\s*$")
+_COMPARE = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+
+
+@dataclass(frozen=True)
+class AcceptRule:
+    """When a round's aggregate is kept: `metric OP threshold`, or `improves:metric`.
+
+    The metric is one of the round block's metrics: the client's evaluation on its `--eval-data`
+    (`val_accuracy`, `val_loss`, ...) or the workers' example-weighted training metrics (`accuracy`,
+    `loss`, ...). `improves:M` compares with M of the previous accepted block (genesis included) and asks
+    for a strict improvement: lower for names containing loss, error, mse, mae, mape, msle, hinge or
+    crossentropy, higher for anything else. With no previous value to compare with, it passes.
+    """
+
+    metric: str
+    op: str
+    """`>=`, `<=`, `>`, `<` or `improves`."""
+    threshold: float | None = None
+
+    def __str__(self) -> str:
+        if self.op == "improves":
+            return f"improves:{self.metric}"
+        return f"{self.metric}{self.op}{self.threshold!r}"
+
+    @property
+    def lower_is_better(self) -> bool:
+        return any(word in self.metric.lower() for word in _LOWER_IS_BETTER)
+
+    def check(self, metrics: Mapping[str, float], baseline: Mapping[str, float] | None = None) -> tuple[bool, str]:
+        """(passes, why) for a round's `metrics`; `baseline` is the previous accepted block's metrics.
+
+        Raises ValueError when `metrics` lacks the rule's metric (the rule cannot be decided).
+        """
+        if self.metric not in metrics:
+            known = ", ".join(sorted(metrics)) or "none"
+            raise ValueError(f"acceptance rule {self}: no metric {self.metric!r} in this round's metrics "
+                             f"(have: {known})")
+        value = float(metrics[self.metric])
+        if self.op != "improves":
+            ok = _COMPARE[self.op](value, self.threshold)
+            return ok, f"{self.metric} {value:.6g} {'meets' if ok else 'fails'} {self}"
+        if baseline is None or self.metric not in baseline:
+            return True, f"{self.metric} {value:.6g}: no previous value to improve on"
+        before = float(baseline[self.metric])
+        ok = value < before if self.lower_is_better else value > before
+        return ok, f"{self.metric} {value:.6g} vs {before:.6g} before: {'improves' if ok else 'does not improve'}"
+
+
+def parse_accept(text: str) -> AcceptRule:
+    """Parse `"METRIC>=X"` (also `<=`, `>`, `<`) or `"improves:METRIC"`; ValueError names what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"acceptance rule: expected a string, got {text!r}")
+    match = _IMPROVES.match(text)
+    if match:
+        return AcceptRule(match.group(1), "improves")
+    match = _THRESHOLD.match(text)
+    if not match:
+        raise ValueError(f"acceptance rule {text!r}: expected METRIC>=NUMBER (or <=, >, <) or improves:METRIC, "
+                         "e.g. 'val_accuracy>=0.6' or 'improves:val_loss'")
+    metric, op, number = match.groups()
+    try:
+        threshold = float(number)
+    except ValueError:
+        raise ValueError(f"acceptance rule {text!r}: {number!r} is not a number") from None
+    if not math.isfinite(threshold):
+        raise ValueError(f"acceptance rule {text!r}: the threshold must be finite")
+    return AcceptRule(metric, op, threshold)
 
 
 def update_norm(weights: Weights, reference: Weights) -> float:
@@ -168,6 +334,11 @@ def update_norm(weights: Weights, reference: Weights) -> float:
 
 
 # -- helpers --------------------------------------------------------------------------------------------
+
+
+def _l2(arrays: Sequence[np.ndarray]) -> float:
+    """L2 norm over float64 arrays, summed with math.fsum: the same bits whatever the SIMD summation order."""
+    return math.sqrt(math.fsum(math.fsum(np.square(a).ravel()) for a in arrays))
 
 
 def _check_num_examples(num_examples: int) -> int:
@@ -214,5 +385,6 @@ def _cast(arrays: Sequence[np.ndarray], dtypes: Sequence[np.dtype]) -> Weights:
     return out
 
 
-__all__ = ["AGGREGATIONS", "Results", "RunningFedAvg", "Weights", "aggregate", "fedavg", "krum", "median",
-           "multi_krum", "trimmed_mean", "update_norm"]
+__all__ = ["AGGREGATIONS", "CONTEXT", "RECORD_ONLY", "AcceptRule", "Results", "RunningFedAvg", "Weights", "aggregate",
+           "dp_fedavg", "fedavg", "krum", "median", "multi_krum", "needs_reference", "parse_accept", "rule_params",
+           "trimmed_mean", "update_norm"]

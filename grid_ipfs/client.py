@@ -3,8 +3,15 @@
 The client owns a job. It adds the model and its initial weights to IPFS, writes the genesis block
 of the job's chain, announces the job, waits for workers to join, and then for each round: announces
 the global weights CID with a deadline, collects signed updates, checks each one (shapes, dtypes,
-finite values), aggregates with FedAvg weighted by `num_examples` (updates sorted by worker id, float64
-sums: anyone can recompute it bit for bit), adds the new global weights and appends a chain block.
+finite values), aggregates with FedAvg weighted by `num_examples` or the job's rule (updates sorted by
+worker id, float64 sums: anyone can recompute it bit for bit), adds the new global weights and appends a
+chain block.
+
+Beyond plain FedAvg a job can ask for a robust rule (`median`, `krum`, ...), DP-FedAvg (`dp-fedavg`:
+clipped deltas from the previous global weights plus seeded Gaussian noise), FedProx on the workers
+(`proximal_mu` in the job config) and an acceptance rule (`accept`, e.g. `val_accuracy>=0.6`): a round
+whose aggregate fails the rule is appended as a block marked `accepted: 0.0` (so the chain shows what
+was turned down and why) and tried again, up to `max_retries` times, before the job fails.
 
 Round orchestration lives here; the arithmetic lives in `grid_ipfs.aggregate`, the block format in
 `grid_ipfs.chain`. Progress goes to `ClientCallback` hooks (Keras style): the CLI plugs in a rich
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -29,8 +37,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from . import messages  # noqa: E402
-from .aggregate import aggregate  # noqa: E402
-from .chain import ChainError, ChainLog  # noqa: E402
+from .aggregate import CONTEXT, AcceptRule, aggregate, parse_accept  # noqa: E402
+from .chain import ChainError, ChainLog, decode_block  # noqa: E402
+from .chain.verify import is_accepted  # noqa: E402
 from .identity import Identity, IdentityError, default_key_path, read_id_list  # noqa: E402
 from .ipfs import IPFSError, cid_str, parse_cid  # noqa: E402
 from .ipfs.pubsub import PubsubMessage  # noqa: E402
@@ -68,12 +77,22 @@ class JobSpec:
     aggregation: str = "fedavg"
     aggregation_params: dict = field(default_factory=dict)
     seed: int = 0
+    proximal_mu: float = 0.0
+    """FedProx: workers add mu/2 * ||w - w_global||^2 to their loss (0: plain local training)."""
+    accept: str | None = None
+    """Acceptance rule for each round's aggregate (`aggregate.parse_accept`), or None: keep every round."""
 
     _RECORDED = ("rounds", "min_workers", "fraction", "epochs", "batch_size", "round_timeout", "max_retries",
-                 "max_norm_ratio", "aggregation", "aggregation_params", "seed")
+                 "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept")
 
     def config(self) -> dict:
-        return {key: getattr(self, key) for key in self._RECORDED}
+        """The recorded settings; `proximal_mu` and `accept` only when used (older chains lack them)."""
+        config = {key: getattr(self, key) for key in self._RECORDED}
+        if not self.proximal_mu:
+            del config["proximal_mu"]
+        if self.accept is None:
+            del config["accept"]
+        return config
 
     @classmethod
     def from_config(cls, config: dict, **overrides) -> JobSpec:
@@ -94,6 +113,10 @@ class RoundResult:
     attempts: int = 1
     rejected: dict = field(default_factory=dict)
     """Updates refused this round, by reason (not selected, replay, bad weights, outlier norm, ...)."""
+    accepted: bool = True
+    """False for a try whose aggregate failed the job's acceptance rule (recorded, then tried again)."""
+    tries: int = 1
+    """Which try of the round this is: 1 unless earlier aggregates were rejected by the acceptance rule."""
 
 
 @dataclass
@@ -105,13 +128,17 @@ class JobResult:
     rounds: list[RoundResult] = field(default_factory=list)
     dropped: dict = field(default_factory=dict)
     """Messages dropped on the job topic over the whole job, by reason."""
+    turned_down: list[RoundResult] = field(default_factory=list)
+    """Tries whose aggregate the acceptance rule rejected (each is a block in the chain)."""
 
     def as_dict(self) -> dict:
+        def row(r: RoundResult) -> dict:
+            return {"round": r.round, "weights": r.weights, "head": r.head, "updates": r.updates,
+                    "metrics": r.metrics, "seconds": round(r.seconds, 3), "attempts": r.attempts,
+                    "rejected": r.rejected, "accepted": r.accepted, "tries": r.tries}
+
         return {"job": self.job, "head": self.head, "model": self.model, "weights": self.weights,
-                "rounds": [{"round": r.round, "weights": r.weights, "head": r.head, "updates": r.updates,
-                            "metrics": r.metrics, "seconds": round(r.seconds, 3), "attempts": r.attempts,
-                            "rejected": r.rejected}
-                           for r in self.rounds],
+                "rounds": [row(r) for r in self.rounds], "turned_down": [row(r) for r in self.turned_down],
                 "dropped": self.dropped}
 
 
@@ -123,6 +150,7 @@ class ClientCallback:
     def on_round_start(self, round: int, expected: int, deadline: float) -> None: ...
     def on_update(self, round: int, worker: str, received: int, expected: int) -> None: ...
     def on_round_retry(self, round: int, attempt: int, received: int, needed: int) -> None: ...
+    def on_round_rejected(self, result: RoundResult, why: str) -> None: ...
     def on_round_end(self, result: RoundResult) -> None: ...
     def on_job_end(self, result: JobResult) -> None: ...
     def on_job_failed(self, job: messages.Job, error: BaseException) -> None: ...
@@ -147,6 +175,9 @@ class _Job:
     result: JobResult
     eval_xy: tuple | None
     workers: dict[str, messages.Join] = field(default_factory=dict)
+    accept: AcceptRule | None = None
+    baseline: dict = field(default_factory=dict)
+    """Metrics of the newest accepted block (genesis at first): what `improves:` rules compare with."""
 
 
 class Client:
@@ -178,6 +209,7 @@ class Client:
         model = model_from_bytes(model_bytes, source=str(spec.model_path))
         weights = [w.copy() for w in model.get_weights()]
         eval_xy = _load_eval(spec.eval_data, model) if spec.eval_data else None
+        accept = _check_spec(spec, weights, eval_xy)
 
         job_id = spec.job_id or f"{spec.model_path.stem}-{secrets.token_hex(4)}"
         chain = ChainLog(self.ipfs, self.head_file(job_id))
@@ -186,11 +218,12 @@ class Client:
                             f"continue it with `client resume --job {job_id}` or pick another --job")
         model_cid = cid_str(self.ipfs.add(model_bytes))
         weights_cid = cid_str(self.ipfs.add(weights_to_bytes(weights)))
-        genesis = chain.append({**self._block(job_id, 0, model_cid, weights_cid, "init", [],
-                                              self._evaluate(model, weights, eval_xy)),
+        genesis_metrics = self._evaluate(model, weights, eval_xy)
+        genesis = chain.append({**self._block(job_id, 0, model_cid, weights_cid, "init", [], genesis_metrics),
                                 "config": spec.config()}, self.identity)
         result = JobResult(job_id, model_cid, cid_str(genesis), weights_cid)
-        job = _Job(self._job_message(job_id, model_cid, spec), spec, chain, model, weights, result, eval_xy)
+        job = _Job(self._job_message(job_id, model_cid, spec), spec, chain, model, weights, result, eval_xy,
+                   accept=accept, baseline=genesis_metrics)
         return self._run(job, first_round=1)
 
     def resume(self, *, head: str | None = None, job_id: str | None = None, eval_data: Path | None = None,
@@ -199,7 +232,8 @@ class Client:
 
         The head comes from `head` or from the job's head file. Only the job's owner can resume it
         (workers follow rounds signed by the owner only), and no round is run twice: the chain says
-        which rounds are done.
+        which rounds are done. Training continues from the newest *accepted* block; a newest block
+        rejected by the acceptance rule means its round is tried again.
         """
         from .chain import walk
         from .payloads import MAX_MODEL_BYTES, model_from_bytes
@@ -212,7 +246,8 @@ class Client:
                 raise JobFailed(f"no head file for job {job_id} in {self.head_dir}; pass --head CID")
             head = cid_str(found)
         blocks = [block for _, block in walk(self.ipfs, head)]
-        newest, genesis = blocks[0], blocks[-1]
+        genesis = blocks[-1]
+        kept = next(block for block in blocks if is_accepted(block))  # genesis is always accepted
         if genesis["signer"] != self.identity.id:
             raise JobFailed(f"job {genesis['job']} is owned by {genesis['signer']}; resume it with that key")
         job_id = genesis["job"]
@@ -229,17 +264,21 @@ class Client:
         spec = JobSpec.from_config(genesis.get("config", {}), job_id=job_id, eval_data=eval_data, **overrides)
         model_cid = cid_str(genesis["model"])
         model = model_from_bytes(self.ipfs.cat(model_cid, max_size=MAX_MODEL_BYTES), source=f"model {model_cid}")
-        weights = weights_from_bytes(self.ipfs.cat(newest["weights"], max_size=MAX_WEIGHTS_BYTES),
-                                     source=f"weights {cid_str(newest['weights'])}", like=model.get_weights())
+        weights = weights_from_bytes(self.ipfs.cat(kept["weights"], max_size=MAX_WEIGHTS_BYTES),
+                                     source=f"weights {cid_str(kept['weights'])}", like=model.get_weights())
         eval_xy = _load_eval(eval_data, model) if eval_data else None
-        result = JobResult(job_id, model_cid, cid_str(parse_cid(head)), cid_str(newest["weights"]))
-        log.info("resuming job %s after round %d of %d (head %s)", job_id, newest["round"], spec.rounds, head)
-        job = _Job(self._job_message(job_id, model_cid, spec), spec, chain, model, weights, result, eval_xy)
-        return self._run(job, first_round=newest["round"] + 1)
+        accept = _check_spec(spec, weights, eval_xy)
+        result = JobResult(job_id, model_cid, cid_str(parse_cid(head)), cid_str(kept["weights"]))
+        log.info("resuming job %s after round %d of %d (head %s)", job_id, kept["round"], spec.rounds, head)
+        job = _Job(self._job_message(job_id, model_cid, spec), spec, chain, model, weights, result, eval_xy,
+                   accept=accept, baseline=dict(kept["metrics"]))
+        return self._run(job, first_round=kept["round"] + 1)
 
     def _job_message(self, job_id: str, model_cid: str, spec: JobSpec) -> messages.Job:
-        return messages.Job(job=job_id, model=model_cid, owner=self.identity.id,
-                            config={"epochs": spec.epochs, "batch_size": spec.batch_size, "rounds": spec.rounds})
+        config = {"epochs": spec.epochs, "batch_size": spec.batch_size, "rounds": spec.rounds}
+        if spec.proximal_mu:
+            config["proximal_mu"] = float(spec.proximal_mu)
+        return messages.Job(job=job_id, model=model_cid, owner=self.identity.id, config=config)
 
     def _run(self, job: _Job, first_round: int) -> JobResult:
         for cb in self.callbacks:
@@ -289,16 +328,41 @@ class Client:
             self._drain(job, min(0.2, max(0.0, deadline - now)))
 
     def _run_round(self, job: _Job, r: int) -> RoundResult:
-        """One round: announce, collect, screen, aggregate, append a block. A round whose deadline
-        passes with fewer than `min_workers` good updates is announced again (a new attempt, same global
-        weights), at most `max_retries` times; updates from earlier attempts still count."""
+        """One round: gather updates, aggregate, append a block. With an acceptance rule, an aggregate
+        that fails it is appended as a rejected block and the round is tried again (fresh updates from
+        a new announcement), at most `max_retries` times; then the job fails."""
         spec, started = job.spec, time.monotonic()
         dropped_before = sum(self.dropped.values())
+        tries = spec.max_retries + 1 if job.accept is not None else 1
+        attempt, why = 0, ""
+        for try_ in range(1, tries + 1):
+            collected, refused, attempt = self._gather_updates(job, r, attempt)
+            outcome, why = self._close_round(job, r, collected, refused, attempt, started, dropped_before, try_)
+            if outcome.accepted:
+                return outcome
+            job.result.head = outcome.head
+            job.result.turned_down.append(outcome)
+            for cb in self.callbacks:
+                cb.on_round_rejected(outcome, why)
+            log.warning("round %d of job %s: aggregate rejected (%s)%s", r, job.message.job, why,
+                        f"; trying the round again ({try_ + 1} of {tries})" if try_ < tries else "")
+        raise JobFailed(f"round {r} of job {job.message.job}: every aggregate failed the acceptance rule "
+                        f"{job.accept} ({tries} tries; last: {why}); the rejected tries are in the chain, "
+                        f"head {job.result.head}")
+
+    def _gather_updates(self, job: _Job, r: int, after_attempt: int) -> tuple[dict, dict, int]:
+        """Announce round `r` and collect updates until `min_workers` good ones arrived. A deadline
+        passing with fewer is announced again (a new attempt, same global weights), at most `max_retries`
+        times; updates from earlier attempts of this call still count, updates for attempts up to
+        `after_attempt` (an earlier, rejected try of the round) do not. Returns (collected, refused,
+        last attempt number)."""
+        spec = job.spec
         collected: dict[str, _Collected] = {}
         refused: dict[str, str] = {}  # worker -> reason its update was refused this round
-        for attempt in range(1, spec.max_retries + 2):
+        first = after_attempt + 1
+        for attempt in range(first, first + spec.max_retries + 1):
             self._publish(job.message)  # late joiners and restarted workers learn about the job
-            if attempt == 1:
+            if attempt == first:
                 selected = _select(sorted(job.workers), spec.fraction, spec.min_workers,
                                    random.Random(spec.seed * 100_003 + r))
             else:  # ask again only those who have not answered (and any worker that joined since)
@@ -311,27 +375,25 @@ class Client:
             expected = set(selected) if selected is not None else set(job.workers)
             for cb in self.callbacks:
                 cb.on_round_start(r, len(expected), round_msg.deadline)
-            self._collect(job, round_msg, expected, collected, refused)
+            self._collect(job, round_msg, expected, collected, refused, first)
             self._screen_outliers(job, collected, refused)
             if len(collected) >= spec.min_workers:
-                break
+                return collected, refused, attempt
             for cb in self.callbacks:
-                cb.on_round_retry(r, attempt, len(collected), spec.min_workers)
-            if attempt <= spec.max_retries:
+                cb.on_round_retry(r, attempt - after_attempt, len(collected), spec.min_workers)
+            if attempt < first + spec.max_retries:
                 log.warning("round %d of job %s: %d of %d required updates by the deadline; announcing it again "
                             "(attempt %d of %d)", r, job.message.job, len(collected), spec.min_workers,
-                            attempt + 1, spec.max_retries + 1)
-        else:
-            raise JobFailed(f"round {r} of job {job.message.job}: {len(collected)} of {spec.min_workers} required "
-                            f"updates by the deadline ({spec.round_timeout:.0f}s), "
-                            f"{spec.max_retries + 1} attempt(s)")
-        return self._close_round(job, r, collected, refused, attempt, started, dropped_before)
+                            attempt - after_attempt + 1, spec.max_retries + 1)
+        raise JobFailed(f"round {r} of job {job.message.job}: {len(collected)} of {spec.min_workers} required "
+                        f"updates by the deadline ({spec.round_timeout:.0f}s), "
+                        f"{spec.max_retries + 1} attempt(s)")
 
     def _collect(self, job: _Job, round_msg: messages.Round, expected: set[str],
-                 collected: dict[str, _Collected], refused: dict[str, str]) -> None:
+                 collected: dict[str, _Collected], refused: dict[str, str], first_attempt: int = 1) -> None:
         """Take updates for this round until every expected worker answered or the deadline passed."""
         while time.time() < round_msg.deadline and not expected <= (set(collected) | set(refused)):
-            for update, sender in self._drain(job, 0.2, round_=round_msg):
+            for update, sender in self._drain(job, 0.2, round_=round_msg, first_attempt=first_attempt):
                 reason = self._check_update(update, sender, expected, collected, refused)
                 if reason is None:
                     try:
@@ -366,11 +428,16 @@ class Client:
                 self._reject(None, worker, reason)
 
     def _close_round(self, job: _Job, r: int, collected: dict[str, _Collected], refused: dict[str, str],
-                     attempts: int, started: float, dropped_before: int) -> RoundResult:
+                     attempts: int, started: float, dropped_before: int, try_: int = 1) -> tuple[RoundResult, str]:
+        """Aggregate, evaluate, judge by the acceptance rule, append the block; (result, the rule's why)."""
         spec = job.spec
         ordered = [collected[w] for w in sorted(collected)]  # deterministic order: verify recomputes this
+        contextual = bool(CONTEXT.get(spec.aggregation))
+        seq = self._next_seq(job) if contextual else 0
+        # dp-fedavg needs the previous accepted global weights and the block's round and seq (its noise
+        # seed); chain verify supplies the same from the chain
         new_weights = aggregate(spec.aggregation, [(c.weights, c.update.num_examples) for c in ordered],
-                                **spec.aggregation_params)
+                                reference=job.weights, round=r, seq=seq, **spec.aggregation_params)
         new_cid = cid_str(self.ipfs.add(weights_to_bytes(new_weights)))
         rejected: dict[str, int] = {}
         for reason in refused.values():
@@ -380,19 +447,41 @@ class Client:
         metrics.update(self._evaluate(job.model, new_weights, job.eval_xy))
         metrics.update(rejected_updates=float(len(refused)), attempts=float(attempts),
                        dropped_messages=float(sum(self.dropped.values()) - dropped_before))
+        params = dict(spec.aggregation_params)
+        accepted, why = True, ""
+        if job.accept is not None:
+            try:
+                accepted, why = job.accept.check(metrics, job.baseline)
+            except ValueError as exc:
+                raise JobFailed(f"round {r} of job {job.message.job}: {exc}") from None
+            metrics["accepted"] = 1.0 if accepted else 0.0
+            params["accept"] = str(job.accept)
         updates = [{"worker": c.worker, "weights": c.update.weights, "num_examples": c.update.num_examples,
                     "metrics": {**c.update.metrics, **{f"eval_{k}": v for k, v in c.update.eval_metrics.items()}}}
                    for c in ordered]
         block = self._block(job.message.job, r, job.message.model, new_cid, spec.aggregation, updates, metrics,
-                            spec.aggregation_params)
+                            params)
         head = cid_str(job.chain.append(block, self.identity))
-        self._publish(messages.Head(job=job.message.job, round=r, head=head, weights=new_cid))
-        job.weights = new_weights
+        if contextual and self._seq_of(head) != seq:
+            raise JobFailed(f"the chain of job {job.message.job} advanced while round {r} was aggregated (another "
+                            f"writer on {job.chain.head_file}?): block {head} does not match its {spec.aggregation} "
+                            "seed; stop the other writer")
         outcome = RoundResult(r, new_cid, head, len(ordered), metrics, time.monotonic() - started, attempts,
-                              rejected)
+                              rejected, accepted, try_)
+        if not accepted:  # the global model stays; the rejected candidate is in the chain for the record
+            return outcome, why
+        self._publish(messages.Head(job=job.message.job, round=r, head=head, weights=new_cid))
+        job.weights, job.baseline = new_weights, metrics
         for cb in self.callbacks:
             cb.on_round_end(outcome)
-        return outcome
+        return outcome, why
+
+    def _next_seq(self, job: _Job) -> int:
+        head = job.chain.head
+        return 0 if head is None else self._seq_of(head) + 1
+
+    def _seq_of(self, cid) -> int:
+        return decode_block(self.ipfs.block_get(cid), cid)["seq"]
 
     # -- messages --------------------------------------------------------------------------------------
 
@@ -412,9 +501,10 @@ class Client:
         self.dropped["rejected update"] = self.dropped.get("rejected update", 0) + 1
         log.warning("round %s: rejected update from %s: %s", r if r is not None else "?", sender[:12], reason)
 
-    def _drain(self, job: _Job, timeout: float,
-               round_: messages.Round | None = None) -> list[tuple[messages.Update, str]]:
-        """Handle what arrived on the job topic within `timeout`; return the updates for `round_`."""
+    def _drain(self, job: _Job, timeout: float, round_: messages.Round | None = None,
+               first_attempt: int = 1) -> list[tuple[messages.Update, str]]:
+        """Handle what arrived on the job topic within `timeout`; return the updates for `round_` (from
+        attempt `first_attempt` on: earlier attempts belong to a rejected try of the round)."""
         updates = []
         end = time.monotonic() + timeout
         while True:
@@ -433,8 +523,8 @@ class Client:
             elif isinstance(msg, messages.Join):
                 self._joined(job, msg, sender, round_)
             elif isinstance(msg, messages.Update):
-                if round_ is None or msg.round != round_.round:
-                    self._drop("late", f"update for round {msg.round} from {sender[:12]}")
+                if round_ is None or msg.round != round_.round or msg.attempt < first_attempt:
+                    self._drop("late", f"update for round {msg.round} (attempt {msg.attempt}) from {sender[:12]}")
                 else:
                     updates.append((msg, sender))
             elif sender != self.identity.id:
@@ -476,6 +566,28 @@ class Client:
         from .training import evaluate
 
         return {f"val_{k}": v for k, v in evaluate(model, weights, *eval_xy).items()}
+
+
+def _check_spec(spec: JobSpec, weights: list, eval_xy) -> AcceptRule | None:
+    """Fail before anything is published: the rule and its params must work (tried on the initial
+    weights), and an acceptance rule on the client's evaluation needs the eval data. Returns the parsed
+    acceptance rule."""
+    try:
+        aggregate(spec.aggregation, [(weights, 1)] * max(1, spec.min_workers), reference=weights, round=1, seq=1,
+                  **spec.aggregation_params)
+    except (ValueError, TypeError) as exc:
+        raise JobFailed(f"aggregation {spec.aggregation} with {spec.aggregation_params}: {exc}") from None
+    if not (math.isfinite(spec.proximal_mu) and spec.proximal_mu >= 0):
+        raise JobFailed(f"proximal_mu must be a finite number >= 0, got {spec.proximal_mu}")
+    if spec.accept is None:
+        return None
+    try:
+        rule = parse_accept(spec.accept)
+    except ValueError as exc:
+        raise JobFailed(str(exc)) from None
+    if rule.metric.startswith("val_") and eval_xy is None:
+        raise JobFailed(f"acceptance rule {rule} is about the client's evaluation: pass --eval-data")
+    return rule
 
 
 def _select(workers: list[str], fraction: float, minimum: int, rng: random.Random) -> list[str] | None:
@@ -521,13 +633,67 @@ def _job_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
     p.add_argument("--round-timeout", type=float, default=default(120.0), help="seconds a round waits for updates")
     p.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for --min-workers to join")
     p.add_argument("--max-retries", type=int, default=default(2),
-                   help="times a round short of --min-workers updates is announced again (default 2)")
+                   help="times a round short of --min-workers updates is announced again, and times a round "
+                        "whose aggregate fails --accept is tried again (default 2)")
     p.add_argument("--eval-data", type=Path, help=".npz (x, y) the client evaluates each global model on")
     p.add_argument("--topic", default=messages.JOBS_TOPIC, help=f"jobs topic (default {messages.JOBS_TOPIC})")
     p.add_argument("--key", help="Ed25519 key file (default ~/.grid_ipfs/client.key)")
     p.add_argument("--head-dir", type=Path, help="where chain head files live (default ~/.grid_ipfs/chains)")
     p.add_argument("--allow-workers", help="accept updates only from the worker ids listed in this file")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+
+def _accept_rule(text: str) -> str:
+    try:
+        return str(parse_accept(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _aggregation_options(args: argparse.Namespace) -> tuple[str, dict]:
+    """The rule and its recorded params from --aggregation, --trim, --byzantine, --dp-clip/--dp-noise."""
+    dp = args.dp_clip is not None or args.dp_noise is not None
+    name = args.aggregation or ("dp-fedavg" if dp else "fedavg")
+    if dp != (name == "dp-fedavg"):
+        raise ValueError("--dp-clip/--dp-noise go with --aggregation dp-fedavg (the default when they are given)")
+    if dp:
+        if args.dp_clip is None or args.dp_noise is None:
+            raise ValueError("dp-fedavg needs both --dp-clip C and --dp-noise Z")
+        if not (math.isfinite(args.dp_clip) and args.dp_clip > 0 and math.isfinite(args.dp_noise)
+                and args.dp_noise >= 0):
+            raise ValueError("--dp-clip must be > 0 and --dp-noise >= 0")
+        return name, {"clip": args.dp_clip, "noise_multiplier": args.dp_noise, "seed": args.seed}
+    return name, {k: v for k, v in (("trim", args.trim), ("byzantine", args.byzantine)) if v is not None}
+
+
+def verify_job(ipfs: IPFSClient, head: str, *, eval_data: Path | None = None, signer: str | None = None):
+    """`chain.verify_chain`, plus (with `eval_data`) a re-evaluation of every block's global weights with
+    the job's model: recorded `val_*` metrics must match and acceptance rules are decided on them."""
+    from .chain import verify_chain, walk
+    from .payloads import MAX_MODEL_BYTES, model_from_bytes
+
+    evaluate = None
+    if eval_data is not None:
+        *_, (_, genesis) = walk(ipfs, head)
+        model_cid = cid_str(genesis["model"])
+        model = model_from_bytes(ipfs.cat(model_cid, max_size=MAX_MODEL_BYTES), source=f"model {model_cid}")
+        eval_xy = _load_eval(eval_data, model)
+        evaluate = lambda weights: Client._evaluate(model, weights, eval_xy)
+    return verify_chain(ipfs, head, signer=signer, evaluate=evaluate)
+
+
+def _verify_command(ipfs: IPFSClient, args: argparse.Namespace) -> int:
+    report = verify_job(ipfs, args.head, eval_data=args.eval_data, signer=args.signer)
+    bad = cid_str(report.first_bad) if report.first_bad else None
+    if args.json:
+        print(json.dumps({"ok": report.ok, "blocks": report.blocks, "reason": report.reason, "first_bad": bad,
+                          "evaluated": args.eval_data is not None}))
+    elif report.ok:
+        print(f"OK: {report.blocks} blocks verified from {args.head} to genesis"
+              + (f", metrics re-evaluated on {args.eval_data}" if args.eval_data else ""))
+    else:
+        print(f"FAILED at block {bad or '?'}: {report.reason}")
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,9 +711,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--fraction", type=float, default=1.0, help="fraction of joined workers asked per round")
     s.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--aggregation", choices=sorted(AGGREGATIONS), default="fedavg")
+    s.add_argument("--aggregation", choices=sorted(AGGREGATIONS), default=None, help="the rule (default fedavg)")
     s.add_argument("--trim", type=float, help="trimmed-mean: fraction cut at each end (default 0.1)")
     s.add_argument("--byzantine", type=int, help="krum/multi-krum: number of faulty workers tolerated (default 1)")
+    s.add_argument("--dp-clip", type=float, metavar="C",
+                   help="DP-FedAvg: bound on the L2 norm of each update's change to the global model (with --dp-noise)")
+    s.add_argument("--dp-noise", type=float, metavar="Z",
+                   help="DP-FedAvg: noise multiplier; Gaussian noise of std Z*C/n per coordinate, seeded by --seed")
+    s.add_argument("--proximal-mu", type=float, default=0.0, metavar="MU",
+                   help="FedProx: workers add MU/2 * ||w - w_global||^2 to their loss (default 0: off)")
+    s.add_argument("--accept", type=_accept_rule, metavar="RULE",
+                   help="keep a round's aggregate only if it passes RULE, e.g. 'val_accuracy>=0.6' or "
+                        "'improves:val_loss' (on --eval-data); otherwise record it as rejected and retry the round")
     s.add_argument("--max-norm-ratio", type=float, default=10.0,
                    help="refuse updates moving the model this many times further than the median update (0: off)")
     s.add_argument("--job", dest="job_id", help="job id (default: MODEL-STEM-RANDOM)")
@@ -557,27 +732,42 @@ def main(argv: list[str] | None = None) -> int:
     which = r.add_mutually_exclusive_group(required=True)
     which.add_argument("--head", help="the newest chain block's CID")
     which.add_argument("--job", dest="job_id", help="the job id: read the head from its head file")
+    v = sub.add_parser("verify", help="verify a job's chain (as `python -m grid_ipfs.chain verify`) and, with "
+                                      "--eval-data, re-evaluate every global model to re-check recorded metrics "
+                                      "and acceptance rules")
+    v.add_argument("--api", required=True, help="any IPFS daemon's API multiaddr")
+    v.add_argument("head", help="the chain head CID")
+    v.add_argument("--eval-data", type=Path, help="the .npz the client evaluated on (its --eval-data)")
+    v.add_argument("--signer", help="the only id allowed to have signed the blocks (the job owner's)")
+    v.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.command == "submit" and (args.rounds < 1 or args.min_workers < 1 or not 0 < args.fraction <= 1):
-        parser.error("--rounds and --min-workers must be >= 1 and --fraction in (0, 1]")
+    if args.command == "submit":
+        if args.rounds < 1 or args.min_workers < 1 or not 0 < args.fraction <= 1:
+            parser.error("--rounds and --min-workers must be >= 1 and --fraction in (0, 1]")
+        try:
+            aggregation, params = _aggregation_options(args)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         ipfs = IPFSClient(args.api)
         ipfs.wait_ready(timeout=5)
+        if args.command == "verify":
+            return _verify_command(ipfs, args)
         identity = Identity.load_or_create(args.key or default_key_path("client"))
         client = Client(ipfs, identity, head_dir=args.head_dir, callbacks=_progress(args.json),
                         allowed_workers=read_id_list(args.allow_workers) if args.allow_workers else None,
                         jobs_topic=args.topic)
         if args.command == "submit":
-            params = {k: v for k, v in (("trim", args.trim), ("byzantine", args.byzantine)) if v is not None}
             spec = JobSpec(model_path=args.model, rounds=args.rounds, min_workers=args.min_workers,
                            fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size,
                            round_timeout=args.round_timeout, join_timeout=args.join_timeout,
                            max_retries=args.max_retries, max_norm_ratio=args.max_norm_ratio,
-                           eval_data=args.eval_data, job_id=args.job_id, aggregation=args.aggregation,
-                           aggregation_params=params, seed=args.seed)
+                           eval_data=args.eval_data, job_id=args.job_id, aggregation=aggregation,
+                           aggregation_params=params, seed=args.seed, proximal_mu=args.proximal_mu,
+                           accept=args.accept)
             result = client.submit(spec)
         else:
             result = client.resume(head=args.head, job_id=args.job_id, eval_data=args.eval_data,

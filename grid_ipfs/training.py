@@ -10,13 +10,19 @@ the model object, not in the federated weights. By default `fit` puts it back to
 time `fit` saw that model, so every round starts the same way from the global weights: momentum left
 over from the previous round's weights would push the new global model in a stale direction, and a
 worker's update depends only on (global weights, data, seed), which makes it reproducible.
+
+FedProx (Li et al., 2020): `fit(..., proximal_mu=MU)` minimises the model's own loss plus
+`MU/2 * ||w - w_global||^2` over the trainable weights, which keeps a worker's local solution near the
+global model on non-IID data. The term rides on Keras's weight-regularizer mechanism (a regularizer on
+each trainable variable, composed with any regularizer the owner set), so the optimizer sees its
+gradient `MU * (w - w_global)` like any other loss term, inside the compiled train step.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -28,7 +34,7 @@ Weights = list[np.ndarray]
 def fit(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.ndarray, *, epochs: int = 1,
         batch_size: int = 32, seed: int | None = None, verbose: int = 0,
         callbacks: Sequence[keras.callbacks.Callback] | None = None,
-        reset_optimizer: bool = True) -> tuple[Weights, dict[str, float]]:
+        reset_optimizer: bool = True, proximal_mu: float = 0.0) -> tuple[Weights, dict[str, float]]:
     """Train `model` from `weights` on (x, y); return the new weights and the last epoch's metrics.
 
     `weights=None` trains from the model's current weights. With `seed`, Python, NumPy and the backend
@@ -36,6 +42,10 @@ def fit(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.ndarra
     seed, data and starting weights give the same update. `callbacks` are ordinary Keras callbacks
     (progress reporting, or a FedProx-style proximal term added by a callback). `reset_optimizer=False`
     keeps the optimizer state of the previous call instead (see the module docstring).
+
+    `proximal_mu > 0` adds FedProx's proximal term `mu/2 * ||w - w_start||^2` (w_start: the weights
+    training starts from, i.e. the global weights) to the loss; the reported `loss` then includes it.
+    With 0 (the default) training is plain.
 
     Metrics are named as Keras reports them (`loss`, `accuracy`, ...); non-finite values are dropped so
     the result is always valid JSON.
@@ -45,14 +55,24 @@ def fit(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.ndarra
         raise ValueError("fit: no training examples")
     if epochs < 1:
         raise ValueError(f"fit: epochs must be >= 1, got {epochs}")
+    if isinstance(proximal_mu, bool) or not isinstance(proximal_mu, (int, float)) or not (
+            math.isfinite(proximal_mu) and proximal_mu >= 0):
+        raise ValueError(f"fit: proximal_mu must be a finite number >= 0, got {proximal_mu!r}")
     if weights is not None:
         model.set_weights(weights)
     if reset_optimizer:
         _restore_optimizer_state(model)
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
-                        callbacks=list(callbacks) if callbacks else None)
+    proximal = _Proximal.attach(model) if proximal_mu > 0 else _PROXIMAL.get(model)
+    if proximal is not None:
+        proximal.start(float(proximal_mu))  # anchor = the weights training starts from
+    try:
+        history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
+                            callbacks=list(callbacks) if callbacks else None)
+    finally:
+        if proximal is not None:
+            proximal.stop()  # mu back to 0: evaluate() and later plain fits see no extra term
     last_epoch = {name: values[-1] for name, values in history.history.items() if len(values)}
     return [np.array(w, copy=True) for w in model.get_weights()], _plain_metrics(last_epoch)
 
@@ -71,6 +91,55 @@ def evaluate(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.n
     results = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
     return _plain_metrics(results)
 
+
+class _Proximal:
+    """FedProx's proximal term on one model: `mu/2 * ||v - anchor_v||^2` summed over its trainable
+    variables, installed once as (a wrapper of) each variable's Keras regularizer.
+
+    `mu` and the anchors are non-trainable variables outside the model, so a new round only assigns
+    them: the compiled train step is traced once. Between fits `mu` is 0 and the term vanishes.
+    """
+
+    def __init__(self, model: keras.Model):
+        self.mu = keras.Variable(0.0, dtype="float32", trainable=False, name="proximal_mu")
+        self.pairs: list[tuple[Any, Any]] = []
+        for variable in model.trainable_variables:
+            anchor = keras.Variable(np.zeros(variable.shape, dtype=variable.dtype), dtype=variable.dtype,
+                                    trainable=False, name="proximal_anchor")
+            variable.regularizer = _ProximalRegularizer(self.mu, anchor, variable.regularizer)
+            self.pairs.append((variable, anchor))
+        # train/test functions traced before the regularizers existed do not include them: trace again
+        model.train_function = model.test_function = None
+
+    @classmethod
+    def attach(cls, model: keras.Model) -> _Proximal:
+        if model not in _PROXIMAL:
+            _PROXIMAL[model] = cls(model)
+        return _PROXIMAL[model]
+
+    def start(self, mu: float) -> None:
+        for variable, anchor in self.pairs:
+            anchor.assign(variable.value)
+        self.mu.assign(mu)
+
+    def stop(self) -> None:
+        self.mu.assign(0.0)
+
+
+class _ProximalRegularizer:
+    """Callable regularizer: `mu/2 * sum((v - anchor)^2)` plus the variable's own regularizer, if any."""
+
+    def __init__(self, mu, anchor, inner: Callable | None):
+        self.mu, self.anchor, self.inner = mu, anchor, inner
+
+    def __call__(self, value):
+        ops = keras.ops
+        term = 0.5 * ops.cast(self.mu, value.dtype) * ops.sum(ops.square(value - self.anchor))
+        return term if self.inner is None else term + self.inner(value)
+
+
+_PROXIMAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Model -> its _Proximal, once a fit with proximal_mu > 0 installed one."""
 
 _INITIAL_OPTIMIZER_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Optimizer -> its variables' values when `fit` first saw it (weak: dropped with the model)."""

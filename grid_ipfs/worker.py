@@ -2,8 +2,10 @@
 
 A worker listens on the jobs topic, joins each job it can train (its data fits the model's input),
 and for every round it is selected for: fetches the global weights by CID, evaluates them on its
-validation split (federated evaluation), trains locally with the model's own compile settings,
-adds the new weights to IPFS and announces them in a signed `update`.
+validation split (federated evaluation), trains locally with the model's own compile settings (plus
+FedProx's proximal term when the job's config sets `proximal_mu`), adds the new weights to IPFS and
+announces them in a signed `update`. `Worker.local_update` is the one step that turns global weights into
+the update sent: subclass it to simulate other behaviour (tests/byzantine_worker.py does).
 
 Everything fetched is data: models load with Keras `safe_mode=True`, weights are safetensors whose
 shapes and dtypes must match the model. A message that does not parse, validate or verify is dropped
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import queue
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +138,12 @@ class Worker:
             log.info("ignored job %s from untrusted client %s", job.job, sender[:12])
             self.refused.add(job.job)
             return
+        try:
+            proximal_mu(job.config)
+        except ValueError as exc:
+            log.error("cannot join job %s: %s", job.job, exc)
+            self.refused.add(job.job)
+            return
         from .payloads import model_from_bytes
 
         model = model_from_bytes(self.client.cat(job.model, max_size=MAX_MODEL_BYTES),
@@ -152,7 +162,7 @@ class Worker:
 
     def train_round(self, round_: messages.Round) -> None:
         from .payloads import weights_from_bytes, weights_to_bytes
-        from .training import evaluate, fit
+        from .training import evaluate
 
         joined = self.jobs[round_.job]
         key = (round_.round, round_.attempt, round_.deadline)
@@ -169,11 +179,8 @@ class Worker:
         global_weights = weights_from_bytes(
             self.client.cat(round_.weights, max_size=MAX_WEIGHTS_BYTES),
             source=f"weights {round_.weights}", like=model.get_weights())
-        config = joined.job.config
         eval_metrics = evaluate(model, global_weights, self.x_val, self.y_val) if len(self.x_val) else {}
-        new_weights, metrics = fit(model, global_weights, self.x_train, self.y_train,
-                                   epochs=config["epochs"], batch_size=config["batch_size"],
-                                   seed=self.seed + round_.round)
+        new_weights, metrics = self.local_update(joined, global_weights, round_)
         cid = self.client.add(weights_to_bytes(new_weights))
         self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
                                      num_examples=len(self.x_train), metrics=metrics,
@@ -182,6 +189,20 @@ class Worker:
                  len(self.x_train), metrics.get("loss", float("nan")),
                  f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a", time.monotonic() - started)
 
+    def local_update(self, joined: JoinedJob, global_weights: list, round_: messages.Round) -> tuple[list, dict]:
+        """Train on the local data from `global_weights`: the weights to send and the training metrics.
+
+        The seed is (worker seed, round, attempt): a round announced again after its aggregate was
+        rejected is trained with a different shuffle. The job's `proximal_mu` adds FedProx's term.
+        """
+        from .training import fit
+
+        config = joined.job.config
+        return fit(joined.model, global_weights, self.x_train, self.y_train, epochs=config["epochs"],
+                   batch_size=config["batch_size"],
+                   seed=self.seed + round_.round + 100_003 * (round_.attempt - 1),
+                   proximal_mu=proximal_mu(config))
+
     def publish(self, message: object) -> None:
         data = messages.encode(message, self.identity)
         topic = messages.topic_of(message)
@@ -189,8 +210,17 @@ class Worker:
             log.warning("nobody subscribed to %s yet; %s not delivered", topic, type(message).__name__)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grid_ipfs.worker", description=__doc__.split("\n")[0])
+def proximal_mu(config: dict) -> float:
+    """The job config's `proximal_mu` (FedProx; absent means 0); ValueError unless a finite number >= 0."""
+    value = config.get("proximal_mu", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"config.proximal_mu: expected a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def build_parser(prog: str = "python -m grid_ipfs.worker") -> argparse.ArgumentParser:
+    """The worker's command line; `main` takes an extended copy (see tests/byzantine_worker.py)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--api", required=True, help="the IPFS daemon's API multiaddr, e.g. /ip4/127.0.0.1/tcp/5001")
     parser.add_argument("--data", required=True, help="the local shard: .npz with arrays x and y")
     parser.add_argument("--topic", default=messages.JOBS_TOPIC, help=f"jobs topic (default {messages.JOBS_TOPIC})")
@@ -200,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-clients", default=None, help="join only jobs signed by the keys in this file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | None = None,
+         make_worker: Callable[..., Worker] | None = None) -> int:
+    """Run a worker until SIGINT/SIGTERM. `parser` and `make_worker(args, **worker_kwargs)` let a variant
+    (another `Worker` subclass with extra options) reuse the whole command line and lifecycle."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -213,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         client = IPFSClient(args.api)
         client.wait_ready(timeout=10)
         trusted = read_id_list(args.trust_clients) if args.trust_clients else None
-        worker = Worker(client, identity, x, y, name=name, val_split=args.val_split, jobs_topic=args.topic,
-                        trusted_clients=trusted, seed=args.seed)
+        kwargs = dict(name=name, val_split=args.val_split, jobs_topic=args.topic, trusted_clients=trusted,
+                      seed=args.seed)
+        if make_worker is None:
+            worker = Worker(client, identity, x, y, **kwargs)
+        else:
+            worker = make_worker(args, client, identity, x, y, **kwargs)
     except (DataError, IPFSError, IdentityError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

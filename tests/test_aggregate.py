@@ -7,12 +7,17 @@ import pytest
 
 from grid_ipfs.aggregate import (
     AGGREGATIONS,
+    AcceptRule,
     RunningFedAvg,
     aggregate,
+    dp_fedavg,
     fedavg,
     krum,
     median,
     multi_krum,
+    needs_reference,
+    parse_accept,
+    rule_params,
     trimmed_mean,
     update_norm,
 )
@@ -134,11 +139,11 @@ def test_integer_tensors_are_rounded_not_truncated():
 
 
 def test_registry_dispatches_and_names_unknown_rules():
-    assert set(AGGREGATIONS) == {"fedavg", "median", "trimmed-mean", "krum", "multi-krum"}
+    assert set(AGGREGATIONS) == {"fedavg", "median", "trimmed-mean", "krum", "multi-krum", "dp-fedavg"}
     results = [([np.array([1.0])], 1), ([np.array([3.0])], 1), ([np.array([4.0])], 2)]
     np.testing.assert_array_equal(aggregate("fedavg", results)[0], [3.0])
     np.testing.assert_array_equal(aggregate("trimmed-mean", results, trim=0.34)[0], [3.0])
-    with pytest.raises(ValueError, match=r"unknown aggregation 'mean'; known: fedavg, krum, median, multi-krum"):
+    with pytest.raises(ValueError, match=r"unknown aggregation 'mean'; known: dp-fedavg, fedavg, krum, median, multi"):
         aggregate("mean", results)
 
 
@@ -148,3 +153,145 @@ def test_update_norm_is_l2_over_all_tensors():
     assert update_norm(weights, reference) == 5.0
     with pytest.raises(ValueError, match="shape"):
         update_norm([np.zeros(3)], [np.zeros(2)])
+
+
+# -- DP-FedAvg -------------------------------------------------------------------------------------------
+
+
+def delta_norms(results, reference):
+    return [update_norm(w, reference) for w, _ in results]
+
+
+def dp_setup(n: int = 4, shape=(50, 40), scale: float = 1.0):
+    """A reference model and n updates whose deltas have norms of a few units (times `scale`)."""
+    rng = np.random.default_rng(5)
+    reference = [rng.normal(size=shape).astype(np.float32), rng.normal(size=shape[1:]).astype(np.float32)]
+    results = [([r + (0.1 * scale * (i + 1) * rng.normal(size=r.shape)).astype(np.float32) for r in reference], 10 + i)
+               for i in range(n)]
+    return reference, results
+
+
+def clipped_mean(results, reference, clip):
+    """The textbook computation, separately written: clip each delta to `clip`, average with equal weight."""
+    total = [np.zeros(r.shape) for r in reference]
+    for weights, _ in results:
+        deltas = [w.astype(np.float64) - r.astype(np.float64) for w, r in zip(weights, reference)]
+        norm = np.sqrt(sum(float(np.sum(d * d)) for d in deltas))
+        for t, d in zip(total, deltas):
+            t += d * min(1.0, clip / norm)
+    return [r.astype(np.float64) + t / len(results) for r, t in zip(reference, total)]
+
+
+def test_dp_fedavg_clipping_bounds_each_delta():
+    reference, results = dp_setup()
+    norms = delta_norms(results, reference)
+    assert min(norms) > 3.0  # every delta is larger than the clip below
+    for (weights, n) in results:  # one update alone: its delta comes out with norm exactly the clip
+        out = dp_fedavg([(weights, n)], reference=reference, clip=1.0, noise_multiplier=0.0)
+        assert update_norm(out, reference) == pytest.approx(1.0, rel=1e-5)
+    out = dp_fedavg(results, reference=reference, clip=1.0, noise_multiplier=0.0)
+    assert update_norm(out, reference) <= 1.0 + 1e-5  # a mean of vectors of norm <= C has norm <= C
+    expected = clipped_mean(results, reference, 1.0)
+    for a, e in zip(out, expected):
+        np.testing.assert_allclose(a, e, rtol=0, atol=1e-6)
+    # a delta below the clip passes unchanged
+    small = [r + np.float32(1e-3) for r in reference]
+    out = dp_fedavg([(small, 1)], reference=reference, clip=1e6, noise_multiplier=0.0)
+    for a, w in zip(out, small):
+        np.testing.assert_array_equal(a, w)
+
+
+def test_dp_fedavg_bounds_one_attackers_influence_to_clip_over_n():
+    reference, results = dp_setup()
+    attacker = ([r + 1000 * np.ones_like(r) for r in reference], 10**6)  # huge delta, lies about its examples
+    honest = dp_fedavg(results, reference=reference, clip=1.0, noise_multiplier=0.0)
+    attacked = dp_fedavg(results + [attacker], reference=reference, clip=1.0, noise_multiplier=0.0)
+    # (H + a)/5 - H/4 = a/5 - H/20 with |a| <= C and |H| <= 4C: the attacker moves the result by <= 2C/n
+    assert update_norm(attacked, honest) <= 2 * 1.0 / 5 + 1e-5
+    assert update_norm(fedavg(results + [attacker]), reference) > 1000
+
+
+def test_dp_fedavg_adds_gaussian_noise_of_std_z_c_over_n():
+    reference, results = dp_setup(shape=(200, 100))
+    z, clip, n = 1.5, 2.0, len(results)
+    plain = dp_fedavg(results, reference=reference, clip=clip, noise_multiplier=0.0, seed=3, round=2, seq=2)
+    noisy = dp_fedavg(results, reference=reference, clip=clip, noise_multiplier=z, seed=3, round=2, seq=2)
+    noise = np.concatenate([(a.astype(np.float64) - b).ravel() for a, b in zip(noisy, plain)])
+    assert noise.size == 200 * 100 + 100
+    assert noise.std() == pytest.approx(z * clip / n, rel=0.03)  # 0.75
+    assert abs(noise.mean()) < 4 * noise.std() / np.sqrt(noise.size)
+
+
+def test_dp_fedavg_noise_is_a_function_of_seed_round_and_seq():
+    reference, results = dp_setup()
+
+    def run(**context):
+        params = {"clip": 1.0, "noise_multiplier": 1.0, "seed": 7, "round": 3, "seq": 3, **context}
+        return b"".join(w.tobytes() for w in aggregate("dp-fedavg", results, reference=reference,
+                                                       **{k: params[k] for k in ("round", "seq")},
+                                                       **{k: params[k] for k in ("clip", "noise_multiplier",
+                                                                                  "seed")}))
+
+    first = run()
+    assert run() == first  # same seed, round, seq: identical bytes
+    assert len({first, run(seed=8), run(round=4), run(seq=4)}) == 4
+
+
+def test_dp_fedavg_needs_the_reference_and_valid_params():
+    reference, results = dp_setup()
+    assert needs_reference("dp-fedavg") and not needs_reference("fedavg")
+    with pytest.raises(ValueError, match="previous global weights"):
+        aggregate("dp-fedavg", results, clip=1.0, noise_multiplier=1.0)
+    for bad in ({"clip": 0.0}, {"clip": float("inf")}, {"noise_multiplier": -1.0}, {"seed": -1}, {"seed": 1.5}):
+        params = {"clip": 1.0, "noise_multiplier": 1.0, "seed": 0, **bad}
+        with pytest.raises(ValueError, match="dp-fedavg"):
+            dp_fedavg(results, reference=reference, **params)
+    with pytest.raises(ValueError, match="tensors"):
+        dp_fedavg(results, reference=[reference[0]], clip=1.0, noise_multiplier=0.0)
+
+
+def test_context_goes_only_to_rules_that_take_it_and_accept_is_record_only():
+    results = [([np.array([1.0])], 1), ([np.array([3.0])], 3)]
+    out = aggregate("fedavg", results, reference=[np.array([0.0])], round=4, seq=9, accept="val_accuracy>=0.5")
+    np.testing.assert_array_equal(out[0], [2.5])
+    assert rule_params({"trim": 0.2, "accept": "improves:val_loss"}) == {"trim": 0.2}
+
+
+# -- acceptance rules ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("val_accuracy>=0.6", AcceptRule("val_accuracy", ">=", 0.6)),
+    ("  val_loss <  0.25 ", AcceptRule("val_loss", "<", 0.25)),
+    ("accuracy>1", AcceptRule("accuracy", ">", 1.0)),
+    ("val_mae<=1e-3", AcceptRule("val_mae", "<=", 0.001)),
+    ("improves:val_loss", AcceptRule("val_loss", "improves")),
+    ("improves: val_accuracy", AcceptRule("val_accuracy", "improves")),
+])
+def test_accept_rules_parse_and_print_canonically(text, rule):
+    assert parse_accept(text) == rule
+    assert parse_accept(str(rule)) == rule
+
+
+@pytest.mark.parametrize("text", ["", "val_accuracy", "val_accuracy=>0.6", "val_accuracy==0.6",
+                                  "val_accuracy>=abc", "val_accuracy>=inf", "val_accuracy>=nan",
+                                  "improves:", "improves:val loss", "0.6<=val_accuracy", "val_accuracy>=0.6; rm"])
+def test_bad_accept_rules_are_refused_with_the_expected_form(text):
+    with pytest.raises(ValueError, match="acceptance rule"):
+        parse_accept(text)
+
+
+def test_accept_rule_verdicts():
+    at_least = parse_accept("val_accuracy>=0.6")
+    assert at_least.check({"val_accuracy": 0.6})[0] and not at_least.check({"val_accuracy": 0.59})[0]
+    assert "fails val_accuracy>=0.6" in at_least.check({"val_accuracy": 0.5})[1]
+    with pytest.raises(ValueError, match="no metric 'val_accuracy'.*have: loss"):
+        at_least.check({"loss": 1.0})
+    loss = parse_accept("improves:val_loss")
+    assert loss.lower_is_better and not parse_accept("improves:val_accuracy").lower_is_better
+    assert loss.check({"val_loss": 0.4}, {"val_loss": 0.5})[0]
+    assert not loss.check({"val_loss": 0.5}, {"val_loss": 0.5})[0]  # strictly better
+    assert loss.check({"val_loss": 9.0}, None)[0] and loss.check({"val_loss": 9.0}, {"loss": 1.0})[0]
+    acc = parse_accept("improves:val_accuracy")
+    assert acc.check({"val_accuracy": 0.8}, {"val_accuracy": 0.7})[0]
+    assert not acc.check({"val_accuracy": 0.6}, {"val_accuracy": 0.7})[0]

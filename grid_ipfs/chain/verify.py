@@ -3,7 +3,17 @@
 Checks, per block: its bytes hash to its CID and decode to a valid block; the signature is the
 signer's; `seq` drops by exactly one per step down to a genesis at seq 0 without `prev`; job and model
 never change; every linked object is retrievable (`check_objects`); and the global weights equal, bit
-for bit, the aggregation rule applied to the recorded updates in worker order (`recompute`).
+for bit, the aggregation rule applied to the recorded updates in worker order (`recompute`). Rules that
+need the previous global weights (dp-fedavg) get those of the newest *accepted* block before, and the
+block's round and seq (which seed dp-fedavg's noise).
+
+Acceptance rules: a block whose aggregation params hold `accept` (e.g. `"val_accuracy>=0.6"`) records
+`accepted` (1.0 or 0.0) in its metrics; the rule is applied again to the block's recorded metrics (and,
+for `improves:M`, to the newest accepted block's before it), and the verdicts must agree. A rejected
+block is followed by another try of the same round. The recorded metrics themselves come from the
+client's evaluation data, which the chain does not hold: pass `evaluate` (weights -> metrics, e.g. from
+`python -m grid_ipfs.client verify --eval-data FILE`) to re-evaluate every block's global weights,
+compare with the recorded values (`eval_tolerance`), and decide the rules on the verifier's numbers.
 
 The report names the *oldest* bad block reachable from the head, because everything built on a bad
 block inherits the problem: the first failure is the one to investigate.
@@ -11,6 +21,7 @@ block inherits the problem: the first failure is the one to investigate.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +32,13 @@ from ..ipfs.errors import IPFSError
 from .blocks import ChainError, check_signature, decode_block
 from .log import BlockStore
 
-__all__ = ["BlockCheck", "VerifyReport", "verify_chain"]
+__all__ = ["BlockCheck", "VerifyReport", "is_accepted", "verify_chain"]
+
+
+def is_accepted(block: dict) -> bool:
+    """False only for a block recorded as rejected by its acceptance rule (`metrics.accepted == 0.0`):
+    its weights are a candidate that was turned down, not the job's global model."""
+    return block["metrics"].get("accepted", 1.0) != 0.0
 
 
 @dataclass
@@ -53,11 +70,15 @@ class _Bad(Exception):
 
 
 def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = True, recompute: bool = True,
-                 signer: str | None = None) -> VerifyReport:
+                 signer: str | None = None, evaluate: Callable[[list], Mapping[str, float]] | None = None,
+                 eval_tolerance: float = 1e-4) -> VerifyReport:
     """Walk `head` -> genesis and check every block (see the module docstring).
 
     `signer`, if given, is the only id allowed to have signed blocks (e.g. the job owner's). Fetch
     failures are verdicts, not exceptions: a chain whose objects cannot be found does not verify.
+    `evaluate(weights)`, if given, re-evaluates each block's global weights: every metric it returns
+    that the block also records must agree within `eval_tolerance`, and acceptance rules are decided on
+    its values.
     """
     walked, broken = _walk(store, parse_cid(head))
     chain = walked[::-1]  # oldest first, so the first failure found is the oldest one
@@ -67,19 +88,36 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
     if broken is not None:  # the oldest block reached could not be read: nothing older is checked
         failure = (0, broken)
     else:
+        context = _Context(check_objects, recompute, signer, evaluate, eval_tolerance)
         for index, (_, block) in enumerate(chain):
             parent = chain[index - 1][1] if index else None
             try:
-                _check_block(store, block, parent, check_objects, recompute, signer)
+                weights, metrics = _check_block(store, block, parent, context)
             except _Bad as exc:
                 failure = (index, f"{_label(index, block)}: {exc}")
                 break
+            if is_accepted(block):
+                context.accepted, context.accepted_weights, context.accepted_metrics = block, weights, metrics
             checks[index].ok = True
     if failure is None:
         return VerifyReport(True, len(walked), checks=checks)
     index, reason = failure
     checks[index].ok, checks[index].reason = False, reason
     return VerifyReport(False, len(walked), checks[index].cid, reason, checks)
+
+
+@dataclass
+class _Context:
+    check_objects: bool
+    recompute: bool
+    signer: str | None
+    evaluate: Callable[[list], Mapping[str, float]] | None
+    eval_tolerance: float
+    accepted: dict | None = None
+    """The newest accepted block checked so far (genesis first): its weights are the reference of the
+    next block, its metrics the baseline of an `improves:` rule."""
+    accepted_weights: bytes | None = None
+    accepted_metrics: Mapping[str, float] | None = None
 
 
 def _label(index: int, block: dict) -> str:
@@ -109,8 +147,11 @@ def _walk(store: BlockStore, head: CID) -> tuple[list[tuple[CID, dict | None]], 
     return walked, None
 
 
-def _check_block(store: BlockStore, block: dict, parent: dict | None, check_objects: bool,
-                 recompute: bool, signer: str | None) -> None:
+def _check_block(store: BlockStore, block: dict, parent: dict | None,
+                 context: _Context) -> tuple[bytes | None, Mapping[str, float]]:
+    """Raise _Bad on the first failed check; return the block's weights bytes (when fetched) and the
+    metrics to judge it by (recorded, or re-evaluated with `context.evaluate`)."""
+    signer = context.signer
     if signer is not None and block["signer"] != signer:
         raise _Bad(f"signed by {block['signer']}, expected {signer}")
     if not check_signature(block):
@@ -125,19 +166,72 @@ def _check_block(store: BlockStore, block: dict, parent: dict | None, check_obje
             raise _Bad(f"job {block['job']!r} differs from the previous block's {parent['job']!r}")
         if not same_cid(block["model"], parent["model"]):
             raise _Bad("model differs from the previous block's")
+        if not is_accepted(parent) and block["round"] != parent["round"]:
+            raise _Bad(f"round {block['round']} follows a rejected try of round {parent['round']}, "
+                       "which must be tried again first")
     from ..payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES
 
+    weights = None
     if parent is None:  # genesis: nothing to recompute; the model is the same along the chain
-        if check_objects:
+        if context.check_objects:
             _fetch(store, block["model"], MAX_MODEL_BYTES, "model")
-            _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
-        return
-    if check_objects or recompute:
+        if context.check_objects or context.recompute or context.evaluate is not None:
+            weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
+        return weights, _metrics(block, weights, context)
+    if context.check_objects or context.recompute:
         weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
         updates = [_fetch(store, u["weights"], MAX_WEIGHTS_BYTES, f"update from {u['worker']}")
                    for u in block["updates"]]
-        if recompute:
-            _recompute(block, weights, updates)
+        if context.recompute:
+            _recompute(block, weights, updates, context.accepted_weights)
+    elif context.evaluate is not None:
+        weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
+    metrics = _metrics(block, weights, context)
+    _check_acceptance(block, metrics, context.accepted_metrics)
+    return weights, metrics
+
+
+def _metrics(block: dict, weights: bytes | None, context: _Context) -> Mapping[str, float]:
+    """The block's recorded metrics, or with an evaluator the verifier's own numbers, after checking
+    that they agree with the recorded ones."""
+    recorded = block["metrics"]
+    if context.evaluate is None or weights is None:
+        return recorded
+    from ..payloads import weights_from_bytes
+
+    try:
+        found = dict(context.evaluate(weights_from_bytes(weights, source="global weights")))
+    except ValueError as exc:
+        raise _Bad(f"cannot evaluate the global weights: {exc}") from None
+    for name in sorted(set(found) & set(recorded)):
+        if not abs(float(found[name]) - recorded[name]) <= context.eval_tolerance:
+            raise _Bad(f"recorded {name} {recorded[name]:.6g}, but the verifier's evaluation gives "
+                       f"{float(found[name]):.6g} (is it the client's eval data?)")
+    return {**recorded, **found}
+
+
+def _check_acceptance(block: dict, metrics: Mapping[str, float], baseline: Mapping[str, float] | None) -> None:
+    """The acceptance rule in the aggregation params, applied again, must give the recorded verdict."""
+    from ..aggregate import parse_accept
+
+    rule_text = block["aggregation"]["params"].get("accept")
+    recorded = block["metrics"].get("accepted")
+    if rule_text is None:
+        if recorded is not None and recorded != 1.0:
+            raise _Bad(f"accepted {recorded} recorded without an acceptance rule")
+        return
+    try:
+        rule = parse_accept(rule_text)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    if recorded not in (0.0, 1.0):
+        raise _Bad(f"acceptance rule {rule} but the metric accepted is {recorded!r}, expected 1.0 or 0.0")
+    try:
+        ok, why = rule.check(metrics, baseline)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    if ok != (recorded == 1.0):
+        raise _Bad(f"recorded as {'accepted' if recorded == 1.0 else 'rejected'}, but {why}")
 
 
 def _fetch(store: BlockStore, cid: CID, max_size: int, what: str) -> bytes:
@@ -147,20 +241,26 @@ def _fetch(store: BlockStore, cid: CID, max_size: int, what: str) -> bytes:
         raise _Bad(f"{what} {cid_str(cid)} not retrievable: {exc}") from None
 
 
-def _recompute(block: dict, stored: bytes, updates: list[bytes]) -> None:
+def _recompute(block: dict, stored: bytes, updates: list[bytes], reference: bytes | None) -> None:
     """Raise _Bad unless the block's weights are exactly the aggregate of its updates.
 
     Arrays are compared as raw bytes (dtype, shape and every bit), not with a tolerance: aggregation is
     deterministic, so any difference means the recorded updates are not what produced these weights.
+    `reference` is the newest accepted block's weights, for the rules that need them.
     """
-    from ..aggregate import aggregate
+    from ..aggregate import aggregate, needs_reference
     from ..payloads import weights_from_bytes
 
     name, params = block["aggregation"]["name"], block["aggregation"]["params"]
     try:
         results = [(weights_from_bytes(data, source=f"update from {u['worker']}"), u["num_examples"])
                    for u, data in zip(block["updates"], updates, strict=True)]
-        expected = aggregate(name, results, **params)
+        previous = None
+        if needs_reference(name):
+            if reference is None:
+                raise ValueError("the previous global weights could not be read")
+            previous = weights_from_bytes(reference, source="previous global weights")
+        expected = aggregate(name, results, reference=previous, round=block["round"], seq=block["seq"], **params)
     except (ValueError, TypeError) as exc:  # PayloadError is a ValueError; so are the rules' own errors
         raise _Bad(f"cannot recompute {name}: {exc}") from None
     try:
