@@ -296,6 +296,11 @@ class Client:
         except BaseException as exc:
             for cb in self.callbacks:
                 cb.on_job_failed(job.message, exc)
+            try:  # tell the workers, so they stop following the job (best effort: we are failing anyway)
+                reason = f"failed: {' '.join(str(exc).split()) or type(exc).__name__}"[:200]
+                self._publish(messages.Done(job=job.message.job, head=job.result.head, reason=reason))
+            except Exception:  # noqa: BLE001 - the original error is what the caller needs
+                log.debug("could not announce the failure of job %s", job.message.job, exc_info=True)
             raise
         finally:
             subscription.close()
@@ -527,6 +532,7 @@ class Client:
                     self._drop("late", f"update for round {msg.round} (attempt {msg.attempt}) from {sender[:12]}")
                 else:
                     updates.append((msg, sender))
+                    end = time.monotonic()  # hand it over now; anything else already queued comes along
             elif sender != self.identity.id:
                 self._drop("not from a worker", f"{msg.TYPE} message from {sender[:12]}")
             # our own round/head/done messages come back to us: nothing to do

@@ -123,6 +123,9 @@ class Worker:
                     self.jobs.pop(message.job).subscription.close()
         except (IPFSError, PayloadError) as exc:
             log.warning("job %s: %s", getattr(message, "job", "?"), exc)
+        except Exception as exc:  # e.g. Keras refusing labels that do not fit the loss: this job, not the worker
+            log.error("job %s: %s failed: %s: %s", getattr(message, "job", "?"), message.TYPE,
+                      type(exc).__name__, " ".join(str(exc).split())[:300])
 
     def join(self, job: messages.Job, sender: str) -> None:
         if job.job in self.jobs:
