@@ -410,3 +410,20 @@ def test_an_easy_acceptance_rule_passes_with_fedprox_and_verify_rechecks_it_on_t
     data.save_shard(other, x[:300], y[:300])
     proc = run_cli("grid_ipfs.client", "verify", "--api", grid.local.apis[2], "--eval-data", str(other), result.head)
     assert proc.returncode == 1 and "is it the client's eval data?" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.integration
+def test_the_clients_norm_screen_refuses_the_scaled_update_and_counts_it(grid, caplog):
+    """With the default screen (--max-norm-ratio 10) plain FedAvg survives the same attack: the scaled
+    update is refused each round with a log line naming its sender, and counted in the block."""
+    attacker = Identity.load_or_create(grid.local.directory / "keys" / f"worker{HONEST}.key").id
+    with caplog.at_level("WARNING", logger="grid_ipfs.client"):
+        result = run_job(grid, rounds=3, epochs=2, min_workers=HONEST, job_id="byzantine-screened")
+    assert [r.updates for r in result.rounds] == [HONEST] * 3, logs(grid)
+    assert all(r.rejected == {"outlier norm": 1} and r.metrics["rejected_updates"] == 1.0 for r in result.rounds)
+    assert result.rounds[-1].metrics["val_accuracy"] >= 0.85
+    refused = [rec.getMessage() for rec in caplog.records if "outlier norm" in rec.getMessage()]
+    assert len(refused) == 3 and all(attacker[:12] in line for line in refused), refused
+    with grid.local.client(2) as reader:
+        blocks = [block for _, block in walk(reader, result.head)]
+    assert all(attacker not in {u["worker"] for u in block["updates"]} for block in blocks)
