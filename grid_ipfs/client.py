@@ -30,6 +30,7 @@ import random
 import secrets
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ log = logging.getLogger("grid_ipfs.client")
 REANNOUNCE_EVERY = 2.0  # seconds between job re-announcements while waiting for workers to join
 JOIN_GRACE = 1.0  # seconds without a new join before round 1 starts, once --min-workers have joined
 FETCH_TIMEOUT = 30.0  # seconds to fetch one update's weights before the update is rejected
+FETCH_THREADS = 4  # concurrent update downloads per round
 
 
 class JobFailed(RuntimeError):
@@ -396,25 +398,54 @@ class Client:
 
     def _collect(self, job: _Job, round_msg: messages.Round, expected: set[str],
                  collected: dict[str, _Collected], refused: dict[str, str], first_attempt: int = 1) -> None:
-        """Take updates for this round until every expected worker answered or the deadline passed."""
-        while time.time() < round_msg.deadline and not expected <= (set(collected) | set(refused)):
-            for update, sender in self._drain(job, 0.2, round_=round_msg, first_attempt=first_attempt):
-                reason = self._check_update(update, sender, expected, collected, refused)
-                if reason is None:
-                    try:
-                        fetched = weights_from_bytes(
-                            self.ipfs.cat(update.weights, max_size=MAX_WEIGHTS_BYTES, timeout=FETCH_TIMEOUT),
-                            source=f"update {update.weights} from {sender[:12]}", like=job.weights)
-                    except (IPFSError, PayloadError) as exc:
-                        reason = f"bad weights: {exc}"
-                if reason is not None:
-                    if sender in expected and sender not in collected:
-                        refused.setdefault(sender, reason)
-                    self._reject(round_msg.round, sender, reason)
-                    continue
-                collected[sender] = _Collected(sender, update, fetched)
-                for cb in self.callbacks:
-                    cb.on_update(round_msg.round, sender, len(collected), len(expected))
+        """Take updates for this round until every expected worker answered or the deadline passed.
+
+        Weights are fetched in a small thread pool as updates arrive: a remote fetch is mostly waiting
+        (js-ipfs pays ~0.27 s per block-tree layer), so fetching one after another made the round's
+        length grow with the number of workers. Results are handled here, in this thread, in arrival
+        order of completion; the aggregation order is fixed later (sorted by worker id).
+        """
+        pending: dict[Future, tuple[messages.Update, str]] = {}
+
+        def fetch(update: messages.Update, sender: str) -> list:
+            data = self.ipfs.cat(update.weights, max_size=MAX_WEIGHTS_BYTES, timeout=FETCH_TIMEOUT)
+            return weights_from_bytes(data, source=f"update {update.weights} from {sender[:12]}", like=job.weights)
+
+        def settle(future: Future) -> None:
+            update, sender = pending.pop(future)
+            try:
+                fetched, reason = future.result(), None
+            except (IPFSError, PayloadError) as exc:
+                fetched, reason = None, f"bad weights: {exc}"
+            if reason is not None:
+                refused.setdefault(sender, reason)
+                self._reject(round_msg.round, sender, reason)
+                return
+            collected[sender] = _Collected(sender, update, fetched)
+            for cb in self.callbacks:
+                cb.on_update(round_msg.round, sender, len(collected), len(expected))
+
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch") as pool:
+            while time.time() < round_msg.deadline:
+                in_flight = {sender for _, sender in pending.values()}
+                if expected <= (set(collected) | set(refused) | in_flight) and not pending:
+                    break
+                for update, sender in self._drain(job, 0.05 if pending else 0.2, round_=round_msg,
+                                                  first_attempt=first_attempt):
+                    reason = self._check_update(update, sender, expected, collected, refused)
+                    if reason is None and sender in {s for _, s in pending.values()}:
+                        reason = "replay: second update from this worker for this round"
+                    if reason is not None:
+                        if sender in expected and sender not in collected and sender not in in_flight:
+                            refused.setdefault(sender, reason)
+                        self._reject(round_msg.round, sender, reason)
+                        continue
+                    pending[pool.submit(fetch, update, sender)] = (update, sender)
+                for future in [f for f in pending if f.done()]:
+                    settle(future)
+            wait(list(pending))  # arrived before the deadline: each fetch finishes within its own timeout
+            for future in list(pending):
+                settle(future)
 
     def _screen_outliers(self, job: _Job, collected: dict[str, _Collected], refused: dict[str, str]) -> None:
         """Refuse updates that moved the model `max_norm_ratio` times further than the median update:
