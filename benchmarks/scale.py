@@ -113,8 +113,9 @@ def render(rows: list[dict]) -> str:
     per_worker = growth / extra if extra else float("nan")
     return (f"{body}\n\nWide digits MLP ({first['weights_mb']:.1f} MB of float32 weights), {first['rounds']} rounds "
             f"per job, 1 epoch on 90 examples per worker; median (min–max) over {first['repeats']} repeat(s). "
-            f"`fetch updates` is the client's time in `IPFSClient.cat` per round: it fetches the updates one "
-            f"after the other. Peak RSS is the client process's ru_maxrss (`os.wait4`), a high-water mark that "
+            f"`fetch updates` is the client's time in `IPFSClient.cat` per round, summed over "
+            f"its fetch threads (it fetches up to 4 updates at once, so this can exceed s/round). "
+            f"Peak RSS is the client process's ru_maxrss (`os.wait4`), a high-water mark that "
             f"TensorFlow's start-up already sets near 0.7 GB, so a few updates hide under it; from "
             f"{first['workers']} to {last['workers']} workers it grows by {growth:.0f} MB ({per_worker:.1f} MB per "
             f"extra worker for {first['weights_mb']:.1f} MB updates). The last column is what the client holds "
