@@ -238,7 +238,7 @@ class Client:
         rejected by the acceptance rule means its round is tried again.
         """
         from .chain import walk
-        from .payloads import MAX_MODEL_BYTES, model_from_bytes
+        from .chain.export import load_global_model
 
         if head is None:
             if job_id is None:
@@ -265,9 +265,7 @@ class Client:
             write_head(chain.head_file, head)
         spec = JobSpec.from_config(genesis.get("config", {}), job_id=job_id, eval_data=eval_data, **overrides)
         model_cid = cid_str(genesis["model"])
-        model = model_from_bytes(self.ipfs.cat(model_cid, max_size=MAX_MODEL_BYTES), source=f"model {model_cid}")
-        weights = weights_from_bytes(self.ipfs.cat(kept["weights"], max_size=MAX_WEIGHTS_BYTES),
-                                     source=f"weights {cid_str(kept['weights'])}", like=model.get_weights())
+        model, weights = load_global_model(self.ipfs, genesis, kept)
         eval_xy = _load_eval(eval_data, model) if eval_data else None
         accept = _check_spec(spec, weights, eval_xy)
         result = JobResult(job_id, model_cid, cid_str(parse_cid(head)), cid_str(kept["weights"]))

@@ -23,7 +23,8 @@ from ..ipfs.cids import cid_str
 from .blocks import ChainError, check_signature
 from .log import BlockStore, walk
 
-__all__ = ["ExportError", "Exported", "ONNX_MISSING", "check_request", "onnx_available", "select_block", "export_model"]
+__all__ = ["ExportError", "Exported", "ONNX_MISSING", "check_request", "onnx_available", "select_block",
+           "load_global_model", "export_model"]
 
 ONNX_MISSING = "--onnx needs tf2onnx, which is not installed: pip install tf2onnx"
 
@@ -83,6 +84,19 @@ def check_request(path: str | os.PathLike, onnx: bool = False) -> None:
         raise ExportError(f"output {path} is a directory")
 
 
+def load_global_model(store: BlockStore, genesis: dict, block: dict, *, timeout: float = 120.0) -> tuple:
+    """(model, weights): the genesis `.keras` model (Keras safe mode) and `block`'s global weights,
+    checked against the model's shapes and dtypes. The weights are returned, not set on the model."""
+    from ..payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES, model_from_bytes, weights_from_bytes
+
+    model_cid, weights_cid = cid_str(genesis["model"]), cid_str(block["weights"])
+    model = model_from_bytes(store.cat(model_cid, max_size=MAX_MODEL_BYTES, timeout=timeout),
+                             source=f"model {model_cid}")
+    weights = weights_from_bytes(store.cat(weights_cid, max_size=MAX_WEIGHTS_BYTES, timeout=timeout),
+                                 source=f"weights {weights_cid}", like=model.get_weights())
+    return model, weights
+
+
 def export_model(store: BlockStore, head: str | CID, path: str | os.PathLike, *, round: int | None = None,
                  onnx: bool = False, signer: str | None = None, opset: int = DEFAULT_OPSET) -> Exported:
     """Write the global model of `round` (default: the head's) of the chain at `head` to `path`.
@@ -103,13 +117,8 @@ def export_model(store: BlockStore, head: str | CID, path: str | os.PathLike, *,
             raise ChainError(f"block {cid_str(cid)} (round {block['round']}): bad signature from {block['signer']}")
     genesis = blocks[-1][1]
     cid, block = select_block(blocks, round)
-
-    from ..payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES, model_from_bytes, weights_from_bytes
-
+    model, weights = load_global_model(store, genesis, block)
     model_cid, weights_cid = cid_str(genesis["model"]), cid_str(block["weights"])
-    model = model_from_bytes(store.cat(model_cid, max_size=MAX_MODEL_BYTES, timeout=120), source=model_cid)
-    weights = weights_from_bytes(store.cat(weights_cid, max_size=MAX_WEIGHTS_BYTES, timeout=120),
-                                 source=weights_cid, like=model.get_weights())
     model.set_weights(weights)
 
     # Write next to the target and rename, so an interrupted export never leaves half a file at `path`.
