@@ -425,13 +425,13 @@ class Client:
 
         with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch") as pool:
             while time.time() < round_msg.deadline:
-                in_flight = {sender for _, sender in pending.values()}
-                if expected <= (set(collected) | set(refused) | in_flight) and not pending:
+                if not pending and expected <= (set(collected) | set(refused)):
                     break
                 for update, sender in self._drain(job, 0.05 if pending else 0.2, round_=round_msg,
                                                   first_attempt=first_attempt):
+                    in_flight = {s for _, s in pending.values()}
                     reason = self._check_update(update, sender, expected, collected, refused)
-                    if reason is None and sender in {s for _, s in pending.values()}:
+                    if reason is None and sender in in_flight:
                         reason = "replay: second update from this worker for this round"
                     if reason is not None:
                         if sender in expected and sender not in collected and sender not in in_flight:
