@@ -124,6 +124,7 @@ class Devnet:
         self.directory = Path(directory)
         self.daemon = daemon
         self.nodes = nodes
+        self._procs: dict[int, subprocess.Popen] = {}  # daemons this object started, by node index
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -145,7 +146,12 @@ class Devnet:
             with ThreadPoolExecutor(max_workers=n) as pool:
                 list(pool.map(net._init_repo, nodes))
                 list(pool.map(lambda node: net._start(node, timeout), nodes))
-            net._connect_all(timeout)
+            try:
+                net._connect_all(timeout)
+            except IPFSError as exc:
+                # A daemon can answer `id` and still die a moment later (js-ipfs with a key it
+                # cannot load does); name the node and its exit rather than the refused connection.
+                raise net._exited_node_error() or exc from None
             net.save()
         except BaseException:
             Devnet.down(directory)
@@ -277,6 +283,7 @@ class Devnet:
                                         stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
             node.pid = proc.pid
+            self._procs[node.index] = proc
             node.api = f"/ip4/127.0.0.1/tcp/{node.ports['api']}"
             error = self._wait_started(node, proc, log_path, timeout)
             if error is None:
@@ -306,6 +313,20 @@ class Devnet:
                 return None
         _signal_group(proc.pid, signal.SIGKILL)
         return f"no answer on {node.api} within {timeout:.0f}s: {_last_line(log_path)}"
+
+    def _exited_node_error(self, grace: float = 5.0) -> DevnetError | None:
+        """The first started daemon that exited (waiting up to `grace` s for a dying one), as an error."""
+        deadline = time.monotonic() + grace
+        while True:
+            for node in self.nodes:
+                proc = self._procs.get(node.index)
+                if proc is not None and proc.poll() is not None:
+                    log_path = Path(node.repo) / "daemon.log"
+                    return DevnetError(f"node {node.index} did not start: exited with code {proc.returncode}: "
+                                       f"{_last_line(log_path)} (log: {log_path})")
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
 
     def _connect_all(self, timeout: float) -> None:
         for node in self.nodes:
