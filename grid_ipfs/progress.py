@@ -22,8 +22,15 @@ def _fmt(metrics: dict, key: str) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "-"
 
 
+def rejected_line(result: RoundResult, why: str) -> str:
+    """One line for a try whose aggregate the acceptance rule turned down, e.g. "round 3 try 1 rejected:
+    val_accuracy 0.41 fails val_accuracy>=0.6"."""
+    return f"round {result.round} try {result.tries} rejected: {why}"
+
+
 class LogProgress(ClientCallback):
-    """One log line per event: for `--json` runs, CI logs and files."""
+    """One log line per event: for `--json` runs, CI logs and files. (A try rejected by the acceptance
+    rule is logged by the client itself, as a warning naming the rule and the retry.)"""
 
     def on_job_start(self, job, genesis):
         log.info("job %s: model %s, genesis %s; waiting for workers", job.job, job.model, genesis)
@@ -54,7 +61,8 @@ class LogProgress(ClientCallback):
 
 
 class RichProgress(ClientCallback):
-    """A live table on stderr: one row per round, the current one updating as updates arrive."""
+    """A live table on stderr: one row per round, the current one updating as updates arrive; a try the
+    acceptance rule rejected is a red row marked ✗, with the reason under the table."""
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
@@ -62,13 +70,17 @@ class RichProgress(ClientCallback):
         self.current: dict = {}
         self.live: Live | None = None
         self.job = ""
+        self.rejections: list[str] = []
 
     def _table(self) -> Table:
         table = Table(title=f"job {self.job}", expand=False)
         for column in ("round", "updates", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
             table.add_column(column, justify="right")
-        for row in self.rows:
-            table.add_row(*row)
+        for *row, style in self.rows:
+            table.add_row(*row, style=style)
+        if self.rejections:  # why each ✗ row was turned down (the last few), under the table
+            table.caption = "\n".join(self.rejections[-5:])
+            table.caption_style = "red"
         if self.current:
             c = self.current
             table.add_row(str(c["round"]), f"{c['received']}/{c['expected']}", "…", "…", "…", "…",
@@ -100,10 +112,18 @@ class RichProgress(ClientCallback):
         self.console.print(f"  [yellow]round {round} attempt {attempt}[/]: {received} of {needed} updates by the "
                            "deadline; announcing it again")
 
+    def on_round_rejected(self, result: RoundResult, why: str):
+        m = result.metrics
+        self.rows.append((f"{result.round} ✗", str(result.updates), _fmt(m, "loss"), _fmt(m, "accuracy"),
+                          _fmt(m, "val_loss"), _fmt(m, "val_accuracy"), f"{result.seconds:.1f}", "red"))
+        self.rejections.append(rejected_line(result, why))
+        self.current = {}
+        self._refresh()
+
     def on_round_end(self, result: RoundResult):
         m = result.metrics
         self.rows.append((str(result.round), str(result.updates), _fmt(m, "loss"), _fmt(m, "accuracy"),
-                          _fmt(m, "val_loss"), _fmt(m, "val_accuracy"), f"{result.seconds:.1f}"))
+                          _fmt(m, "val_loss"), _fmt(m, "val_accuracy"), f"{result.seconds:.1f}", None))
         self.current = {}
         self._refresh()
 

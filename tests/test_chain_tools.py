@@ -1,7 +1,7 @@
-"""Chain tools: `chain plot` (learning curves), `chain export` (a round's global model to a file), `chain
-show` piped, and the `identity show|new` CLI.
+"""Chain tools: `chain plot` (learning curves), `chain export` (a round's global model to a .keras or
+.onnx file), `chain verify --eval-data`, `chain show` piped, and the `identity show|new` CLI.
 
-Unit tests need no daemon. The integration tests build a real 2-round FedAvg chain of the XOR model on
+Unit tests need no daemon. The integration tests build real 2-round FedAvg chains of the XOR model on
 a 1-node devnet and drive the CLIs as subprocesses, as an operator would.
 """
 
@@ -107,9 +107,35 @@ def test_export_refuses_bad_requests_before_reading_anything(tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         check_request(tmp_path / "nowhere" / "model.keras")
     check_request(tmp_path / "model.keras")
-    if not onnx_available():
+    if onnx_available():
+        check_request(tmp_path / "model.onnx", onnx=True)
+        with pytest.raises(ExportError, match=r"must end in \.onnx with --onnx"):
+            check_request(tmp_path / "model.keras", onnx=True)
+    else:
         with pytest.raises(ExportError, match="pip install tf2onnx"):
             check_request(tmp_path / "model.onnx", onnx=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+WITHOUT_TF2ONNX = ("import sys; sys.modules['tf2onnx'] = None  # as if not installed\n"
+                   "from grid_ipfs.chain.__main__ import main; sys.exit(main(sys.argv[1:]))")
+
+
+def run_chain_without_tf2onnx(*args: str) -> subprocess.CompletedProcess:
+    """`python -m grid_ipfs.chain ARGS` in a process where `import tf2onnx` fails, installed or not."""
+    return subprocess.run([sys.executable, "-c", WITHOUT_TF2ONNX, *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_export_onnx_without_tf2onnx_fails_in_one_line_before_connecting(tmp_path):
+    out = tmp_path / "model.onnx"
+    from multiformats import CID, multihash
+
+    head = str(CID("base32", 1, "dag-cbor", multihash.digest(b"a block", "sha2-256")))
+    proc = run_chain_without_tf2onnx("export", "--api", UNREACHABLE, head, "-o", str(out), "--onnx")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == ["error: --onnx needs tf2onnx, which is not installed: pip install tf2onnx"]
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 def test_select_block_takes_the_newest_or_the_round_asked():
@@ -306,14 +332,45 @@ def test_export_cli_refuses_a_round_not_in_the_chain_and_a_foreign_signer(chain)
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(onnx_available(), reason="tf2onnx is installed here: the missing-tf2onnx path cannot run")
-def test_export_onnx_without_tf2onnx_says_how_to_install_it(chain):
-    out = chain.root / "model.onnx"
-    proc = run_cli("grid_ipfs.chain", "export", "--api", chain.api, chain.head, "-o", str(out), "--onnx")
+def test_export_onnx_without_tf2onnx_says_how_to_install_it_and_writes_nothing(chain):
+    out_dir = chain.root / "no-onnx"
+    out_dir.mkdir()
+    proc = run_chain_without_tf2onnx("export", "--api", chain.api, chain.head, "-o", str(out_dir / "model.onnx"),
+                                     "--onnx")
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == ["error: --onnx needs tf2onnx, which is not installed: "
-                                                "pip install tf2onnx"]
-    assert not out.exists()
+    assert proc.stderr.splitlines() == ["error: --onnx needs tf2onnx, which is not installed: pip install tf2onnx"]
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_export_onnx_writes_a_model_that_computes_what_the_round_weights_compute(chain):
+    """tf2onnx is in the dev extra (and the `onnx` extra): a real conversion, run by onnx's reference
+    runtime (no onnxruntime needed), must give the Keras model's outputs with round 1's weights."""
+    assert onnx_available(), "tf2onnx is missing: pip install -e '.[dev]' (or '.[onnx]')"
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from grid_ipfs import zoo
+
+    out_dir = chain.root / "onnx"
+    out_dir.mkdir()
+    out = out_dir / "model.onnx"
+    proc = run_cli("grid_ipfs.chain", "export", "--api", chain.api, chain.head, "-o", str(out), "--onnx",
+                   "--round", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = json.loads(proc.stdout)
+    assert done["format"] == "onnx" and done["round"] == 1 and done["block"] == chain.cids[1]
+    assert [p.name for p in out_dir.iterdir()] == ["model.onnx"]  # no temporary file left behind
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(1).uniform(-1, 2, size=(16, 2)).astype(np.float32)
+    got = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x})[0]
+    keras_model = zoo.xor_mlp(seed=0)
+    for weights, close in ((chain.weights[1], True), (chain.weights[2], False)):
+        keras_model.set_weights(weights)
+        want = keras_model.predict(x, verbose=0)
+        assert got.shape == want.shape
+        assert np.allclose(got, want, atol=1e-5) == close, np.abs(got - want).max()
 
 
 @pytest.mark.integration
@@ -334,3 +391,120 @@ def test_show_piped_prints_every_cid_whole_one_row_per_line(chain):
         assert line is not None, f"{row['cid']} not printed whole:\n{proc.stdout}"
         assert row["weights"] in line  # the block's weights CID whole, on the same line
     assert chain.model_cid in proc.stdout
+
+
+# -- chain verify --eval-data: the recorded val_* metrics re-evaluated ---------------------------------
+
+
+def xor_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.random.default_rng(seed).uniform(0, 1, size=(n, 2)).astype(np.float32)
+    return x, ((x[:, 0] > 0.5) != (x[:, 1] > 0.5)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Two chains of the XOR model on a 1-node devnet whose val_* metrics are the model evaluated on
+    `eval.npz`, as the client records them: `head` honest, `tampered` the same but with round 2's
+    val_loss recorded 0.05 too low (and signed, so only re-evaluating can tell)."""
+    from grid_ipfs import data, zoo
+    from grid_ipfs.aggregate import fedavg
+    from grid_ipfs.chain import ChainLog
+    from grid_ipfs.ipfs.cids import cid_str
+    from grid_ipfs.ipfs.devnet import Devnet
+    from grid_ipfs.payloads import model_from_bytes, model_to_bytes, weights_to_bytes
+    from grid_ipfs.training import evaluate
+
+    root = tmp_path_factory.mktemp("chain_eval")
+    eval_path = data.save_shard(root / "eval.npz", *xor_data(200, seed=0))
+    data.save_shard(root / "other.npz", *xor_data(200, seed=1))
+    data.save_shard(root / "wide.npz", np.zeros((8, 3), np.float32), np.zeros(8, np.float32))
+    x, y = data.load_shard(eval_path)
+    blob = model_to_bytes(zoo.xor_mlp(seed=0))
+    model = model_from_bytes(blob)
+    val = lambda weights: {f"val_{k}": v for k, v in evaluate(model, weights, x, y).items()}
+    net = Devnet.up(1, root / "devnet")
+    try:
+        with net.nodes[0].client() as client:
+            owner, worker = Identity.generate(), Identity.generate()
+            model_cid = client.add(blob)
+            rng = np.random.default_rng(0)
+            history = [[w.copy() for w in model.get_weights()]]
+            for _ in (1, 2):
+                updates = [([(w + 0.3 * rng.standard_normal(w.shape)).astype(w.dtype) for w in history[-1]], 10)]
+                history.append(fedavg(updates))
+            heads, cids = {}, {}
+            for name, shift in (("head", 0.0), ("tampered", -0.05)):
+                log = ChainLog(client, None)
+                cids[name] = [log.append({"job": f"xor-eval-{name}", "round": 0, "model": model_cid,
+                                          "weights": client.add(weights_to_bytes(history[0])),
+                                          "aggregation": {"name": "init", "params": {}}, "updates": [],
+                                          "metrics": val(history[0])}, owner)]
+                for r in (1, 2):
+                    metrics = val(history[r])
+                    if r == 2:
+                        metrics["val_loss"] += shift
+                    cids[name].append(log.append({
+                        "job": f"xor-eval-{name}", "round": r, "model": model_cid,
+                        "weights": client.add(weights_to_bytes(history[r])),
+                        "aggregation": {"name": "fedavg", "params": {}},
+                        "updates": [{"worker": worker.id, "weights": client.add(weights_to_bytes(history[r])),
+                                     "num_examples": 10, "metrics": {}}],
+                        "metrics": metrics}, owner))
+                heads[name] = cid_str(log.head)
+        from types import SimpleNamespace
+
+        yield SimpleNamespace(api=net.nodes[0].api, root=root, eval=eval_path, head=heads["head"],
+                              tampered=heads["tampered"], tampered_block=cid_str(cids["tampered"][2]),
+                              recorded_loss=val(history[2])["val_loss"])
+    finally:
+        net.stop()
+
+
+@pytest.mark.integration
+def test_chain_verify_with_eval_data_re_evaluates_every_block(evaluated):
+    proc = run_cli("grid_ipfs.chain", "verify", "--api", evaluated.api, evaluated.head, "--eval-data",
+                   str(evaluated.eval))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout == (f"OK: 3 blocks verified from {evaluated.head} to genesis, metrics re-evaluated on "
+                           f"{evaluated.eval}\n")
+    proc = run_cli("grid_ipfs.chain", "verify", "--api", evaluated.api, evaluated.head, "--json")
+    assert json.loads(proc.stdout) == {"ok": True, "blocks": 3, "reason": "", "first_bad": None, "evaluated": False}
+
+
+@pytest.mark.integration
+def test_chain_verify_with_eval_data_names_a_tampered_metric(evaluated):
+    plain = run_cli("grid_ipfs.chain", "verify", "--api", evaluated.api, evaluated.tampered)
+    assert plain.returncode == 0, plain.stdout + plain.stderr  # signed and consistent: only evaluation tells
+    proc = run_cli("grid_ipfs.chain", "verify", "--api", evaluated.api, evaluated.tampered, "--eval-data",
+                   str(evaluated.eval), "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["first_bad"] == evaluated.tampered_block and report["evaluated"] is True
+    assert report["reason"] == (f"block 2 (seq 2): recorded val_loss {evaluated.recorded_loss - 0.05:.6g}, but the "
+                                f"verifier's evaluation gives {evaluated.recorded_loss:.6g} (is it the client's "
+                                "eval data?)"), report["reason"]
+
+
+@pytest.mark.integration
+def test_chain_verify_with_other_or_unfit_eval_data_fails(evaluated):
+    proc = run_cli("grid_ipfs.chain", "verify", "--api", evaluated.api, evaluated.head, "--eval-data",
+                   str(evaluated.root / "other.npz"))
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("FAILED at block ") and "block 0 (seq 0): recorded val_" in proc.stdout
+    assert "is it the client's eval data?" in proc.stdout, proc.stdout
+    for path, message in ((evaluated.root / "wide.npz", "error: data x has feature shape (3,) but the model "
+                                                         "expects (2,)"),
+                          (evaluated.root / "absent.npz", f"error: shard file not found: {evaluated.root}/absent.npz")):
+        proc = run_cli("grid_ipfs.chain", "verify", "--api", evaluated.api, evaluated.head, "--eval-data", str(path))
+        assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+        assert proc.stderr.splitlines() == [message], proc.stderr
+
+
+def test_chain_verify_refuses_a_missing_eval_file_before_connecting(tmp_path):
+    from multiformats import CID, multihash
+
+    head = str(CID("base32", 1, "dag-cbor", multihash.digest(b"a block", "sha2-256")))
+    proc = run_cli("grid_ipfs.chain", "verify", "--api", UNREACHABLE, head, "--eval-data", str(tmp_path / "x.npz"),
+                   timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"error: shard file not found: {tmp_path}/x.npz"], proc.stderr

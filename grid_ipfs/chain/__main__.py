@@ -1,14 +1,18 @@
-"""`python -m grid_ipfs.chain show|verify|plot|export --api A HEAD`: read, audit and use a job's chain from any node.
+"""`python -m grid_ipfs.chain COMMAND --api A HEAD`: read, audit and use a job's chain from any node.
 
     show    the log as a table, genesis first (round, workers, examples, loss, accuracy, weights CID);
             full CIDs also when piped (`--json` for machines)
     verify  walk to genesis and check every block: CID recomputed from its bytes, seq/prev
             continuity, signature, every linked object retrievable, and the global weights equal
-            bit for bit to the aggregate recomputed from the recorded updates
+            bit for bit to the aggregate recomputed from the recorded updates; with --eval-data
+            FILE.npz (the client's --eval-data) also re-evaluate every block's global weights and
+            check the recorded val_* metrics and acceptance verdicts against the verifier's numbers
     plot    draw loss and accuracy per round (training, held-out val_*, workers' eval_* of the
             incoming model; whatever numeric metrics the blocks hold) into an image: -o run.png
     export  write the global model of the head's round (or --round R) as a standalone .keras file
-            (-o model.keras), or as ONNX with --onnx (needs `pip install tf2onnx`)
+            (-o model.keras), or as ONNX with --onnx -o model.onnx (needs `pip install tf2onnx`)
+    privacy the DP-FedAvg privacy budget so far: epsilon at --delta (default 1e-5) after each noisy
+            aggregate, user-level w.r.t. one worker (assumptions and caveats: grid_ipfs.privacy)
 
 Exit codes: 0 ok, 1 the chain does not verify (the first bad block is named) or cannot be read (or
 export/plot fails; the reason is printed as one `error:` line), 2 usage, 130 interrupted.
@@ -29,12 +33,13 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from ..data import DataError  # noqa: E402
 from ..identity import IdentityError, parse_public_id  # noqa: E402
 from ..ipfs import IPFSError, cid_str, parse_cid  # noqa: E402
 from ..ipfs.rpc import IPFSClient  # noqa: E402
 from ..payloads import PayloadError  # noqa: E402
 from . import ChainError, read_head, verify_chain, walk  # noqa: E402
-from .export import ExportError, check_request, export_model  # noqa: E402
+from .export import ExportError, check_request, export_model, load_genesis_model  # noqa: E402
 
 
 def _head(args) -> str:
@@ -104,17 +109,64 @@ def export(client: IPFSClient, head: str, args) -> int:
     return 0
 
 
-def verify(client: IPFSClient, head: str, recompute: bool, as_json: bool, signer: str | None = None) -> int:
-    report = verify_chain(client, head, recompute=recompute, signer=signer)
+def evaluator(client: IPFSClient, head: str, eval_xy: tuple):
+    """weights -> {"val_<metric>": value}: the job's model (genesis) evaluated on `eval_xy`, named as the
+    client records its held-out metrics. None when the chain cannot be walked to its genesis: then
+    `verify_chain` names the block that breaks it."""
+    from ..data import check_shard_for_model
+    from ..training import evaluate
+
+    try:
+        *_, (_, genesis) = walk(client, head)
+    except (ChainError, IPFSError):
+        return None
+    model = load_genesis_model(client, genesis)
+    check_shard_for_model(*eval_xy, tuple(model.input_shape))
+    return lambda weights: {f"val_{k}": v for k, v in evaluate(model, weights, *eval_xy).items()}
+
+
+def verify(client: IPFSClient, head: str, recompute: bool, as_json: bool, signer: str | None = None,
+           eval_data: Path | None = None, eval_xy: tuple | None = None) -> int:
+    evaluate = evaluator(client, head, eval_xy) if eval_xy is not None else None
+    report = verify_chain(client, head, recompute=recompute, signer=signer, evaluate=evaluate)
     if as_json:
         print(json.dumps({"ok": report.ok, "blocks": report.blocks, "reason": report.reason,
-                          "first_bad": cid_str(report.first_bad) if report.first_bad else None}))
+                          "first_bad": cid_str(report.first_bad) if report.first_bad else None,
+                          "evaluated": evaluate is not None}))
     elif report.ok:
         print(f"OK: {report.blocks} blocks verified from {head} to genesis"
-              + ("" if recompute else " (aggregates not recomputed)"))
+              + ("" if recompute else " (aggregates not recomputed)")
+              + (f", metrics re-evaluated on {eval_data}" if evaluate is not None else ""))
     else:
         print(f"FAILED at block {cid_str(report.first_bad) if report.first_bad else '?'}: {report.reason}")
     return 0 if report.ok else 1
+
+
+def privacy(client: IPFSClient, head: str, delta: float, as_json: bool) -> int:
+    from ..privacy import chain_epsilon
+
+    try:
+        budget = chain_epsilon(walk(client, head), delta)
+    except ValueError as exc:
+        raise ChainError(str(exc)) from None
+    if as_json:
+        print(json.dumps(budget.as_dict()))
+        return 0
+    num = lambda value: "-" if value is None else f"{value:g}"
+    print(f"job {budget.job}: {len(budget.releases)} aggregate(s) after genesis, {budget.rounds} accepted "
+          f"round(s); epsilon at delta {delta:g} (user-level, one worker, every round)")
+    for r in budget.releases:
+        what = (f"clip {num(r.clip)}, noise multiplier {num(r.noise_multiplier)}" if r.aggregation == "dp-fedavg"
+                else f"{r.aggregation}, no noise")
+        print(f"  round {r.round} (seq {r.seq}{'' if r.accepted else ', rejected try'}): {what}; "
+              f"epsilon so far {r.epsilon:.4g}")
+    if budget.private:
+        print(f"epsilon {budget.epsilon:.4g} at delta {delta:g}")
+    else:
+        print(f"epsilon inf at delta {delta:g}: {budget.reason}")
+    print("note: bounds what the global weights reveal; the chain itself also holds each worker's update and "
+          "the noise seed (see grid_ipfs.privacy)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"show": "print the chain as a table", "verify": "audit every block down to genesis",
              "plot": "draw loss and accuracy per round into an image",
-             "export": "write a round's global model to a .keras (or .onnx) file"}
-    for name in ("show", "verify", "plot", "export"):
+             "export": "write a round's global model to a .keras (or .onnx) file",
+             "privacy": "the DP-FedAvg privacy budget (epsilon) spent so far"}
+    for name in ("show", "verify", "plot", "export", "privacy"):
         p = sub.add_parser(name, help=helps[name], description=helps[name])
         p.add_argument("--api", required=True, help="any IPFS daemon's API multiaddr")
         p.add_argument("head", nargs="?", help="the chain head CID")
@@ -134,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--json", action="store_true")
         if name == "verify":
             p.add_argument("--no-recompute", action="store_true", help="skip recomputing the aggregates")
+            p.add_argument("--eval-data", type=Path, metavar="PATH.npz",
+                           help="the .npz the client evaluated on (its --eval-data): re-evaluate every global "
+                                "model and check the recorded val_* metrics")
+        if name == "privacy":
+            p.add_argument("--delta", type=float, default=1e-5, help="delta of (epsilon, delta)-DP (default 1e-5)")
         if name == "plot":
             p.add_argument("-o", "--output", required=True, type=Path,
                            help="image file to write (PNG, or any format matplotlib knows from the suffix)")
@@ -156,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.round is not None and args.round < 0:
                 parser.error(f"--round must be >= 0, got {args.round}")
             check_request(args.output, args.onnx)
+        if args.command == "privacy" and not 0 < args.delta < 1:
+            parser.error(f"--delta must be in (0, 1), got {args.delta:g}")
+        eval_xy = None
+        if args.command == "verify" and args.eval_data is not None:
+            from ..data import load_shard
+
+            eval_xy = tuple(load_shard(args.eval_data))  # a bad file is named before any connection
         with IPFSClient(args.api) as client:
             client.wait_ready(timeout=5)  # an unreachable daemon is an error, not a failed verification
             head = head or _head(args)
@@ -165,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                 return plot(client, head, args.output, args.title)
             if args.command == "export":
                 return export(client, head, args)
-            return verify(client, head, not args.no_recompute, args.json, args.signer)
-    except (ChainError, IPFSError, ExportError, PayloadError, IdentityError, OSError) as exc:
+            if args.command == "privacy":
+                return privacy(client, head, args.delta, args.json)
+            return verify(client, head, not args.no_recompute, args.json, args.signer, args.eval_data, eval_xy)
+    except (ChainError, IPFSError, ExportError, PayloadError, IdentityError, DataError, OSError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

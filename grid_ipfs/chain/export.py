@@ -24,7 +24,7 @@ from .blocks import ChainError, check_signature
 from .log import BlockStore, walk
 
 __all__ = ["ExportError", "Exported", "ONNX_MISSING", "check_request", "onnx_available", "select_block",
-           "load_global_model", "export_model"]
+           "load_genesis_model", "load_global_model", "export_model"]
 
 ONNX_MISSING = "--onnx needs tf2onnx, which is not installed: pip install tf2onnx"
 
@@ -75,6 +75,8 @@ def check_request(path: str | os.PathLike, onnx: bool = False) -> None:
     path = Path(path)
     if onnx and not onnx_available():
         raise ExportError(ONNX_MISSING)
+    if onnx and path.suffix != ".onnx":
+        raise ExportError(f"output {path} must end in .onnx with --onnx")
     if not onnx and path.suffix != ".keras":
         raise ExportError(f"output {path} must end in .keras (Keras saves only .keras archives; "
                           f"use --onnx for an .onnx file)")
@@ -84,14 +86,23 @@ def check_request(path: str | os.PathLike, onnx: bool = False) -> None:
         raise ExportError(f"output {path} is a directory")
 
 
+def load_genesis_model(store: BlockStore, genesis: dict, *, timeout: float = 120.0):
+    """The job's model: the genesis block's `.keras` archive, loaded in Keras safe mode (compiled, as
+    the client saved it), with its initial weights."""
+    from ..payloads import MAX_MODEL_BYTES, model_from_bytes
+
+    model_cid = cid_str(genesis["model"])
+    return model_from_bytes(store.cat(model_cid, max_size=MAX_MODEL_BYTES, timeout=timeout),
+                            source=f"model {model_cid}")
+
+
 def load_global_model(store: BlockStore, genesis: dict, block: dict, *, timeout: float = 120.0) -> tuple:
     """(model, weights): the genesis `.keras` model (Keras safe mode) and `block`'s global weights,
     checked against the model's shapes and dtypes. The weights are returned, not set on the model."""
-    from ..payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES, model_from_bytes, weights_from_bytes
+    from ..payloads import MAX_WEIGHTS_BYTES, weights_from_bytes
 
-    model_cid, weights_cid = cid_str(genesis["model"]), cid_str(block["weights"])
-    model = model_from_bytes(store.cat(model_cid, max_size=MAX_MODEL_BYTES, timeout=timeout),
-                             source=f"model {model_cid}")
+    weights_cid = cid_str(block["weights"])
+    model = load_genesis_model(store, genesis, timeout=timeout)
     weights = weights_from_bytes(store.cat(weights_cid, max_size=MAX_WEIGHTS_BYTES, timeout=timeout),
                                  source=f"weights {weights_cid}", like=model.get_weights())
     return model, weights
@@ -138,7 +149,11 @@ def export_model(store: BlockStore, head: str | CID, path: str | os.PathLike, *,
 def _save_onnx(model, path: Path, opset: int) -> None:
     """Convert through a tf.function over the model's inputs (tf2onnx's route for Keras 3 models)."""
     import tensorflow as tf
-    import tf2onnx
+
+    try:
+        import tf2onnx
+    except ImportError as exc:  # found by find_spec but broken (e.g. an onnx it cannot import)
+        raise ExportError(f"{ONNX_MISSING} ({exc})") from None
 
     specs = [tf.TensorSpec([None, *tensor.shape[1:]], tensor.dtype, name=f"input_{i}")
              for i, tensor in enumerate(model.inputs)]
@@ -147,4 +162,8 @@ def _save_onnx(model, path: Path, opset: int) -> None:
     def serve(*inputs):
         return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
 
-    tf2onnx.convert.from_function(serve, input_signature=specs, opset=opset, output_path=str(path))
+    try:
+        tf2onnx.convert.from_function(serve, input_signature=specs, opset=opset, output_path=str(path))
+    except Exception as exc:  # tf2onnx raises whatever its converters do; name it in one line
+        raise ExportError(f"tf2onnx could not convert the model (opset {opset}): "
+                          f"{type(exc).__name__}: {exc}") from None

@@ -1,0 +1,61 @@
+"""The live progress display (`grid_ipfs.progress.RichProgress`) driven through its ClientCallback hooks,
+rendered into a string: rounds, and tries the acceptance rule rejected."""
+
+from __future__ import annotations
+
+import io
+import time
+from types import SimpleNamespace
+
+from rich.console import Console
+
+from grid_ipfs.client import JobResult, RoundResult
+from grid_ipfs.progress import RichProgress, rejected_line
+
+WHY = "val_accuracy 0.41 fails val_accuracy>=0.6"
+
+
+def result(round: int, tries: int, val_accuracy: float, accepted: bool = True) -> RoundResult:
+    return RoundResult(round=round, weights=f"w{round}.{tries}", head=f"h{round}.{tries}", updates=3,
+                       metrics={"loss": 0.5, "accuracy": 0.8, "val_loss": 0.9, "val_accuracy": val_accuracy},
+                       seconds=1.25, accepted=accepted, tries=tries)
+
+
+def run(events) -> str:
+    out = io.StringIO()
+    progress = RichProgress(Console(file=out, width=120, force_terminal=False, color_system=None))
+    progress.on_job_start(SimpleNamespace(job="job-1", model="bafymodel"), "bafygenesis")
+    for event in events:
+        event(progress)
+    progress.on_job_end(JobResult(job="job-1", model="bafymodel", head="h-last", weights="w-last"))
+    return out.getvalue()
+
+
+def test_rejected_line():
+    assert rejected_line(result(3, 1, 0.41, accepted=False), WHY) == f"round 3 try 1 rejected: {WHY}"
+
+
+def test_a_rejected_try_is_a_row_of_its_own_with_the_reason_under_the_table():
+    deadline = time.time() + 60
+    text = run([
+        lambda p: p.on_round_start(1, 3, deadline),
+        lambda p: p.on_update(1, "worker-a", 1, 3),
+        lambda p: p.on_round_rejected(result(1, 1, 0.41, accepted=False), WHY),
+        lambda p: p.on_round_start(1, 3, deadline),
+        lambda p: p.on_round_end(result(1, 2, 0.72)),
+        lambda p: p.on_round_start(2, 3, deadline),
+        lambda p: p.on_round_end(result(2, 1, 0.80)),
+    ])
+    table = text[text.rindex("job job-1"):]  # the final render of the live table
+    rows = [line for line in table.splitlines() if "1.2" in line]  # the rows of finished tries
+    assert len(rows) == 3, table
+    assert "1 ✗" in rows[0] and "0.4100" in rows[0], table  # the rejected try, first, marked
+    assert "✗" not in rows[1] and "0.7200" in rows[1] and "0.8000" in rows[2], table
+    assert f"round 1 try 1 rejected: {WHY}" in table
+    assert "done" in text and "h-last" in text
+
+
+def test_without_rejections_there_is_no_mark_and_no_caption():
+    text = run([lambda p: p.on_round_start(1, 3, time.time() + 60), lambda p: p.on_round_end(result(1, 1, 0.7))])
+    assert "✗" not in text and "rejected" not in text
+    assert "0.7000" in text
