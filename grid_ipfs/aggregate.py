@@ -199,6 +199,32 @@ def dp_fedavg(results: Results, *, reference: Weights, clip: float, noise_multip
     return _cast(out, dtypes)
 
 
+SCALE_BITS = 24
+"""secure-fedavg's fixed point: fractional bits (steps of 6e-8, room for |n * w| up to 5e11)."""
+
+
+def secure_fedavg(results: Sequence[tuple[Sequence[np.ndarray], int]], scale_bits: int = SCALE_BITS) -> list:
+    """FedAvg of masked fixed-point updates (see `grid_ipfs.secagg`): their sum mod 2**64, in which the
+    pairwise masks cancel exactly, over the total examples, as float32. Integer sums: bit-for-bit."""
+    if not results:
+        raise ValueError("secure-fedavg needs at least one update")
+    first = results[0][0]
+    for index, (weights, _) in enumerate(results):
+        if len(weights) != len(first) or any(np.asarray(w).dtype != np.uint64 or np.shape(w) != np.shape(f)
+                                             for w, f in zip(weights, first)):
+            raise ValueError(f"update {index}: masked updates are uint64 tensors shaped like the first one")
+    total = sum(int(n) for _, n in results)
+    out = []
+    for i in range(len(first)):
+        acc = np.zeros(np.shape(first[i]), np.uint64)
+        with np.errstate(over="ignore"):
+            for weights, _ in results:
+                acc += np.asarray(weights[i], np.uint64)
+        out.append((acc.view(np.int64).astype(np.float64) / float(2 ** scale_bits) / total).astype(np.float32))
+    return out
+
+
+
 AGGREGATIONS: dict[str, Callable[..., Weights]] = {
     "fedavg": fedavg,
     "median": median,
@@ -206,6 +232,7 @@ AGGREGATIONS: dict[str, Callable[..., Weights]] = {
     "krum": krum,
     "multi-krum": multi_krum,
     "dp-fedavg": dp_fedavg,
+    "secure-fedavg": secure_fedavg,
 }
 """Aggregation rules by the name used in job configs and chain blocks."""
 

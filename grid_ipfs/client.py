@@ -11,7 +11,9 @@ Beyond plain FedAvg a job can ask for a robust rule (`median`, `krum`, ...), DP-
 clipped deltas from the previous global weights plus seeded Gaussian noise), FedProx on the workers
 (`proximal_mu` in the job config) and an acceptance rule (`accept`, e.g. `val_accuracy>=0.6`): a round
 whose aggregate fails the rule is appended as a block marked `accepted: 0.0` (so the chain shows what
-was turned down and why) and tried again, up to `max_retries` times, before the job fails.
+was turned down and why) and tried again, up to `max_retries` times, before the job fails. With
+`miners` (competing aggregators, `python -m grid_ipfs.miner`), each round's aggregate is a candidate
+that rivals may beat: the best one that clears the rule on the client's data wins (`grid_ipfs.contest`).
 
 Round orchestration lives here; the arithmetic lives in `grid_ipfs.aggregate`, the block format in
 `grid_ipfs.chain`. Progress goes to `ClientCallback` hooks (Keras style): the CLI plugs in a rich
@@ -41,11 +43,13 @@ from . import messages  # noqa: E402
 from .aggregate import CONTEXT, AcceptRule, aggregate, parse_accept  # noqa: E402
 from .chain import ChainError, ChainLog, decode_block  # noqa: E402
 from .chain.verify import is_accepted  # noqa: E402
+from .contest import ContestError, best, check_rival, pofl_record, score_key  # noqa: E402
 from .identity import Identity, IdentityError, default_key_path, read_id_list  # noqa: E402
 from .ipfs import IPFSError, cid_str, parse_cid  # noqa: E402
 from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
 from .payloads import MAX_WEIGHTS_BYTES, PayloadError, weights_from_bytes, weights_to_bytes  # noqa: E402
+from .secagg import masked_like  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.client")
 
@@ -83,17 +87,29 @@ class JobSpec:
     """FedProx: workers add mu/2 * ||w - w_global||^2 to their loss (0: plain local training)."""
     accept: str | None = None
     """Acceptance rule for each round's aggregate (`aggregate.parse_accept`), or None: keep every round."""
+    miners: int = 0
+    """Rival proposals to wait for each round (proof of federated learning, `grid_ipfs.contest`); 0: none."""
+    proposal_timeout: float = 60.0
+    """Seconds a round waits for the miners' proposals."""
+    secure_aggregation: bool = False
+    """Pairwise-masked updates (`grid_ipfs.secagg`): the client sees only each round's sum."""
 
     _RECORDED = ("rounds", "min_workers", "fraction", "epochs", "batch_size", "round_timeout", "max_retries",
-                 "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept")
+                 "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept", "miners",
+                 "proposal_timeout", "secure_aggregation")
 
     def config(self) -> dict:
-        """The recorded settings; `proximal_mu` and `accept` only when used (older chains lack them)."""
+        """The recorded settings; `proximal_mu`, `accept` and the miners' only when used (older chains
+        lack them)."""
         config = {key: getattr(self, key) for key in self._RECORDED}
         if not self.proximal_mu:
             del config["proximal_mu"]
         if self.accept is None:
             del config["accept"]
+        if not self.miners:
+            del config["miners"], config["proposal_timeout"]
+        if not self.secure_aggregation:
+            del config["secure_aggregation"]
         return config
 
     @classmethod
@@ -119,6 +135,13 @@ class RoundResult:
     """False for a try whose aggregate failed the job's acceptance rule (recorded, then tried again)."""
     tries: int = 1
     """Which try of the round this is: 1 unless earlier aggregates were rejected by the acceptance rule."""
+    winner: str = ""
+    """With miners: the id whose aggregate won the round (the client's own, or a miner's)."""
+    proposals: list = field(default_factory=list)
+    """With miners: per candidate, `{"signer", "block", "verdict", "score"}` (the client's own first; the score
+    is the ranking metric on the client's data)."""
+    endorsements: dict = field(default_factory=dict)
+    """With miners: miner id -> its verdict on the appended block ("accepted" or "disputed: ...")."""
 
 
 @dataclass
@@ -137,7 +160,9 @@ class JobResult:
         def row(r: RoundResult) -> dict:
             return {"round": r.round, "weights": r.weights, "head": r.head, "updates": r.updates,
                     "metrics": r.metrics, "seconds": round(r.seconds, 3), "attempts": r.attempts,
-                    "rejected": r.rejected, "accepted": r.accepted, "tries": r.tries}
+                    "rejected": r.rejected, "accepted": r.accepted, "tries": r.tries,
+                    **({"winner": r.winner, "proposals": r.proposals, "endorsements": r.endorsements}
+                       if r.proposals else {})}
 
         return {"job": self.job, "head": self.head, "model": self.model, "weights": self.weights,
                 "rounds": [row(r) for r in self.rounds], "turned_down": [row(r) for r in self.turned_down],
@@ -145,7 +170,25 @@ class JobResult:
 
 
 class ClientCallback:
-    """Hooks called as a job runs. Override what you need (like `keras.callbacks.Callback`)."""
+    """Hooks called as a job runs. Override what you need (like `keras.callbacks.Callback`).
+
+    `block_fields` is the one hook whose answer is written down: it brings your own fields into each
+    round's chain block (a custom block type), in the block's signed `ext` map.
+    """
+
+    def block_fields(self, round: int, weights: list, updates: list, metrics: dict) -> dict | None:
+        """Custom fields for the block of `round`, or None. Called before the block is signed, for every
+        try of the round (one the acceptance rule rejects included), not for genesis.
+
+        `weights` is the round's new global weights (numpy arrays, in `model.get_weights()` order),
+        `updates` the block's update entries (`{worker, weights (a CID string), num_examples, metrics}`,
+        sorted by worker), `metrics` the block's metrics (`accepted` included under an acceptance
+        rule); all are copies. The returned map is merged into the block's signed `ext`: plain dag-cbor
+        values (ints, finite floats, str, bytes, bool, CIDs, lists and maps of those; numpy scalars and
+        arrays are converted). A bad value, or a key another callback also returns, fails the job.
+        Auditors re-check the fields with `verify_chain(..., check_ext=...)`.
+        """
+        return None
 
     def on_job_start(self, job: messages.Job, genesis: str) -> None: ...
     def on_worker_joined(self, worker: str, name: str, joined: int, needed: int) -> None: ...
@@ -166,6 +209,36 @@ class _Collected:
 
 
 @dataclass
+class _Entry:
+    """A candidate aggregate of one round: whose, which block, its rule, weights and metrics (our numbers)."""
+
+    signer: str
+    block: str
+    aggregation: str
+    params: dict
+    weights: list
+    weights_cid: str
+    metrics: dict
+
+
+@dataclass
+class _Contest:
+    """How a round's contest ended: the chosen candidate (the winner, or ours if none passed)."""
+
+    accepted: bool
+    why: str
+    aggregation: str
+    params: dict
+    weights: list
+    weights_cid: str
+    metrics: dict
+    pofl: dict
+    winner: str
+    proposals: list
+    refused: int
+
+
+@dataclass
 class _Job:
     """A running job's state on the client side."""
 
@@ -180,6 +253,10 @@ class _Job:
     accept: AcceptRule | None = None
     baseline: dict = field(default_factory=dict)
     """Metrics of the newest accepted block (genesis at first): what `improves:` rules compare with."""
+    proposals: list = field(default_factory=list)
+    """(Proposal, sender) as they arrive; taken by the round that asked for them."""
+    endorsements: dict = field(default_factory=dict)
+    """round -> {miner id: verdict} as endorsements arrive."""
 
 
 class Client:
@@ -187,13 +264,14 @@ class Client:
 
     def __init__(self, ipfs: IPFSClient, identity: Identity, *, head_dir: Path | None = None,
                  callbacks: list[ClientCallback] | None = None, allowed_workers: set[str] | None = None,
-                 jobs_topic: str = messages.JOBS_TOPIC):
+                 jobs_topic: str = messages.JOBS_TOPIC, allowed_miners: set[str] | None = None):
         self.ipfs = ipfs
         self.identity = identity
         self.jobs_topic = jobs_topic
         self.head_dir = Path(head_dir) if head_dir else Path.home() / ".grid_ipfs" / "chains"
         self.callbacks = callbacks or []
         self.allowed_workers = allowed_workers
+        self.allowed_miners = allowed_miners
         self.inbox: queue.Queue[PubsubMessage] = queue.Queue()
         self.dropped: dict[str, int] = {}
         self._last_join = 0.0
@@ -278,6 +356,8 @@ class Client:
         config = {"epochs": spec.epochs, "batch_size": spec.batch_size, "rounds": spec.rounds}
         if spec.proximal_mu:
             config["proximal_mu"] = float(spec.proximal_mu)
+        if spec.secure_aggregation:
+            config["secure_aggregation"] = True
         return messages.Job(job=job_id, model=model_cid, owner=self.identity.id, config=config)
 
     def _run(self, job: _Job, first_round: int) -> JobResult:
@@ -292,6 +372,7 @@ class Client:
                 outcome = self._run_round(job, r)
                 job.result.rounds.append(outcome)
                 job.result.head, job.result.weights = outcome.head, outcome.weights
+            self._await_endorsements(job)
             self._publish(messages.Done(job=job.message.job, head=job.result.head, reason="completed"))
         except BaseException as exc:
             for cb in self.callbacks:
@@ -365,25 +446,36 @@ class Client:
         collected: dict[str, _Collected] = {}
         refused: dict[str, str] = {}  # worker -> reason its update was refused this round
         first = after_attempt + 1
+        secure = spec.secure_aggregation
         for attempt in range(first, first + spec.max_retries + 1):
             self._publish(job.message)  # late joiners and restarted workers learn about the job
             if attempt == first:
                 selected = _select(sorted(job.workers), spec.fraction, spec.min_workers,
                                    random.Random(spec.seed * 100_003 + r))
+            elif secure:  # masks only cancel among one attempt's workers: start over with those who answered
+                selected = sorted(collected) if len(collected) >= spec.min_workers else sorted(job.workers)
+                collected, refused = {}, {}
             else:  # ask again only those who have not answered (and any worker that joined since)
                 asked = set(selected) if selected is not None else set(job.workers)
                 selected = sorted((asked | set(job.workers)) - set(collected) - set(refused))
+            if secure and selected is None:
+                selected = sorted(job.workers)  # a fixed set: every one masks against all the others
             round_msg = messages.Round(job=job.message.job, round=r, weights=job.result.weights,
                                        deadline=time.time() + spec.round_timeout, selected=selected,
-                                       attempt=attempt)
+                                       attempt=attempt,
+                                       mask_keys={w: job.workers[w].mask_key for w in selected} if secure else None)
             self._publish(round_msg)
             expected = set(selected) if selected is not None else set(job.workers)
             for cb in self.callbacks:
                 cb.on_round_start(r, len(expected), round_msg.deadline)
-            self._collect(job, round_msg, expected, collected, refused, first)
-            self._screen_outliers(job, collected, refused)
-            if len(collected) >= spec.min_workers:
-                return collected, refused, attempt
+            self._collect(job, round_msg, expected, collected, refused, attempt if secure else first)
+            if secure and set(collected) != expected:  # a missing update leaves its masks in the sum
+                log.warning("round %d of job %s: secure aggregation needs every selected worker; %d of %d "
+                            "answered", r, job.message.job, len(collected), len(expected))
+            else:
+                self._screen_outliers(job, collected, refused)
+                if len(collected) >= spec.min_workers:
+                    return collected, refused, attempt
             for cb in self.callbacks:
                 cb.on_round_retry(r, attempt - after_attempt, len(collected), spec.min_workers)
             if attempt < first + spec.max_retries:
@@ -405,9 +497,11 @@ class Client:
         """
         pending: dict[Future, tuple[messages.Update, str]] = {}
 
+        like = masked_like(job.weights) if job.spec.secure_aggregation else job.weights
+
         def fetch(update: messages.Update, sender: str) -> list:
             data = self.ipfs.cat(update.weights, max_size=MAX_WEIGHTS_BYTES, timeout=FETCH_TIMEOUT)
-            return weights_from_bytes(data, source=f"update {update.weights} from {sender[:12]}", like=job.weights)
+            return weights_from_bytes(data, source=f"update {update.weights} from {sender[:12]}", like=like)
 
         def settle(future: Future) -> None:
             update, sender = pending.pop(future)
@@ -448,8 +542,8 @@ class Client:
     def _screen_outliers(self, job: _Job, collected: dict[str, _Collected], refused: dict[str, str]) -> None:
         """Refuse updates that moved the model `max_norm_ratio` times further than the median update:
         a scaled or random update would otherwise dominate FedAvg. Needs at least three updates."""
-        if len(collected) < 3 or not job.spec.max_norm_ratio:
-            return
+        if len(collected) < 3 or not job.spec.max_norm_ratio or job.spec.secure_aggregation:
+            return  # masked updates have no meaningful norm: secure aggregation trades this screen away
         from .aggregate import update_norm
 
         norms = {w: update_norm(c.weights, job.weights) for w, c in collected.items()}
@@ -493,8 +587,21 @@ class Client:
         updates = [{"worker": c.worker, "weights": c.update.weights, "num_examples": c.update.num_examples,
                     "metrics": {**c.update.metrics, **{f"eval_{k}": v for k, v in c.update.eval_metrics.items()}}}
                    for c in ordered]
-        block = self._block(job.message.job, r, job.message.model, new_cid, spec.aggregation, updates, metrics,
-                            params)
+        name, contest = spec.aggregation, None
+        if spec.miners:  # our aggregate becomes a candidate that the miners' rivals may beat
+            candidate = self._block(job.message.job, r, job.message.model, new_cid, name, updates, metrics, params)
+            contest = self._contest(job, r, candidate, ordered, new_weights)
+            if contest.accepted or job.accept is None:
+                name, params, new_weights, new_cid, metrics = (contest.aggregation, contest.params, contest.weights,
+                                                               contest.weights_cid, contest.metrics)
+            accepted, why = contest.accepted, contest.why
+            metrics.update(proposals=float(len(contest.proposals) - 1), refused_proposals=float(contest.refused))
+        block = self._block(job.message.job, r, job.message.model, new_cid, name, updates, metrics,
+                            params, weights=new_weights)
+        if contest is not None:
+            if "pofl" in block.get("ext", {}):
+                raise JobFailed(f"round {r}: block field ext.pofl is the contest's record; a callback set it too")
+            block["ext"] = {**block.get("ext", {}), "pofl": contest.pofl}
         head = cid_str(job.chain.append(block, self.identity))
         if contextual and self._seq_of(head) != seq:
             raise JobFailed(f"the chain of job {job.message.job} advanced while round {r} was aggregated (another "
@@ -502,6 +609,8 @@ class Client:
                             "seed; stop the other writer")
         outcome = RoundResult(r, new_cid, head, len(ordered), metrics, time.monotonic() - started, attempts,
                               rejected, accepted, try_)
+        if contest is not None:
+            outcome.winner, outcome.proposals = contest.winner, contest.proposals
         if not accepted:  # the global model stays; the rejected candidate is in the chain for the record
             return outcome, why
         self._publish(messages.Head(job=job.message.job, round=r, head=head, weights=new_cid))
@@ -509,6 +618,102 @@ class Client:
         for cb in self.callbacks:
             cb.on_round_end(outcome)
         return outcome, why
+
+    def _contest(self, job: _Job, r: int, fields: dict, ordered: list[_Collected], own_weights: list) -> _Contest:
+        """Proof of federated learning (`grid_ipfs.contest`): stage `fields` as the round's candidate, ask
+        the miners for rivals, check and evaluate each on our data; the best that clears the rule wins."""
+        spec = job.spec
+        candidate_cid = cid_str(job.chain.stage(fields, self.identity))
+        candidate = decode_block(self.ipfs.block_get(candidate_cid), candidate_cid)
+        propose = messages.Propose(job=job.message.job, round=r, candidate=candidate_cid,
+                                   reference=job.result.weights, deadline=time.time() + spec.proposal_timeout)
+        self._publish(propose)
+        base = {k: v for k, v in fields["metrics"].items() if not k.startswith("val_") and k != "accepted"}
+        own = fields["aggregation"]
+        entries = [_Entry(self.identity.id, candidate_cid, own["name"], own["params"], own_weights, fields["weights"],
+                          {**base, **{k: v for k, v in fields["metrics"].items() if k.startswith("val_")}})]
+        proposals = [{"signer": self.identity.id, "block": candidate_cid, "verdict": ""}]
+        results = [(c.weights, c.update.num_examples) for c in ordered]
+        like = job.weights
+        answered: set[str] = set()
+        refused = 0
+        next_announce = time.monotonic() + REANNOUNCE_EVERY
+        while len(answered) < spec.miners and time.time() < propose.deadline:
+            if time.monotonic() >= next_announce:  # pubsub is lossy, and a miner may subscribe late
+                self._publish(propose)
+                next_announce = time.monotonic() + REANNOUNCE_EVERY
+            self._drain(job, min(0.2, max(0.0, propose.deadline - time.time())))
+            taken, job.proposals = job.proposals, []
+            for proposal, sender in taken:
+                if proposal.candidate != candidate_cid or proposal.round != r:
+                    self._drop("late", f"proposal for another candidate from {sender[:12]}")
+                elif self.allowed_miners is not None and sender not in self.allowed_miners:
+                    self._drop("not allowed", f"proposal from {sender[:12]}")
+                elif sender in answered:
+                    self._drop("replay", f"second proposal from {sender[:12]} for round {r}")
+                else:
+                    answered.add(sender)
+                    try:
+                        rival, weights = check_rival(
+                            self.ipfs.block_get(proposal.block, timeout=FETCH_TIMEOUT), proposal.block, candidate,
+                            results, job.weights, lambda cid: weights_from_bytes(
+                                self.ipfs.cat(cid, max_size=MAX_WEIGHTS_BYTES, timeout=FETCH_TIMEOUT),
+                                source=f"weights {cid}", like=like))
+                        if rival["signer"] != sender:
+                            raise ContestError(f"block signed by {rival['signer'][:12]}, not by its proposer")
+                        if own["name"] == "dp-fedavg" and rival["aggregation"]["name"] != own["name"]:
+                            raise ContestError("this job's privacy needs dp-fedavg; the rival uses "
+                                               f"{rival['aggregation']['name']}")
+                    except (ContestError, IPFSError, PayloadError) as exc:
+                        refused += 1
+                        log.warning("round %d: refused the proposal of miner %s: %s", r, sender[:12], exc)
+                        continue
+                    entries.append(_Entry(sender, proposal.block, rival["aggregation"]["name"],
+                                          rival["aggregation"]["params"], weights, cid_str(rival["weights"]),
+                                          {**base, **self._evaluate(job.model, weights, job.eval_xy)}))
+                    proposals.append({"signer": sender, "block": proposal.block, "verdict": ""})
+        winner, verdicts = best([e.metrics for e in entries], job.accept, job.baseline)
+        metric, _ = score_key(job.accept)
+        for row, entry, verdict in zip(proposals, entries, verdicts):
+            row.update(verdict=verdict, score=entry.metrics.get(metric))
+        if len(answered) < spec.miners:
+            log.info("round %d: %d of %d miners proposed within %.0fs", r, len(answered), spec.miners,
+                     spec.proposal_timeout)
+        chosen = entries[winner if winner is not None else 0]
+        metrics = dict(chosen.metrics)
+        if job.accept is not None:
+            metrics["accepted"] = 1.0 if winner is not None else 0.0
+        why = verdicts[winner] if winner is not None else "; ".join(
+            f"{e.signer[:12]}: {v}" for e, v in zip(entries, verdicts))
+        if winner is not None:
+            log.info("round %d: %s's %s aggregate wins (%s) among %d candidate(s)", r, chosen.signer[:12],
+                     chosen.aggregation, verdicts[winner], len(entries))
+        pofl = pofl_record(chosen.signer if winner is not None else None,
+                           chosen.block if winner is not None else None, [e.block for e in entries])
+        return _Contest(winner is not None, why, chosen.aggregation, dict(chosen.params), chosen.weights,
+                        chosen.weights_cid, metrics, pofl, chosen.signer if winner is not None else "", proposals,
+                        refused)
+
+    def _await_endorsements(self, job: _Job) -> None:
+        """After the last round, give the miners that proposed in it time to check the final block."""
+        if not job.spec.miners or not job.result.rounds:
+            return
+        last = job.result.rounds[-1]
+        expected = {p["signer"] for p in last.proposals[1:]}
+        deadline = time.monotonic() + job.spec.proposal_timeout
+        while not expected <= set(job.endorsements.get(last.round, {})) and time.monotonic() < deadline:
+            self._drain(job, 0.2)
+        for outcome in job.result.rounds:
+            outcome.endorsements = dict(job.endorsements.get(outcome.round, {}))
+
+    def _endorsed(self, job: _Job, endorse: messages.Endorse, sender: str) -> None:
+        if self.allowed_miners is not None and sender not in self.allowed_miners:
+            self._drop("not allowed", f"endorsement from {sender[:12]}")
+            return
+        job.endorsements.setdefault(endorse.round, {})[sender] = endorse.verdict
+        if endorse.verdict != "accepted":
+            log.warning("round %d: miner %s disputes block %s: %s", endorse.round, sender[:12], endorse.head,
+                        endorse.verdict)
 
     def _next_seq(self, job: _Job) -> int:
         head = job.chain.head
@@ -562,6 +767,10 @@ class Client:
                 else:
                     updates.append((msg, sender))
                     end = time.monotonic()  # hand it over now; anything else already queued comes along
+            elif isinstance(msg, messages.Proposal):
+                job.proposals.append((msg, sender))
+            elif isinstance(msg, messages.Endorse):
+                self._endorsed(job, msg, sender)
             elif sender != self.identity.id:
                 self._drop("not from a worker", f"{msg.TYPE} message from {sender[:12]}")
             # our own round/head/done messages come back to us: nothing to do
@@ -570,7 +779,10 @@ class Client:
         if self.allowed_workers is not None and sender not in self.allowed_workers:
             self._drop("not allowed", f"join from {sender[:12]} ({join.name})")
             return
-        if sender not in job.workers:
+        if job.spec.secure_aggregation and join.mask_key is None:
+            self._drop("no mask key", f"join from {sender[:12]} ({join.name}) without a key for secure aggregation")
+            return
+        if sender not in job.workers or job.workers[sender].mask_key != join.mask_key:  # a restarted worker: new key
             job.workers[sender] = join
             self._last_join = time.monotonic()
             for cb in self.callbacks:
@@ -588,11 +800,40 @@ class Client:
         topic = self.jobs_topic if isinstance(message, messages.Job) else messages.topic_of(message)
         return self.ipfs.pubsub_publish(topic, messages.encode(message, self.identity))
 
-    def _block(self, job_id, r, model_cid, weights_cid, aggregation, updates, metrics, params=None) -> dict:
-        return {"job": job_id, "round": r, "model": model_cid, "weights": weights_cid,
-                "aggregation": {"name": aggregation, "params": dict(params or {})}, "updates": updates,
-                "metrics": metrics,
-                "time": time.time()}
+    def _block(self, job_id, r, model_cid, weights_cid, aggregation, updates, metrics, params=None, *,
+               weights: list | None = None) -> dict:
+        """A block's fields; with the block's global `weights`, plus the callbacks' `block_fields` as `ext`."""
+        block = {"job": job_id, "round": r, "model": model_cid, "weights": weights_cid,
+                 "aggregation": {"name": aggregation, "params": dict(params or {})}, "updates": updates,
+                 "metrics": metrics,
+                 "time": time.time()}
+        if weights is None:
+            return block
+        from .chain.blocks import normalise_ext
+
+        ext: dict = {}
+        owner: dict[str, str] = {}  # ext key -> the callback that set it
+        for cb in self.callbacks:
+            name = type(cb).__name__
+            fields = cb.block_fields(r, [w.copy() for w in weights],
+                                     [{**u, "metrics": dict(u["metrics"])} for u in updates], dict(metrics))
+            if fields is not None and not isinstance(fields, dict):
+                raise JobFailed(f"round {r}: {name}.block_fields returned {type(fields).__name__}, "
+                                "expected a dict or None")
+            try:
+                fields = normalise_ext(fields)  # numpy values made plain, then checked; {} -> None
+            except ChainError as exc:
+                raise JobFailed(f"round {r}: {name}.block_fields: {exc}") from None
+            if fields is None:
+                continue
+            for key in fields:
+                if key in ext:
+                    raise JobFailed(f"round {r}: block field ext.{key} is set by both {owner[key]} and {name}")
+                owner[key] = name
+            ext.update(fields)
+        if ext:
+            block["ext"] = ext
+        return block
 
     @staticmethod
     def _evaluate(model, weights, eval_xy) -> dict:
@@ -607,13 +848,22 @@ def _check_spec(spec: JobSpec, weights: list, eval_xy) -> AcceptRule | None:
     """Fail before anything is published: the rule and its params must work (tried on the initial
     weights), and an acceptance rule on the client's evaluation needs the eval data. Returns the parsed
     acceptance rule."""
+    trial = masked_like(weights) if spec.aggregation == "secure-fedavg" else weights
     try:
-        aggregate(spec.aggregation, [(weights, 1)] * max(1, spec.min_workers), reference=weights, round=1, seq=1,
+        aggregate(spec.aggregation, [(trial, 1)] * max(1, spec.min_workers), reference=weights, round=1, seq=1,
                   **spec.aggregation_params)
     except (ValueError, TypeError) as exc:
         raise JobFailed(f"aggregation {spec.aggregation} with {spec.aggregation_params}: {exc}") from None
     if not (math.isfinite(spec.proximal_mu) and spec.proximal_mu >= 0):
         raise JobFailed(f"proximal_mu must be a finite number >= 0, got {spec.proximal_mu}")
+    if spec.secure_aggregation != (spec.aggregation == "secure-fedavg"):
+        raise JobFailed("secure aggregation and the secure-fedavg rule go together (--secure-aggregation)")
+    if spec.secure_aggregation and spec.miners:
+        raise JobFailed("secure aggregation hides single updates, so miners cannot aggregate them their way")
+    if spec.miners and eval_xy is None:
+        raise JobFailed("with miners the client evaluates every rival aggregate itself: pass --eval-data")
+    if spec.miners < 0 or not spec.proposal_timeout > 0:
+        raise JobFailed("miners must be >= 0 and the proposal timeout > 0")
     if spec.accept is None:
         return None
     try:
@@ -675,6 +925,7 @@ def _job_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
     p.add_argument("--key", help="Ed25519 key file (default ~/.grid_ipfs/client.key)")
     p.add_argument("--head-dir", type=Path, help="where chain head files live (default ~/.grid_ipfs/chains)")
     p.add_argument("--allow-workers", help="accept updates only from the worker ids listed in this file")
+    p.add_argument("--allow-miners", help="accept proposals and endorsements only from the miner ids in this file")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
 
 
@@ -688,6 +939,11 @@ def _accept_rule(text: str) -> str:
 def _aggregation_options(args: argparse.Namespace) -> tuple[str, dict]:
     """The rule and its recorded params from --aggregation, --trim, --byzantine, --dp-clip/--dp-noise."""
     dp = args.dp_clip is not None or args.dp_noise is not None
+    if args.secure_aggregation:
+        if dp or args.aggregation not in (None, "secure-fedavg") or args.trim is not None or args.byzantine is not None:
+            raise ValueError("--secure-aggregation sums masked updates (secure-fedavg): it does not combine with "
+                             "other rules or DP options")
+        return "secure-fedavg", {}
     name = args.aggregation or ("dp-fedavg" if dp else "fedavg")
     if dp != (name == "dp-fedavg"):
         raise ValueError("--dp-clip/--dp-noise go with --aggregation dp-fedavg (the default when they are given)")
@@ -699,36 +955,6 @@ def _aggregation_options(args: argparse.Namespace) -> tuple[str, dict]:
             raise ValueError("--dp-clip must be > 0 and --dp-noise >= 0")
         return name, {"clip": args.dp_clip, "noise_multiplier": args.dp_noise, "seed": args.seed}
     return name, {k: v for k, v in (("trim", args.trim), ("byzantine", args.byzantine)) if v is not None}
-
-
-def verify_job(ipfs: IPFSClient, head: str, *, eval_data: Path | None = None, signer: str | None = None):
-    """`chain.verify_chain`, plus (with `eval_data`) a re-evaluation of every block's global weights with
-    the job's model: recorded `val_*` metrics must match and acceptance rules are decided on them."""
-    from .chain import verify_chain, walk
-    from .payloads import MAX_MODEL_BYTES, model_from_bytes
-
-    evaluate = None
-    if eval_data is not None:
-        *_, (_, genesis) = walk(ipfs, head)
-        model_cid = cid_str(genesis["model"])
-        model = model_from_bytes(ipfs.cat(model_cid, max_size=MAX_MODEL_BYTES), source=f"model {model_cid}")
-        eval_xy = _load_eval(eval_data, model)
-        evaluate = lambda weights: Client._evaluate(model, weights, eval_xy)
-    return verify_chain(ipfs, head, signer=signer, evaluate=evaluate)
-
-
-def _verify_command(ipfs: IPFSClient, args: argparse.Namespace) -> int:
-    report = verify_job(ipfs, args.head, eval_data=args.eval_data, signer=args.signer)
-    bad = cid_str(report.first_bad) if report.first_bad else None
-    if args.json:
-        print(json.dumps({"ok": report.ok, "blocks": report.blocks, "reason": report.reason, "first_bad": bad,
-                          "evaluated": args.eval_data is not None}))
-    elif report.ok:
-        print(f"OK: {report.blocks} blocks verified from {args.head} to genesis"
-              + (f", metrics re-evaluated on {args.eval_data}" if args.eval_data else ""))
-    else:
-        print(f"FAILED at block {bad or '?'}: {report.reason}")
-    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -758,6 +984,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--accept", type=_accept_rule, metavar="RULE",
                    help="keep a round's aggregate only if it passes RULE, e.g. 'val_accuracy>=0.6' or "
                         "'improves:val_loss' (on --eval-data); otherwise record it as rejected and retry the round")
+    s.add_argument("--miners", type=int, default=0, metavar="K",
+                   help="proof of federated learning: wait each round for K rival aggregates from miners "
+                        "(python -m grid_ipfs.miner); the best that clears --accept on --eval-data wins (default 0)")
+    s.add_argument("--proposal-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a round waits for the miners' proposals (default 60)")
+    s.add_argument("--secure-aggregation", action="store_true",
+                   help="pairwise-masked updates: the client and the chain see only each round's weighted sum "
+                        "(FedAvg; every selected worker must answer; no norm screen)")
     s.add_argument("--max-norm-ratio", type=float, default=10.0,
                    help="refuse updates moving the model this many times further than the median update (0: off)")
     s.add_argument("--job", dest="job_id", help="job id (default: MODEL-STEM-RANDOM)")
@@ -776,6 +1010,12 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--signer", help="the only id allowed to have signed the blocks (the job owner's)")
     v.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "verify":  # the same audit as `python -m grid_ipfs.chain verify`: one implementation
+        from .chain.__main__ import main as chain_main
+
+        return chain_main(["verify", "--api", args.api, args.head, *(["--json"] if args.json else []),
+                           *(["--eval-data", str(args.eval_data)] if args.eval_data else []),
+                           *(["--signer", args.signer] if args.signer else [])])
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -789,11 +1029,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ipfs = IPFSClient(args.api)
         ipfs.wait_ready(timeout=5)
-        if args.command == "verify":
-            return _verify_command(ipfs, args)
         identity = Identity.load_or_create(args.key or default_key_path("client"))
         client = Client(ipfs, identity, head_dir=args.head_dir, callbacks=_progress(args.json),
                         allowed_workers=read_id_list(args.allow_workers) if args.allow_workers else None,
+                        allowed_miners=read_id_list(args.allow_miners) if args.allow_miners else None,
                         jobs_topic=args.topic)
         if args.command == "submit":
             spec = JobSpec(model_path=args.model, rounds=args.rounds, min_workers=args.min_workers,
@@ -802,7 +1041,8 @@ def main(argv: list[str] | None = None) -> int:
                            max_retries=args.max_retries, max_norm_ratio=args.max_norm_ratio,
                            eval_data=args.eval_data, job_id=args.job_id, aggregation=aggregation,
                            aggregation_params=params, seed=args.seed, proximal_mu=args.proximal_mu,
-                           accept=args.accept)
+                           accept=args.accept, miners=args.miners, proposal_timeout=args.proposal_timeout,
+                           secure_aggregation=aggregation == "secure-fedavg")
             result = client.submit(spec)
         else:
             result = client.resume(head=args.head, job_id=args.job_id, eval_data=args.eval_data,

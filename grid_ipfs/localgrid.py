@@ -1,4 +1,4 @@
-"""A whole grid on one machine: a loopback devnet plus one worker process per data shard.
+"""A whole grid on one machine: a loopback devnet plus one worker process per data shard (and miners).
 
 Used by `make demo`, the examples, the end-to-end tests and the benchmarks. Workers are separate
 processes started with `python -m grid_ipfs.worker` (never forked from a process that ran
@@ -28,6 +28,7 @@ class LocalGrid:
         self.worker_args = worker_args or []
         self.devnet: Devnet | None = None
         self.workers: list[subprocess.Popen] = []
+        self.miners: list[subprocess.Popen] = []
 
     def start(self) -> LocalGrid:
         try:
@@ -52,31 +53,45 @@ class LocalGrid:
         return len(self.shards) - 1
 
     def start_worker(self, i: int, extra_args: list[str] | None = None) -> subprocess.Popen:
-        logs = self.directory / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONUNBUFFERED": "1"}
-        with open(logs / f"worker{i}.log", "ab") as log_file:
-            proc = subprocess.Popen(self.worker_command(i, extra_args), stdout=log_file, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env)
+        proc = self._spawn(f"worker{i}", self.worker_command(i, extra_args))
         if i < len(self.workers):
             self.workers[i] = proc
         else:
             self.workers.append(proc)
         return proc
 
+    def add_miner(self, eval_data: str | Path, extra_args: list[str] | None = None) -> int:
+        """Start a miner (`python -m grid_ipfs.miner`) judging on `eval_data`, on the next node round-robin
+        after the workers'; returns its index. Its log is `miner_log(index)`."""
+        i = len(self.miners)
+        api = self.devnet.nodes[(len(self.shards) + i) % len(self.devnet.nodes)].api
+        command = [sys.executable, "-m", "grid_ipfs.miner", "--api", api, "--eval-data", str(Path(eval_data).resolve()),
+                   "--name", f"miner{i}", "--key", str(self.directory / "keys" / f"miner{i}.key"), *(extra_args or [])]
+        self.miners.append(self._spawn(f"miner{i}", command))
+        return i
+
+    def miner_log(self, i: int) -> str:
+        return self._log(f"miner{i}")
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        logs = self.directory / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONUNBUFFERED": "1"}
+        with open(logs / f"{name}.log", "ab") as log_file:
+            return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env)
+
     def stop_worker(self, i: int, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
-        proc = self.workers[i]
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        return proc.returncode
+        return _stop(self.workers[i], sig, timeout)
+
+    def stop_miner(self, i: int, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        return _stop(self.miners[i], sig, timeout)
 
     def worker_log(self, i: int) -> str:
-        path = self.directory / "logs" / f"worker{i}.log"
+        return self._log(f"worker{i}")
+
+    def _log(self, name: str) -> str:
+        path = self.directory / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     @property
@@ -87,11 +102,12 @@ class LocalGrid:
         return IPFSClient(self.apis[node])
 
     def stop(self) -> None:
-        for proc in self.workers:
+        processes = self.workers + self.miners
+        for proc in processes:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
-        for proc in self.workers:
+        for proc in processes:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -107,3 +123,15 @@ class LocalGrid:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _stop(proc: subprocess.Popen, sig: int, timeout: float) -> int | None:
+    """Signal `proc` and wait for it (SIGKILL after `timeout`); its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode

@@ -33,7 +33,7 @@ from .ipfs.errors import InvalidCID
 
 __all__ = [
     "VERSION", "JOBS_TOPIC", "MAX_MESSAGE_BYTES", "MessageError", "Envelope",
-    "Job", "Join", "Round", "Update", "Head", "Done", "Message",
+    "Job", "Join", "Round", "Update", "Head", "Done", "Propose", "Proposal", "Endorse", "Message",
     "encode", "decode", "canonical_json", "job_topic", "topic_of", "valid_job_id",
 ]
 
@@ -152,6 +152,31 @@ def _selected(name: str, value: object) -> list[str] | None:
     return ids
 
 
+def _mask_key(name: str, value: object) -> str | None:
+    """None, or an X25519 public key as unpadded base64url (43 characters: 32 bytes)."""
+    if value is None:
+        return None
+    try:
+        ok = isinstance(value, str) and len(b64url_decode(value)) == 32
+    except ValueError:
+        ok = False
+    if not ok:
+        raise MessageError(f"{name}: not an X25519 public key: {_short(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _mask_keys(name: str, value: object) -> dict[str, str] | None:
+    """None, or {worker id: its X25519 public mask key} for the round's selected workers."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value or len(value) > 1000:
+        raise MessageError(f"{name}: expected an object of 1-1000 worker mask keys, got {_short(value)}")
+    for worker, key in value.items():
+        _public_id(f"{name} key", worker)
+        _mask_key(f"{name}.{worker[:12]}", key)
+    return dict(value)
+
+
 _CONFIG_INTS = ("epochs", "batch_size", "rounds")
 
 
@@ -193,8 +218,10 @@ class _Message:
             object.__setattr__(self, field.name, value)
 
     def fields(self) -> dict[str, Any]:
-        """The type's own fields as JSON values (no envelope)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The type's own fields as JSON values (no envelope); optional fields left at None are omitted,
+        so messages without them look exactly as before those fields existed."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.default is None and getattr(self, f.name) is None)}
 
 
 @dataclass(frozen=True)
@@ -214,14 +241,16 @@ class Join(_Message):
     """A worker offers to train `job` on `num_examples` local examples; the worker is the sender.
 
     Sent on the job's topic after the worker fetched the model and checked its data fits. `name` is for
-    humans (logs, progress); the sender's id is what identifies the worker.
+    humans (logs, progress); the sender's id is what identifies the worker. In a job with secure
+    aggregation, `mask_key` is the worker's X25519 public key for this job (`grid_ipfs.secagg`).
     """
 
     TYPE: ClassVar[str] = "join"
-    _CHECKS: ClassVar[dict] = {"job": _job, "name": _str, "num_examples": _int(1)}
+    _CHECKS: ClassVar[dict] = {"job": _job, "name": _str, "num_examples": _int(1), "mask_key": _mask_key}
     job: str
     name: str
     num_examples: int
+    mask_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,18 +258,20 @@ class Round(_Message):
     """Starts round `round` from global `weights`; only `selected` workers (all if None) take part.
 
     `attempt` counts restarts of the same round (e.g. after a deadline passed with too few updates), so an
-    update for an abandoned attempt is recognisable.
+    update for an abandoned attempt is recognisable. With secure aggregation, `mask_keys` holds every
+    selected worker's mask key: each masks its update against all the others (`grid_ipfs.secagg`).
     """
 
     TYPE: ClassVar[str] = "round"
     _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "weights": _cid, "deadline": _float,
-                               "selected": _selected, "attempt": _int(1)}
+                               "selected": _selected, "attempt": _int(1), "mask_keys": _mask_keys}
     job: str
     round: int
     weights: str
     deadline: float
     selected: list[str] | None
     attempt: int = 1
+    mask_keys: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -282,8 +313,53 @@ class Done(_Message):
     reason: str = "completed"
 
 
-Message = Job | Join | Round | Update | Head | Done
-_TYPES: dict[str, type[_Message]] = {cls.TYPE: cls for cls in (Job, Join, Round, Update, Head, Done)}
+@dataclass(frozen=True)
+class Propose(_Message):
+    """The owner closed round `round`'s updates and asks aggregators ("miners") for rival aggregates.
+
+    `candidate` is the owner's own candidate block (staged, not yet on the chain): it fixes the round's
+    updates, `seq` and `prev`; `reference` is the global weights the round started from. Proposals are
+    taken until `deadline` (unix time). See `grid_ipfs.contest`.
+    """
+
+    TYPE: ClassVar[str] = "propose"
+    _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "candidate": _cid, "reference": _cid,
+                               "deadline": _float}
+    job: str
+    round: int
+    candidate: str
+    reference: str
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Proposal(_Message):
+    """A miner's answer to a `propose`: `block` is its rival block for `candidate`'s round, signed by it."""
+
+    TYPE: ClassVar[str] = "proposal"
+    _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "candidate": _cid, "block": _cid}
+    job: str
+    round: int
+    candidate: str
+    block: str
+
+
+@dataclass(frozen=True)
+class Endorse(_Message):
+    """A miner checked the block the owner appended for `round` (`head`) itself: `verdict` is
+    "accepted" or "disputed: <why>"."""
+
+    TYPE: ClassVar[str] = "endorse"
+    _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "head": _cid, "verdict": _str}
+    job: str
+    round: int
+    head: str
+    verdict: str
+
+
+Message = Job | Join | Round | Update | Head | Done | Propose | Proposal | Endorse
+_TYPES: dict[str, type[_Message]] = {cls.TYPE: cls for cls in (Job, Join, Round, Update, Head, Done, Propose,
+                                                                Proposal, Endorse)}
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,8 @@ import argparse
 import logging
 import math
 import os
-import queue
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,9 +32,11 @@ from . import messages  # noqa: E402
 from .data import DataError, check_shard_for_model, load_shard, train_val_split  # noqa: E402
 from .identity import Identity, IdentityError, default_key_path, read_id_list  # noqa: E402
 from .ipfs import IPFSError  # noqa: E402
-from .ipfs.pubsub import PubsubMessage, Subscription  # noqa: E402
+from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
 from .payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
+from .peer import Peer  # noqa: E402
+from .secagg import MaskKey, mask_context, mask_update  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.worker")
 
@@ -45,66 +45,38 @@ log = logging.getLogger("grid_ipfs.worker")
 class JoinedJob:
     job: messages.Job
     model: object  # keras.Model, loaded once per job so its optimizer state carries across rounds
-    subscription: Subscription
+    mask_key: MaskKey | None = None
+    """This job's X25519 key when the job asks for secure aggregation (announced in our join)."""
     done_rounds: set[tuple[int, int, float]] = field(default_factory=set)
     """(round, attempt, deadline) of the round messages already answered: pubsub may deliver a message
     twice, and a resumed client announces the same round again with a new deadline."""
 
 
-class Worker:
+class Worker(Peer):
     """One worker process: a data shard, an identity, a daemon. `run()` until `stop()`."""
+
+    log = log
 
     def __init__(self, client: IPFSClient, identity: Identity, x, y, *, name: str = "worker",
                  val_split: float = 0.1, jobs_topic: str = messages.JOBS_TOPIC,
                  trusted_clients: set[str] | None = None, seed: int = 0):
-        self.client = client
-        self.identity = identity
+        super().__init__(client, identity, jobs_topic=jobs_topic)
         self.name = name
-        self.jobs_topic = jobs_topic
         self.trusted_clients = trusted_clients
         self.x_train, self.y_train, self.x_val, self.y_val = train_val_split(x, y, val_split, seed=seed)
         self.seed = seed
-        self.inbox: queue.Queue[PubsubMessage] = queue.Queue()
         self.jobs: dict[str, JoinedJob] = {}
         self.refused: set[str] = set()  # jobs this worker cannot train (data does not fit the model)
-        self.dropped = 0
-        self._stop = threading.Event()
-        self._jobs_sub: Subscription | None = None
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-
-    def run(self) -> None:
-        self._jobs_sub = self.client.pubsub_subscribe(self.jobs_topic, on_message=self.inbox.put)
-        self._jobs_sub.wait_ready()
+    def started(self) -> None:
         log.info("%s (%s) listening on %s with %d training / %d validation examples", self.name,
                  self.identity.id[:12], self.jobs_topic, len(self.x_train), len(self.x_val))
-        try:
-            while not self._stop.is_set():
-                try:
-                    raw = self.inbox.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                self.handle(raw)
-        finally:
-            self.close()
-
-    def stop(self, *_: object) -> None:
-        self._stop.set()
-
-    def close(self) -> None:
-        for joined in self.jobs.values():
-            joined.subscription.close()
-        if self._jobs_sub is not None:
-            self._jobs_sub.close()
 
     # -- messages ------------------------------------------------------------------------------------
 
     def handle(self, raw: PubsubMessage) -> None:
-        try:
-            envelope = messages.decode(raw.data)
-        except messages.MessageError as exc:
-            self.dropped += 1
-            log.warning("dropped a message on %s from peer %s: %s", raw.topic, raw.sender[-8:], exc)
+        envelope = self.decode(raw)
+        if envelope is None:
             return
         message, sender = envelope.message, envelope.sender
         try:
@@ -120,7 +92,8 @@ class Worker:
             elif isinstance(message, messages.Done) and message.job in self.jobs:
                 if self.jobs[message.job].job.owner == sender:
                     log.info("job %s done (%s); head %s", message.job, message.reason, message.head)
-                    self.jobs.pop(message.job).subscription.close()
+                    self.jobs.pop(message.job)
+                    self.unsubscribe(messages.job_topic(message.job))
         except (IPFSError, PayloadError) as exc:
             log.warning("job %s: %s", getattr(message, "job", "?"), exc)
         except Exception as exc:  # e.g. Keras refusing labels that do not fit the loss: this job, not the worker
@@ -130,7 +103,7 @@ class Worker:
     def join(self, job: messages.Job, sender: str) -> None:
         if job.job in self.jobs:
             if self.jobs[job.job].job.owner == sender:  # a re-announcement: the client may have restarted
-                self.publish(messages.Join(job=job.job, name=self.name, num_examples=len(self.x_train)))
+                self.publish(self._join_message(self.jobs[job.job]))
             return
         if job.job in self.refused:
             return
@@ -157,10 +130,10 @@ class Worker:
             log.error("cannot join job %s: %s", job.job, exc)
             self.refused.add(job.job)
             return
-        subscription = self.client.pubsub_subscribe(messages.job_topic(job.job), on_message=self.inbox.put)
-        subscription.wait_ready()
-        self.jobs[job.job] = JoinedJob(job, model, subscription)
-        self.publish(messages.Join(job=job.job, name=self.name, num_examples=len(self.x_train)))
+        self.subscribe(messages.job_topic(job.job))
+        joined = JoinedJob(job, model, MaskKey() if job.config.get("secure_aggregation") is True else None)
+        self.jobs[job.job] = joined
+        self.publish(self._join_message(joined))
         log.info("joined job %s (model %s, %s)", job.job, job.model, job.config)
 
     def train_round(self, round_: messages.Round) -> None:
@@ -176,6 +149,10 @@ class Worker:
         if time.time() > round_.deadline:
             log.info("skipped round %d of %s: its deadline has passed", round_.round, round_.job)
             return
+        if joined.mask_key is not None and (round_.mask_keys or {}).get(self.identity.id) != joined.mask_key.public:
+            log.warning("skipped round %d of %s: it does not carry our mask key for secure aggregation",
+                        round_.round, round_.job)
+            return
         joined.done_rounds.add(key)
         started = time.monotonic()
         model = joined.model
@@ -184,6 +161,9 @@ class Worker:
             source=f"weights {round_.weights}", like=model.get_weights())
         eval_metrics = evaluate(model, global_weights, self.x_val, self.y_val) if len(self.x_val) else {}
         new_weights, metrics = self.local_update(joined, global_weights, round_)
+        if joined.mask_key is not None:  # what leaves this process is masked: only the round's sum is readable
+            new_weights = mask_update(new_weights, len(self.x_train), joined.mask_key, self.identity.id,
+                                      round_.mask_keys, mask_context(round_.job, round_.round, round_.attempt))
         cid = self.client.add(weights_to_bytes(new_weights))
         self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
                                      num_examples=len(self.x_train), metrics=metrics,
@@ -191,6 +171,10 @@ class Worker:
         log.info("job %s round %d: %d examples, loss %.4f, accuracy %s, %.1fs", round_.job, round_.round,
                  len(self.x_train), metrics.get("loss", float("nan")),
                  f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a", time.monotonic() - started)
+
+    def _join_message(self, joined: JoinedJob) -> messages.Join:
+        return messages.Join(job=joined.job.job, name=self.name, num_examples=len(self.x_train),
+                             mask_key=joined.mask_key.public if joined.mask_key is not None else None)
 
     def local_update(self, joined: JoinedJob, global_weights: list, round_: messages.Round) -> tuple[list, dict]:
         """Train on the local data from `global_weights`: the weights to send and the training metrics.
@@ -205,12 +189,6 @@ class Worker:
                    batch_size=config["batch_size"],
                    seed=self.seed + round_.round + 100_003 * (round_.attempt - 1),
                    proximal_mu=proximal_mu(config))
-
-    def publish(self, message: object) -> None:
-        data = messages.encode(message, self.identity)
-        topic = messages.topic_of(message)
-        if not self.client.pubsub_publish(topic, data):
-            log.warning("nobody subscribed to %s yet; %s not delivered", topic, type(message).__name__)
 
 
 def proximal_mu(config: dict) -> float:

@@ -121,7 +121,8 @@ def test_client_options_for_dp_and_accept():
     from grid_ipfs.client import _accept_rule, _aggregation_options
 
     def opts(**kw):
-        base = dict(aggregation=None, dp_clip=None, dp_noise=None, trim=None, byzantine=None, seed=3)
+        base = dict(aggregation=None, dp_clip=None, dp_noise=None, trim=None, byzantine=None, seed=3,
+                    secure_aggregation=False)
         return argparse.Namespace(**{**base, **kw})
 
     assert _aggregation_options(opts()) == ("fedavg", {})
@@ -132,6 +133,10 @@ def test_client_options_for_dp_and_accept():
                 dict(aggregation="dp-fedavg"), dict(dp_clip=0.0, dp_noise=1.0), dict(dp_clip=1.0, dp_noise=-1.0)):
         with pytest.raises(ValueError):
             _aggregation_options(opts(**bad))
+    assert _aggregation_options(opts(secure_aggregation=True)) == ("secure-fedavg", {})
+    for bad in (dict(aggregation="median"), dict(dp_clip=1.0, dp_noise=1.0), dict(trim=0.1)):
+        with pytest.raises(ValueError, match="--secure-aggregation"):
+            _aggregation_options(opts(secure_aggregation=True, **bad))
     assert _accept_rule(" val_accuracy >= 0.60 ") == "val_accuracy>=0.6"
     with pytest.raises(argparse.ArgumentTypeError, match="acceptance rule"):
         _accept_rule("val_accuracy=0.6")
@@ -427,3 +432,138 @@ def test_the_clients_norm_screen_refuses_the_scaled_update_and_counts_it(grid, c
     with grid.local.client(2) as reader:
         blocks = [block for _, block in walk(reader, result.head)]
     assert all(attacker not in {u["worker"] for u in block["updates"]} for block in blocks)
+
+
+# -- proof of federated learning with competing aggregators (miners) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mined(grid):
+    """The owner aggregates with plain FedAvg (norm screen off) under the scaled attack, while two miners
+    on other daemons, each judging on its own half of the held-out digits, propose median and Krum
+    aggregates. Rule: val_accuracy>=0.6 on the owner's data."""
+    _, _, x_test, y_test = data.digits()
+    halves = [grid.root / f"miner{i}.npz" for i in range(2)]
+    for i, path in enumerate(halves):
+        data.save_shard(path, x_test[i::2], y_test[i::2])
+    miners = [grid.local.add_miner(halves[0], ["--aggregation", "median"]),
+              grid.local.add_miner(halves[1], ["--aggregation", "krum", "--byzantine", "1"])]
+    try:
+        for i in miners:
+            wait_for(lambda i=i: "mining on" in grid.local.miner_log(i), timeout=120, what=f"miner{i} to start")
+        result = run_job(grid, rounds=3, epochs=2, min_workers=HONEST + 1, max_norm_ratio=0.0,
+                         accept="val_accuracy>=0.6", miners=2, proposal_timeout=90, job_id="pofl")
+        ids = [Identity.load_or_create(grid.local.directory / "keys" / f"miner{i}.key").id for i in miners]
+        yield SimpleNamespace(result=result, ids=ids, logs=[grid.local.miner_log(i) for i in miners])
+    finally:
+        for i in miners:
+            grid.local.stop_miner(i)
+
+
+@pytest.mark.integration
+def test_miners_robust_aggregates_win_where_the_owners_fedavg_fails_the_rule(grid, mined):
+    result = mined.result
+    print("\nPoFL rounds: " + "; ".join(f"r{r.round} {r.winner[:8]} {r.metrics['val_accuracy']:.3f} "
+                                        f"{[p['verdict'] for p in r.proposals]}" for r in result.rounds))
+    assert not result.turned_down, [r.proposals for r in result.turned_down]
+    for r in result.rounds:
+        assert r.updates == HONEST + 1  # the attacker's update is in every round...
+        assert r.winner in mined.ids, (r.winner, r.proposals, mined.logs)  # ...but a miner's rule won it
+        assert [p["signer"] for p in r.proposals][0] == grid.owner.id and len(r.proposals) == 3, r.proposals
+        owner_score, winner_score = r.proposals[0]["score"], r.metrics["val_accuracy"]
+        assert owner_score < winner_score - 0.05, r.proposals  # the attacker dragged the owner's fedavg down
+        assert winner_score == max(p["score"] for p in r.proposals)
+        assert r.metrics["accepted"] == 1.0 and r.metrics["proposals"] == 2.0
+    assert result.rounds[-1].metrics["val_accuracy"] >= 0.85
+    # every miner checked every appended block itself and accepted it
+    assert all(r.endorsements == {m: "accepted" for m in mined.ids} for r in result.rounds), \
+        [r.endorsements for r in result.rounds]
+    assert any("our proposal won" in log for log in mined.logs), mined.logs
+
+
+@pytest.mark.integration
+def test_a_mined_chain_records_the_contest_and_verifies_from_another_node(grid, mined):
+    from grid_ipfs.chain import decode_block
+    from grid_ipfs.ipfs.cids import cid_str
+
+    with grid.local.client(2) as reader:
+        blocks = [block for _, block in walk(reader, mined.result.head)][::-1]
+        assert [b["round"] for b in blocks] == [0, 1, 2, 3]
+        for block in blocks[1:]:
+            pofl = block["ext"]["pofl"]
+            winner = decode_block(reader.block_get(pofl["block"]), pofl["block"])
+            assert block["signer"] == grid.owner.id and winner["signer"] == pofl["winner"] in mined.ids
+            assert cid_str(winner["weights"]) == cid_str(block["weights"])
+            assert winner["aggregation"]["name"] == block["aggregation"]["name"] in ("median", "krum")
+            assert len(pofl["candidates"]) == 3 and cid_str(pofl["block"]) in map(cid_str, pofl["candidates"])
+    proc = run_cli("grid_ipfs.chain", "verify", "--api", grid.local.apis[1], "--signer", grid.owner.id,
+                   mined.result.head)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_miner_and_client_command_lines_refuse_bad_mining_options(tmp_path):
+    proc = run_cli("grid_ipfs.miner", "--help")
+    assert proc.returncode == 0 and "--eval-data" in proc.stdout and "--aggregation" in proc.stdout
+    proc = run_cli("grid_ipfs.miner", "--api", "/ip4/127.0.0.1/tcp/9", "--eval-data", str(tmp_path / "none.npz"))
+    assert proc.returncode == 1 and "none.npz" in proc.stderr, proc.stderr
+    proc = run_cli("grid_ipfs.miner", "--api", "/ip4/127.0.0.1/tcp/9", "--eval-data", "x.npz", "--trim", "0.2")
+    assert proc.returncode == 2 and "--aggregation" in proc.stderr, proc.stderr
+    proc = run_cli("grid_ipfs.miner", "--api", "/ip4/127.0.0.1/tcp/9", "--eval-data", "x.npz",
+                   "--aggregation", "dp-fedavg")
+    assert proc.returncode == 2 and "dp-fedavg" in proc.stderr, proc.stderr
+
+
+@pytest.mark.integration
+def test_a_job_with_miners_needs_the_owners_eval_data(grid):
+    from grid_ipfs.client import JobFailed
+
+    with pytest.raises(JobFailed, match="with miners the client evaluates every rival aggregate itself"):
+        run_job(grid, rounds=1, miners=1, eval_data=None, job_id="pofl-no-eval")
+
+
+# -- secure aggregation -------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_secure_aggregation_trains_hides_every_update_and_survives_a_silent_worker(grid):
+    """4 honest workers, pairwise-masked updates. In round 2 one worker freezes (SIGSTOP): its masks would
+    stay in the sum, so the attempt is abandoned and the round announced again among the three others."""
+    import signal
+
+    from grid_ipfs.client import Client, ClientCallback, JobSpec
+    from grid_ipfs.payloads import weights_from_bytes
+
+    frozen = grid.local.workers[0]
+
+    class FreezeInRound2(ClientCallback):
+        starts: list = []
+
+        def on_round_start(self, round, expected, deadline):
+            self.starts.append((round, expected))
+            if round == 2 and len(self.starts) == 2:
+                frozen.send_signal(signal.SIGSTOP)
+
+    spec = JobSpec(model_path=grid.root / "digits.keras", eval_data=grid.root / "test.npz", rounds=2, epochs=2,
+                   min_workers=3, round_timeout=25, join_timeout=120, max_retries=1, aggregation="secure-fedavg",
+                   secure_aggregation=True, job_id="secure")
+    try:
+        with grid.local.client(0) as ipfs:
+            result = Client(ipfs, grid.owner, head_dir=grid.root / "heads", allowed_workers=grid.honest,
+                            callbacks=[FreezeInRound2()]).submit(spec)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert FreezeInRound2.starts == [(1, HONEST), (2, HONEST), (2, HONEST - 1)], FreezeInRound2.starts
+    assert [(r.updates, r.attempts) for r in result.rounds] == [(HONEST, 1), (HONEST - 1, 2)], result.rounds
+    assert result.rounds[-1].metrics["val_accuracy"] >= 0.85
+    with grid.local.client(2) as reader:
+        blocks = [block for _, block in walk(reader, result.head)][::-1]
+        assert [b["aggregation"]["name"] for b in blocks[1:]] == ["secure-fedavg"] * 2
+        last = blocks[-1]
+        global_weights = weights_from_bytes(reader.cat(last["weights"]))
+        for update in last["updates"]:  # what IPFS and the chain hold is masked: uint64 noise, not weights
+            masked = weights_from_bytes(reader.cat(update["weights"]))
+            assert masked[0].dtype == np.uint64
+            readable = masked[0].view(np.int64).astype(np.float64) / 2 ** 24 / update["num_examples"]
+            assert np.abs(readable - global_weights[0]).mean() > 1e3
+    proc = run_cli("grid_ipfs.chain", "verify", "--api", grid.local.apis[1], "--signer", grid.owner.id, result.head)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -91,6 +91,25 @@ def test_diabetes_two_rounds_print_finite_falling_mse_and_a_verified_chain(tmp_p
     assert "chain verified from node 2: True (3 blocks)" in result.stdout
 
 
+def test_diabetes_custom_block_records_the_line_per_round_and_its_check_catches_a_forgery(tmp_path):
+    result = run_example("diabetes_custom_block.py", "--rounds", "2", "--dir", str(tmp_path), workdir=tmp_path,
+                         timeout=300)
+    assert result.returncode == 0, explain(result, tmp_path)
+    held_out = dict(re.findall(r"round (\d+): 3 updates, .*held-out MSE ([\d.]+) MAE", result.stdout))
+    number = r"[+-]\d+\.\d{3}"
+    recorded = re.findall(rf"  round (\d+): intercept ({number}) coef \[((?:{number} ?){{10}})\] "
+                          r"held-out MSE ([\d.]+)\n", result.stdout)
+    assert [r[0] for r in recorded] == ["1", "2"], result.stdout
+    assert all(math.isfinite(float(c)) for r in recorded for c in r[2].split()), result.stdout
+    assert recorded[0][2] != recorded[1][2], result.stdout  # the line moved between rounds
+    assert {r[0]: r[3] for r in recorded} == held_out, result.stdout  # the custom field is the client's evaluation
+    assert re.search(rf"sklearn least squares on all 354 patients: intercept {number} coef \[", result.stdout)
+    assert "chain verified from node 2 with the linreg check: True (3 blocks)" in result.stdout
+    assert re.search(r"re-signed by the owner \(bafy\w+\): plain verify True, with the linreg check False: "
+                     r"block 2 \(seq 2\): ext: coef\[0\] is 0\.0, but the block's weights give -?\d", result.stdout), \
+        result.stdout
+
+
 def fashion_mnist_installed() -> bool:
     root = Path(data.FASHION_MNIST_ROOT)
     return all((root / f"{name}.gz").is_file() or (root / name).is_file() for name in FASHION_FILES)

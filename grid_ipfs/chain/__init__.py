@@ -15,12 +15,12 @@ from .blocks import (
     sign_block,
     validate_block,
 )
-from .log import BlockStore, ChainLog, read_head, walk, write_head
+from .log import BlockStore, ChainLog, read_head, store_block, walk, write_head
 from .verify import BlockCheck, VerifyReport, verify_chain
 
 __all__ = [
     "BLOCK_VERSION", "GENESIS_AGGREGATION", "ChainError",
     "block_cid", "check_signature", "decode_block", "encode_block", "sign_block", "validate_block",
-    "BlockStore", "ChainLog", "read_head", "walk", "write_head",
+    "BlockStore", "ChainLog", "read_head", "store_block", "walk", "write_head",
     "BlockCheck", "VerifyReport", "verify_chain",
 ]

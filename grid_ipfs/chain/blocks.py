@@ -8,7 +8,15 @@ the history (`ipfs dag get HEAD/prev/prev/round`) and a recursive pin of the hea
     aggregation {name, params}, updates [{worker, weights, num_examples, metrics}] sorted by worker,
     metrics {str: float}, time, signer, sig, and in genesis only an optional config {str: value}
     (the job's training settings: epochs, batch size, rounds, ... so `client resume` and auditors
-    know what was asked of the workers)
+    know what was asked of the workers), and in any block an optional ext {str: value}
+
+`ext` is where an application brings its own block fields (a custom block type: `{"kind": "linreg",
+"coef": [...], ...}`); the client fills it from `ClientCallback.block_fields`, and `verify_chain`'s
+`check_ext` lets an auditor re-check it. Its keys are non-empty strings; its values plain dag-cbor
+data: ints (signed 64-bit), finite floats, strings, bytes, bools, IPLD links (CIDs), and lists and
+maps (non-empty string keys) of those, nested at most `EXT_MAX_DEPTH` levels. null is refused (omit the
+key) and so is an empty ext (omit the field), so every value has one encoding. It is signed like
+every other field: changing it breaks the signature.
 
 `sig` is the signer's Ed25519 signature over the dag-cbor encoding of the block without `sig`.
 dag-cbor is canonical (one encoding per value), so a block's CID can be recomputed from its fields by
@@ -30,8 +38,9 @@ from ..ipfs.cids import InvalidCID, cid_str, parse_cid
 from ..messages import valid_job_id
 
 __all__ = [
-    "BLOCK_VERSION", "GENESIS_AGGREGATION", "ChainError",
+    "BLOCK_VERSION", "EXT_MAX_DEPTH", "GENESIS_AGGREGATION", "ChainError",
     "encode_block", "decode_block", "sign_block", "check_signature", "validate_block", "block_cid",
+    "normalise_ext",
 ]
 
 BLOCK_VERSION = 1
@@ -40,6 +49,10 @@ GENESIS_AGGREGATION = "init"
 _REQUIRED = {"v", "job", "seq", "round", "model", "weights", "aggregation", "updates", "metrics", "time",
              "signer", "sig"}
 _UPDATE_KEYS = {"worker", "weights", "num_examples", "metrics"}
+_OPTIONAL = {"prev", "config", "ext"}
+EXT_MAX_DEPTH = 16
+"""How deeply lists and maps may nest inside `ext` (the ext map itself is level 1)."""
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 class ChainError(Exception):
@@ -60,6 +73,47 @@ def _check_metrics(where: str, metrics: object) -> None:
             raise ChainError(f"{where}.{key}: expected a finite float, got {value!r}")
 
 
+def _check_ext_value(where: str, value: object, depth: int) -> None:
+    if isinstance(value, (bool, str, bytes, CID)):  # bool before int: True is an int in Python
+        return
+    if isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise ChainError(f"{where}: integer out of the signed 64-bit range: {value}")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ChainError(f"{where}: expected a finite float, got {value!r}")
+        return
+    if isinstance(value, (list, dict)) and depth >= EXT_MAX_DEPTH:
+        raise ChainError(f"{where}: nested deeper than {EXT_MAX_DEPTH} levels")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_ext_value(f"{where}[{i}]", item, depth + 1)
+        return
+    if isinstance(value, dict):
+        _check_ext_map(where, value, depth + 1)
+        return
+    if value is None:
+        raise ChainError(f"{where}: null is not allowed (omit the key)")
+    raise ChainError(f"{where}: {type(value).__name__} is not plain dag-cbor data (int, float, str, bytes, bool, "
+                     "CID, list, map)")
+
+
+def _check_ext_map(where: str, value: dict, depth: int) -> None:
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise ChainError(f"{where}: keys must be non-empty strings, got {key!r}")
+        _check_ext_value(f"{where}.{key}", item, depth)
+
+
+def _check_ext(ext: object) -> None:
+    if not isinstance(ext, dict):
+        raise ChainError(f"ext: expected a map with non-empty string keys, got {type(ext).__name__}")
+    if not ext:
+        raise ChainError("ext: an empty map (omit the field instead)")
+    _check_ext_map("ext", ext, 1)
+
+
 def validate_block(block: object, *, signed: bool = True) -> None:
     """Raise ChainError naming the first field that does not fit the block layout.
 
@@ -73,7 +127,7 @@ def validate_block(block: object, *, signed: bool = True) -> None:
     missing = sorted((required - set(block)) | ({"prev"} - set(block) if not genesis else set()))
     if missing:
         raise ChainError(f"missing field {missing[0]}")
-    extra = sorted(set(block) - _REQUIRED - {"prev", "config"})
+    extra = sorted(set(block) - _REQUIRED - _OPTIONAL)
     if extra:
         raise ChainError(f"unexpected field {extra[0]!r}")
     if "config" in block:
@@ -81,6 +135,8 @@ def validate_block(block: object, *, signed: bool = True) -> None:
             raise ChainError(f"config at seq {block['seq']}: the job's config lives in genesis only")
         if not isinstance(block["config"], dict) or not all(isinstance(k, str) and k for k in block["config"]):
             raise ChainError("config: expected a map with non-empty string keys")
+    if "ext" in block:
+        _check_ext(block["ext"])
     if block["v"] != BLOCK_VERSION or not _is_int(block["v"]):
         raise ChainError(f"unsupported block version {block['v']!r}")
     if not valid_job_id(block["job"]):
@@ -180,6 +236,28 @@ def _link(where: str, value: object) -> CID:
         raise ChainError(f"{where}: {exc}") from None
 
 
+def _plain(value: object) -> object:
+    """numpy scalars and arrays -> Python values and lists, tuples -> lists, recursively."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        value = value.tolist()  # type: ignore[union-attr]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def normalise_ext(ext: object) -> dict | None:
+    """`ext` as a block holds it: numpy values and tuples made plain (a callback may return
+    `model.get_weights()[0].ravel()` as is), then checked. None or an empty map means "no ext" and
+    gives None. Raises ChainError naming the first bad key (`ext.coef[3]: expected a finite float`)."""
+    if ext is None or (isinstance(ext, dict) and not ext):
+        return None
+    ext = _plain(ext)
+    _check_ext(ext)
+    return ext  # type: ignore[return-value]
+
+
 def _normalise(fields: dict) -> dict[str, Any]:
     """Accept what callers naturally hold (CID strings, numpy scalars, ints for floats, unsorted
     updates) and turn it into the exact types the layout requires."""
@@ -189,6 +267,12 @@ def _normalise(fields: dict) -> dict[str, Any]:
             block[key] = _link(key, block[key])
         elif key == "prev":
             block.pop("prev", None)
+    if "ext" in block:
+        ext = normalise_ext(block["ext"])
+        if ext is None:
+            del block["ext"]
+        else:
+            block["ext"] = ext
     if isinstance(block.get("metrics"), dict):
         block["metrics"] = {k: _float(f"metrics.{k}", v) for k, v in block["metrics"].items()}
     if "time" in block:

@@ -17,10 +17,10 @@ from typing import Protocol
 from multiformats import CID
 
 from ..identity import Identity
-from ..ipfs.cids import InvalidCID, cid_str, parse_cid, same_cid
+from ..ipfs.cids import InvalidCID, cid_str, parse_cid, same_cid, same_data
 from .blocks import ChainError, decode_block, encode_block, sign_block
 
-__all__ = ["BlockStore", "ChainLog", "walk", "read_head", "write_head"]
+__all__ = ["BlockStore", "ChainLog", "walk", "read_head", "write_head", "store_block"]
 
 
 class BlockStore(Protocol):
@@ -110,7 +110,26 @@ class ChainLog:
         with FileLock(f"{self.head_file}.lock"):
             return self._append(fields, identity)
 
+    def stage(self, fields: dict, identity: Identity) -> CID:
+        """Sign and store `fields` as the next block on the current head, without advancing the head.
+
+        A staged block is a candidate others can fetch and build on (see `grid_ipfs.contest`); it joins
+        the chain only if a later `append` links it, or never (an orphan, like a losing proposal).
+        """
+        if "seq" in fields or "prev" in fields:
+            raise ChainError("stage sets seq and prev itself; do not pass them")
+        return store_block(self.store, self._next(fields), identity)
+
     def _append(self, fields: dict, identity: Identity) -> CID:
+        cid = store_block(self.store, self._next(fields), identity)
+        if self.head_file is None:
+            self._head = cid
+        else:
+            write_head(self.head_file, cid)
+        return cid
+
+    def _next(self, fields: dict) -> dict:
+        """`fields` with `seq`, `prev` (and a default `time`) for the block after the current head."""
         head = self.head
         block = {"time": time.time(), **fields}
         if head is None:
@@ -118,28 +137,19 @@ class ChainLog:
         else:
             parent = decode_block(self.store.block_get(head), head)
             for key in ("job", "model"):
-                if key in block and not _same(block[key], parent[key]):
+                if key in block and not same_data(block[key], parent[key]):
                     raise ChainError(f"{key} {_show(block[key])} differs from the head's {_show(parent[key])}")
             block["seq"] = parent["seq"] + 1
             block["prev"] = head
-        data, cid = encode_block(sign_block(block, identity))
-        stored = self.store.block_put(data, codec="dag-cbor")
-        if not same_cid(stored, cid):
-            raise ChainError(f"the store answered CID {cid_str(stored)} for block {cid_str(cid)}")
-        if self.head_file is None:
-            self._head = cid
-        else:
-            write_head(self.head_file, cid)
-        return cid
+        return block
 
-
-def _same(a: object, b: object) -> bool:
-    if isinstance(b, CID):
-        try:
-            return same_cid(a, b)  # type: ignore[arg-type]
-        except InvalidCID:
-            return False
-    return a == b
+def store_block(store: BlockStore, block: dict, identity: Identity) -> CID:
+    """Sign `block` (a complete block but for `v`, `signer`, `sig`), put it in `store`, return its CID."""
+    data, cid = encode_block(sign_block(block, identity))
+    stored = store.block_put(data, codec="dag-cbor")
+    if not same_cid(stored, cid):
+        raise ChainError(f"the store answered CID {cid_str(stored)} for block {cid_str(cid)}")
+    return cid
 
 
 def _show(value: object) -> str:

@@ -15,6 +15,17 @@ client's evaluation data, which the chain does not hold: pass `evaluate` (weight
 `python -m grid_ipfs.client verify --eval-data FILE`) to re-evaluate every block's global weights,
 compare with the recorded values (`eval_tolerance`), and decide the rules on the verifier's numbers.
 
+Custom block fields: a block's optional `ext` map (see `blocks`) is checked for layout and covered
+by the signature like everything else; what it *means* is the application's. Pass `check_ext(block,
+weights) -> reason or None` to re-check it: it is called for every block, genesis first, with the
+decoded block and its global weights (a list of numpy arrays), and a returned string fails the block
+(e.g. a linear model's recorded coefficients that are not those of its weights).
+
+Contests (proof of federated learning with miners, `grid_ipfs.contest`): a block recording
+`ext.pofl` must be its winner's aggregate: the linked winning candidate is among the candidates, is
+validly signed by the named winner, is for the same round over the same updates, and has the same
+weights and rule; an accepted block must name a winner. (Its aggregate is recomputed like any block's.)
+
 The report names the *oldest* bad block reachable from the head, because everything built on a bad
 block inherits the problem: the first failure is the one to investigate.
 """
@@ -27,12 +38,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from multiformats import CID
 
-from ..ipfs.cids import cid_str, parse_cid, same_cid
+from ..ipfs.cids import cid_str, parse_cid, same_cid, same_data
 from ..ipfs.errors import IPFSError
 from .blocks import ChainError, check_signature, decode_block
 from .log import BlockStore
 
-__all__ = ["BlockCheck", "VerifyReport", "is_accepted", "verify_chain"]
+__all__ = ["BlockCheck", "ExtCheck", "VerifyReport", "is_accepted", "verify_chain"]
+
+ExtCheck = Callable[[dict, list], str | None]
+"""`check_ext(block, weights)`: None when the block's custom fields are right, else the reason."""
 
 
 def is_accepted(block: dict) -> bool:
@@ -71,14 +85,16 @@ class _Bad(Exception):
 
 def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = True, recompute: bool = True,
                  signer: str | None = None, evaluate: Callable[[list], Mapping[str, float]] | None = None,
-                 eval_tolerance: float = 1e-4) -> VerifyReport:
+                 eval_tolerance: float = 1e-4, check_ext: ExtCheck | None = None) -> VerifyReport:
     """Walk `head` -> genesis and check every block (see the module docstring).
 
     `signer`, if given, is the only id allowed to have signed blocks (e.g. the job owner's). Fetch
     failures are verdicts, not exceptions: a chain whose objects cannot be found does not verify.
     `evaluate(weights)`, if given, re-evaluates each block's global weights: every metric it returns
     that the block also records must agree within `eval_tolerance`, and acceptance rules are decided on
-    its values.
+    its values. `check_ext(block, weights)`, if given, re-checks each block's custom fields (`ext`,
+    absent unless the writer added some): a returned string fails the block, and so does a KeyError,
+    IndexError, TypeError or ValueError raised while reading a block it did not expect.
     """
     walked, broken = _walk(store, parse_cid(head))
     chain = walked[::-1]  # oldest first, so the first failure found is the oldest one
@@ -88,7 +104,7 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
     if broken is not None:  # the oldest block reached could not be read: nothing older is checked
         failure = (0, broken)
     else:
-        context = _Context(check_objects, recompute, signer, evaluate, eval_tolerance)
+        context = _Context(check_objects, recompute, signer, evaluate, eval_tolerance, check_ext)
         for index, (_, block) in enumerate(chain):
             parent = chain[index - 1][1] if index else None
             try:
@@ -113,6 +129,7 @@ class _Context:
     signer: str | None
     evaluate: Callable[[list], Mapping[str, float]] | None
     eval_tolerance: float
+    check_ext: ExtCheck | None = None
     accepted: dict | None = None
     """The newest accepted block checked so far (genesis first): its weights are the reference of the
     next block, its metrics the baseline of an `improves:` rule."""
@@ -175,8 +192,10 @@ def _check_block(store: BlockStore, block: dict, parent: dict | None,
     if parent is None:  # genesis: nothing to recompute; the model is the same along the chain
         if context.check_objects:
             _fetch(store, block["model"], MAX_MODEL_BYTES, "model")
-        if context.check_objects or context.recompute or context.evaluate is not None:
+        if (context.check_objects or context.recompute or context.evaluate is not None
+                or context.check_ext is not None):
             weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
+        _check_custom(block, weights, context)
         return weights, _metrics(block, weights, context)
     if context.check_objects or context.recompute:
         weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
@@ -184,11 +203,60 @@ def _check_block(store: BlockStore, block: dict, parent: dict | None,
                    for u in block["updates"]]
         if context.recompute:
             _recompute(block, weights, updates, context.accepted_weights)
-    elif context.evaluate is not None:
+        _check_pofl(store, block)
+    elif context.evaluate is not None or context.check_ext is not None:
         weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
+    _check_custom(block, weights, context)
     metrics = _metrics(block, weights, context)
     _check_acceptance(block, metrics, context.accepted_metrics)
     return weights, metrics
+
+
+_ROUND_FIELDS = ("job", "round", "seq", "prev", "model", "updates", "weights", "aggregation")
+
+
+def _check_pofl(store: BlockStore, block: dict) -> None:
+    """A block that records a contest (`ext.pofl`) is what its winning candidate proposed."""
+    pofl = (block.get("ext") or {}).get("pofl")
+    if pofl is None:
+        return
+    if not isinstance(pofl, dict) or not isinstance(pofl.get("candidates"), list):
+        raise _Bad("ext.pofl: expected {candidates: [links], winner?, block?}")
+    winning = pofl.get("block")
+    if winning is None:
+        if is_accepted(block):
+            raise _Bad("ext.pofl names no winner, yet the block is accepted")
+        return
+    if not isinstance(winning, CID) or not any(same_data(winning, c) for c in pofl["candidates"]):
+        raise _Bad("ext.pofl: the winning block is not a link among the candidates")
+    try:
+        rival = decode_block(store.block_get(winning), winning)
+    except (IPFSError, ChainError) as exc:
+        raise _Bad(f"ext.pofl: winning candidate {cid_str(winning)}: {exc}") from None
+    if rival["signer"] != pofl.get("winner") or not check_signature(rival):
+        raise _Bad(f"ext.pofl: winning candidate {cid_str(winning)} is not validly signed by the named winner")
+    for key in _ROUND_FIELDS:
+        if not same_data(rival.get(key), block.get(key)):
+            raise _Bad(f"ext.pofl: {key} differs from the winning candidate {cid_str(winning)}")
+
+
+def _check_custom(block: dict, weights: bytes | None, context: _Context) -> None:
+    """The application's own check of the block's custom fields (`ext`), on its global weights."""
+    if context.check_ext is None or weights is None:
+        return
+    from ..payloads import weights_from_bytes
+
+    try:
+        arrays = weights_from_bytes(weights, source="global weights")
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    try:
+        reason = context.check_ext(block, arrays)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise _Bad(f"ext check failed: {type(exc).__name__}: {exc}") from None
+    if reason is not None:
+        raise _Bad(f"ext: {reason}" if isinstance(reason, str)
+                   else f"check_ext returned {reason!r}, expected None (fine) or a reason string")
 
 
 def _metrics(block: dict, weights: bytes | None, context: _Context) -> Mapping[str, float]:

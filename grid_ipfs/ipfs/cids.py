@@ -11,7 +11,7 @@ from multiformats import CID
 
 from .errors import InvalidCID
 
-__all__ = ["CID", "parse_cid", "same_cid", "cid_str"]
+__all__ = ["CID", "parse_cid", "same_cid", "same_data", "cid_str"]
 
 
 def parse_cid(value: str | bytes | CID) -> CID:
@@ -30,6 +30,20 @@ def same_cid(a: str | CID, b: str | CID) -> bool:
     """True when both name the same content with the same codec (CIDv0 == its CIDv1 twin)."""
     ca, cb = parse_cid(a), parse_cid(b)
     return ca.codec == cb.codec and ca.digest == cb.digest
+
+
+def same_data(a: object, b: object) -> bool:
+    """Deep equality of IPLD data in which links compare with `same_cid` (a CIDv0 equals its CIDv1)."""
+    if isinstance(a, CID) or isinstance(b, CID):
+        try:
+            return same_cid(a, b)  # type: ignore[arg-type]
+        except Exception:  # one side is not a CID at all
+            return False
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_data(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_data(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
 
 
 def cid_str(cid: str | CID) -> str:

@@ -1,0 +1,118 @@
+"""Proof of federated learning with competing aggregators ("miners"), after FlexBlock's PoFL.
+
+One job owner, any number of miners; for each round:
+
+1. The owner collects the round's updates as usual, aggregates them with the job's rule and *stages*
+   that as its candidate block (stored, signed, not on the chain yet). It publishes `propose` with the
+   candidate and the round's starting weights (`reference`).
+2. Each miner (`python -m grid_ipfs.miner`) fetches the candidate and every update it records,
+   aggregates them with its own rule, evaluates the result on its own validation split and, if that
+   clears the job's acceptance rule there, stages a rival block: the candidate's round, seq, prev,
+   model and updates with its own weights, aggregation, metrics and signature (`rival_block`). It
+   answers `proposal`.
+3. The owner checks every rival itself (`check_rival`: signature, the same round, an aggregate that
+   recomputes bit for bit from the recorded updates), evaluates it on its own held-out data, and the
+   best candidate that clears the rule on the owner's numbers wins (`best`). The appended block takes
+   the winner's aggregation and weights and records the contest in `ext.pofl` (`pofl_record`): the
+   winner's id, its candidate block and links to every candidate that was checked, so an auditor can
+   re-check the rivals.
+4. Each miner checks the appended block the same way, on its own data, and publishes `endorse`.
+
+Everything here is pure given the fetched bytes; the roles (client, miner) do the fetching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from .aggregate import AcceptRule, aggregate
+from .chain.blocks import ChainError, check_signature, decode_block
+from .ipfs.cids import cid_str, parse_cid, same_data
+from .payloads import weights_to_bytes
+
+__all__ = ["ContestError", "ROUND_FIELDS", "rival_block", "check_rival", "score_key", "best", "pofl_record"]
+
+ROUND_FIELDS = ("job", "round", "seq", "prev", "model", "updates")
+"""What a rival shares with the owner's candidate: the same round of the same chain over the same updates."""
+
+
+class ContestError(Exception):
+    """A rival block that does not compete: the message says why in a few words (it is logged)."""
+
+
+def rival_block(candidate: Mapping, *, weights: str, aggregation: str, params: Mapping,
+                metrics: Mapping[str, float], time: float) -> dict:
+    """The fields of a rival to `candidate` (sign and store them with `chain.store_block`)."""
+    fields = {key: candidate[key] for key in ROUND_FIELDS}
+    return {**fields, "weights": weights, "aggregation": {"name": aggregation, "params": dict(params)},
+            "metrics": dict(metrics), "time": time}
+
+
+def check_rival(data: bytes, cid: str, candidate: Mapping, results: Sequence[tuple[list, int]], reference: list,
+                fetch_weights: Callable[[str], list]) -> tuple[dict, list]:
+    """Decode and check a rival block against `candidate`; return (block, its weights).
+
+    `results` are the round's updates as `(weights, num_examples)` in the candidate's (worker) order and
+    `reference` the weights the round started from, as the owner holds them. Raises ContestError.
+    """
+    try:
+        block = decode_block(data, cid)
+    except ChainError as exc:
+        raise ContestError(f"not a valid block: {exc}") from None
+    if not check_signature(block):
+        raise ContestError(f"bad signature for signer {block['signer'][:12]}")
+    for key in ROUND_FIELDS:
+        if not same_data(block.get(key), candidate.get(key)):
+            raise ContestError(f"{key} differs from the round's candidate")
+    name, params = block["aggregation"]["name"], block["aggregation"]["params"]
+    try:
+        expected = aggregate(name, list(results), reference=reference, round=block["round"], seq=block["seq"],
+                             **params)
+    except (ValueError, TypeError) as exc:
+        raise ContestError(f"aggregation {name} {dict(params)} cannot be recomputed: {exc}") from None
+    weights = fetch_weights(cid_str(block["weights"]))
+    if weights_to_bytes(weights) != weights_to_bytes(expected):
+        raise ContestError(f"weights {cid_str(block['weights'])} are not {name} of the recorded updates")
+    return block, weights
+
+
+def score_key(rule: AcceptRule | None) -> tuple[str, bool]:
+    """(metric, lower_is_better) that ranks candidates: the acceptance rule's metric, else val_loss."""
+    if rule is None:
+        return "val_loss", True
+    return rule.metric, rule.lower_is_better
+
+
+def best(scored: Sequence[Mapping[str, float]], rule: AcceptRule | None,
+         baseline: Mapping[str, float] | None = None) -> tuple[int | None, list[str]]:
+    """Index of the best candidate that passes `rule` (None if none does) and, per candidate, why.
+
+    Candidates are ranked by `score_key(rule)`; ties go to the earlier one (the owner's own comes
+    first). A candidate whose metrics lack the ranking metric cannot win.
+    """
+    metric, lower = score_key(rule)
+    winner, verdicts = None, []
+    for index, metrics in enumerate(scored):
+        if metric not in metrics:
+            verdicts.append(f"no {metric} to rank by")
+            continue
+        if rule is not None:
+            ok, why = rule.check(metrics, baseline)
+            if not ok:
+                verdicts.append(why)
+                continue
+        verdicts.append(f"{metric} {metrics[metric]:.6g}")
+        if winner is None or (metrics[metric] < scored[winner][metric] if lower
+                              else metrics[metric] > scored[winner][metric]):
+            winner = index
+    return winner, verdicts
+
+
+def pofl_record(winner: str | None, block: str | None, candidates: Sequence[str]) -> dict:
+    """The block's `ext.pofl`: who won, with which candidate block, and every candidate checked (the
+    owner's first); without `winner`/`block` when no candidate cleared the rule. Links are CIDs, so an
+    auditor can fetch and re-check each rival."""
+    record: dict = {"candidates": [parse_cid(c) for c in candidates]}
+    if winner is not None and block is not None:
+        record.update(winner=winner, block=parse_cid(block))
+    return record

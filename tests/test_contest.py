@@ -1,0 +1,173 @@
+"""Proof of federated learning with competing aggregators: rival blocks, their checks, the ranking.
+
+Pure logic over an in-memory block store; the miners on real daemons are tested in tests/test_beyond.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from grid_ipfs.aggregate import aggregate, parse_accept
+from grid_ipfs.chain import ChainLog, decode_block, store_block
+from grid_ipfs.contest import ContestError, best, check_rival, pofl_record, rival_block, score_key
+from grid_ipfs.identity import Identity
+from grid_ipfs.ipfs.cids import cid_str
+from grid_ipfs.payloads import weights_from_bytes, weights_to_bytes
+
+from .test_chain_format import MemoryStore
+
+OWNER, MINER = Identity.generate(), Identity.generate()
+WORKERS = sorted((Identity.generate() for _ in range(4)), key=lambda i: i.id)
+
+
+@pytest.fixture
+def round_():
+    """A chain with genesis, the owner's staged candidate for round 1 (fedavg of 4 updates, one of them
+    scaled x20), and what the owner holds: the updates as (weights, n) and the reference weights."""
+    store = MemoryStore()
+    rng = np.random.default_rng(3)
+    reference = [rng.normal(size=(3, 2)).astype(np.float32), np.zeros(2, np.float32)]
+    chain = ChainLog(store, None)
+    model = store.add(b"a .keras file")
+    chain.append({"job": "pofl", "round": 0, "model": model, "weights": store.add(weights_to_bytes(reference)),
+                  "aggregation": {"name": "init", "params": {}}, "updates": [], "metrics": {}}, OWNER)
+    results = [([w + rng.normal(scale=0.1, size=w.shape).astype(np.float32) for w in reference], 10 + i)
+               for i in range(4)]
+    results[3] = ([w * 20 for w in results[3][0]], results[3][1])
+    own = aggregate("fedavg", results)
+    fields = {"job": "pofl", "round": 1, "model": model, "weights": store.add(weights_to_bytes(own)),
+              "aggregation": {"name": "fedavg", "params": {"accept": "val_accuracy>=0.5"}},
+              "updates": [{"worker": w.id, "weights": store.add(weights_to_bytes(u)), "num_examples": n,
+                           "metrics": {}} for w, (u, n) in zip(WORKERS, results)],
+              "metrics": {"val_accuracy": 0.2, "accepted": 0.0}}
+    candidate_cid = chain.stage(fields, OWNER)
+    assert chain.head != candidate_cid  # staged, not appended
+    candidate = decode_block(store.block_get(candidate_cid), candidate_cid)
+
+    def fetch(cid):
+        return weights_from_bytes(store.cat(cid), like=reference)
+
+    return store, candidate, results, reference, fetch
+
+
+def _rival(store, candidate, weights, *, name="median", params=None, signer=MINER, **changes):
+    fields = rival_block(candidate, weights=store.add(weights_to_bytes(weights)), aggregation=name,
+                         params=params or {"accept": "val_accuracy>=0.5"},
+                         metrics={"val_accuracy": 0.9, "accepted": 1.0}, time=1.0)
+    cid = store_block(store, {**fields, **changes}, signer)
+    return store.block_get(cid), cid_str(cid)
+
+
+def test_an_honest_rival_checks_out_and_keeps_the_candidates_round(round_):
+    store, candidate, results, reference, fetch = round_
+    median = aggregate("median", results)
+    data, cid = _rival(store, candidate, median)
+    block, weights = check_rival(data, cid, candidate, results, reference, fetch)
+    assert block["signer"] == MINER.id and block["seq"] == candidate["seq"] == 1
+    assert cid_str(block["prev"]) == cid_str(candidate["prev"])
+    assert all(np.array_equal(a, b) for a, b in zip(weights, median))
+    # median resists the scaled update where the candidate's fedavg does not
+    assert np.abs(weights[0]).max() < 0.5 * np.abs(aggregate("fedavg", results)[0]).max()
+
+
+def test_a_rival_whose_weights_are_not_its_rule_of_the_updates_is_refused(round_):
+    store, candidate, results, reference, fetch = round_
+    forged = [w + 0.01 for w in aggregate("median", results)]
+    data, cid = _rival(store, candidate, forged)
+    with pytest.raises(ContestError, match="are not median of the recorded updates"):
+        check_rival(data, cid, candidate, results, reference, fetch)
+
+
+@pytest.mark.parametrize("change, reason", [({"round": 2}, "round differs"), ({"seq": 5}, "seq differs")])
+def test_a_rival_for_another_round_is_refused(round_, change, reason):
+    store, candidate, results, reference, fetch = round_
+    data, cid = _rival(store, candidate, aggregate("median", results), **change)
+    with pytest.raises(ContestError, match=reason):
+        check_rival(data, cid, candidate, results, reference, fetch)
+
+
+def test_bytes_that_are_not_a_block_are_refused(round_):
+    store, candidate, results, reference, fetch = round_
+    with pytest.raises(ContestError, match="not a valid block"):
+        check_rival(b"\xa0", cid_str(store.block_put(b"\xa0")), candidate, results, reference, fetch)
+
+
+def test_a_rival_dropping_an_update_is_refused(round_):
+    store, candidate, results, reference, fetch = round_
+    data, cid = _rival(store, candidate, aggregate("median", results[:3]), updates=candidate["updates"][:3])
+    with pytest.raises(ContestError, match="updates differs"):
+        check_rival(data, cid, candidate, results, reference, fetch)
+
+
+def test_a_rival_with_a_broken_signature_or_unknown_rule_is_refused(round_):
+    store, candidate, results, reference, fetch = round_
+    import dag_cbor
+
+    data, cid = _rival(store, candidate, aggregate("median", results))
+    block = dag_cbor.decode(data)
+    block["metrics"]["val_accuracy"] = 0.99  # re-encoded: a new CID, the old signature
+    forged = dag_cbor.encode(block)
+    with pytest.raises(ContestError, match="bad signature"):
+        check_rival(forged, cid_str(store.block_put(forged)), candidate, results, reference, fetch)
+    data, cid = _rival(store, candidate, aggregate("median", results), name="mystery")
+    with pytest.raises(ContestError, match="cannot be recomputed"):
+        check_rival(data, cid, candidate, results, reference, fetch)
+
+
+def test_best_ranks_by_the_rules_metric_among_candidates_that_pass():
+    rule = parse_accept("val_accuracy>=0.6")
+    winner, verdicts = best([{"val_accuracy": 0.3}, {"val_accuracy": 0.8}, {"val_accuracy": 0.9}, {}], rule)
+    assert winner == 2
+    assert "fails" in verdicts[0] and verdicts[2] == "val_accuracy 0.9" and "no val_accuracy" in verdicts[3]
+    assert best([{"val_accuracy": 0.3}], rule)[0] is None
+    # lower is better for losses; ties go to the earlier candidate (the owner's own)
+    assert best([{"val_loss": 0.5}, {"val_loss": 0.4}, {"val_loss": 0.4}], None)[0] == 1
+    assert best([{"val_loss": 0.5}, {"val_loss": 0.5}], parse_accept("improves:val_loss"), {"val_loss": 0.7})[0] == 0
+    assert score_key(parse_accept("improves:val_loss")) == ("val_loss", True)
+    assert score_key(None) == ("val_loss", True)
+
+
+def test_the_pofl_record_links_every_candidate(round_):
+    store, candidate, results, reference, fetch = round_
+    _, rival = _rival(store, candidate, aggregate("median", results))
+    record = pofl_record(MINER.id, rival, [cid_str(store.block_put(b"x")), rival])
+    assert record["winner"] == MINER.id and cid_str(record["block"]) == rival
+    assert [cid_str(c) for c in record["candidates"]][1] == rival
+
+
+def _final(store, candidate, rival_cid, rival, **changes):
+    """The owner's round block as the client writes it when `rival` won, with optional forgeries."""
+    log = ChainLog(store, None)
+    log._head = candidate["prev"]
+    fields = {key: candidate[key] for key in ("job", "round", "model", "updates")}
+    fields.update(weights=rival["weights"], aggregation=rival["aggregation"],
+                  metrics={"val_accuracy": 0.9, "accepted": 1.0},
+                  ext={"pofl": pofl_record(rival["signer"], rival_cid, [rival_cid])})
+    fields.update(changes)
+    return log.append(fields, OWNER)
+
+
+def test_verify_checks_a_recorded_contest_against_its_winner(round_):
+    from grid_ipfs.chain import verify_chain
+
+    store, candidate, results, reference, fetch = round_
+    data, rival_cid = _rival(store, candidate, aggregate("median", results))
+    rival = decode_block(data, rival_cid)
+    head = _final(store, candidate, rival_cid, rival)
+    assert verify_chain(store, head).ok
+    # the owner claims the miner won but writes its own fedavg: caught (weights and rule differ)
+    fedavg_cid = store.add(weights_to_bytes(aggregate("fedavg", results)))
+    forged = _final(store, candidate, rival_cid, rival, weights=fedavg_cid,
+                    aggregation={"name": "fedavg", "params": {"accept": "val_accuracy>=0.5"}})
+    report = verify_chain(store, forged)
+    assert not report.ok and "weights differs from the winning candidate" in report.reason, report.reason
+    # credit stolen: the named winner did not sign the winning candidate
+    stolen = _final(store, candidate, rival_cid, rival,
+                    ext={"pofl": pofl_record(OWNER.id, rival_cid, [rival_cid])})
+    report = verify_chain(store, stolen)
+    assert not report.ok and "not validly signed by the named winner" in report.reason, report.reason
+    # an accepted block must name a winner among the candidates
+    nobody = _final(store, candidate, rival_cid, rival, ext={"pofl": pofl_record(None, None, [rival_cid])})
+    report = verify_chain(store, nobody)
+    assert not report.ok and "names no winner" in report.reason, report.reason
