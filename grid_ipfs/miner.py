@@ -32,13 +32,13 @@ from .aggregate import AGGREGATIONS, AcceptRule, aggregate, parse_accept  # noqa
 from .chain.blocks import ChainError, decode_block  # noqa: E402
 from .chain.log import store_block  # noqa: E402
 from .contest import ContestError, check_rival, rival_block  # noqa: E402
-from .data import DataError, check_shard_for_model, load_shard  # noqa: E402
+from .data import DataError, load_shard  # noqa: E402
 from .identity import Identity, IdentityError, default_key_path, read_id_list  # noqa: E402
 from .ipfs import IPFSError  # noqa: E402
 from .ipfs.cids import cid_str  # noqa: E402
 from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
-from .payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
+from .payloads import MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
 from .peer import Peer  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.miner")
@@ -69,17 +69,16 @@ class Miner(Peer):
     """One miner process: a validation set, an identity, a daemon, optionally its own rule."""
 
     log = log
+    takes_part = "mine"
 
     def __init__(self, client: IPFSClient, identity: Identity, x_val, y_val, *, name: str = "miner",
                  aggregation: str | None = None, params: dict | None = None,
                  jobs_topic: str = messages.JOBS_TOPIC, trusted_clients: set[str] | None = None):
-        super().__init__(client, identity, jobs_topic=jobs_topic)
+        super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients)
         self.name = name
         self.x_val, self.y_val = x_val, y_val
         self.aggregation, self.params = aggregation, dict(params or {})
-        self.trusted_clients = trusted_clients
         self.jobs: dict[str, _Followed] = {}
-        self.refused: set[str] = set()
         self.proposed = 0
         self.endorsed: dict[str, int] = {}  # verdict kind ("accepted", "disputed") -> count
 
@@ -125,22 +124,8 @@ class Miner(Peer):
     def follow(self, job: messages.Job, sender: str) -> None:
         if job.job in self.jobs or job.job in self.refused:
             return
-        if job.owner != sender:
-            log.warning("ignored job %s: announced by %s but owned by %s", job.job, sender[:12], job.owner[:12])
-            return
-        if self.trusted_clients is not None and sender not in self.trusted_clients:
-            log.info("ignored job %s from untrusted client %s", job.job, sender[:12])
-            self.refused.add(job.job)
-            return
-        from .payloads import model_from_bytes
-
-        model = model_from_bytes(self.client.cat(job.model, max_size=MAX_MODEL_BYTES),
-                                 source=f"model {job.model} of job {job.job}")
-        try:
-            check_shard_for_model(self.x_val, self.y_val, tuple(model.input_shape))
-        except DataError as exc:
-            log.error("cannot mine job %s: %s", job.job, exc)
-            self.refused.add(job.job)
+        model = self.job_model(job, sender, self.x_val, self.y_val)
+        if model is None:
             return
         self.subscribe(messages.job_topic(job.job))
         self.jobs[job.job] = _Followed(job, model)

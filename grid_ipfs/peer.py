@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 
 from . import messages
 from .identity import Identity
@@ -22,11 +23,16 @@ class Peer:
     """A role process on `client`'s daemon signing with `identity`; subclasses implement `handle`."""
 
     log = logging.getLogger("grid_ipfs.peer")
+    takes_part = "follow"
+    """The verb for this role's part in a job, for log lines ("cannot join job J: ...")."""
 
-    def __init__(self, client: IPFSClient, identity: Identity, *, jobs_topic: str = messages.JOBS_TOPIC):
+    def __init__(self, client: IPFSClient, identity: Identity, *, jobs_topic: str = messages.JOBS_TOPIC,
+                 trusted_clients: set[str] | None = None):
         self.client = client
         self.identity = identity
         self.jobs_topic = jobs_topic
+        self.trusted_clients = trusted_clients
+        self.refused: set[str] = set()  # jobs this peer will not take part in (untrusted, unfit data, ...)
         self.inbox: queue.Queue[PubsubMessage] = queue.Queue()
         self.dropped = 0
         self._stop = threading.Event()
@@ -70,6 +76,38 @@ class Peer:
         subscription = self._subscriptions.pop(topic, None)
         if subscription is not None:
             subscription.close()
+
+    def job_model(self, job: messages.Job, sender: str, x, y, *, check: Callable[[], object] | None = None):
+        """The job's model (Keras safe mode) if this peer can take part in `job`, else None after one log
+        line: the announcer must be its owner, on `trusted_clients` if set; `check()` (e.g. the job
+        config) must not raise ValueError; and the data `x, y` must fit the model. A job refused for
+        any reason but the first is remembered in `refused` and never fetched again."""
+        if job.owner != sender:
+            self.log.warning("ignored job %s: announced by %s but owned by %s", job.job, sender[:12], job.owner[:12])
+            return None
+        reason = None
+        if self.trusted_clients is not None and sender not in self.trusted_clients:
+            reason = f"untrusted client {sender[:12]}"
+        else:
+            try:
+                if check is not None:
+                    check()
+            except ValueError as exc:
+                reason = str(exc)
+        if reason is None:
+            from .data import DataError, check_shard_for_model
+            from .payloads import MAX_MODEL_BYTES, model_from_bytes
+
+            model = model_from_bytes(self.client.cat(job.model, max_size=MAX_MODEL_BYTES),
+                                     source=f"model {job.model} of job {job.job}")
+            try:
+                check_shard_for_model(x, y, tuple(model.input_shape))
+                return model
+            except DataError as exc:
+                reason = str(exc)
+        self.log.warning("cannot %s job %s: %s", self.takes_part, job.job, reason)
+        self.refused.add(job.job)
+        return None
 
     def decode(self, raw: PubsubMessage) -> messages.Envelope | None:
         """The verified message, or None after logging why it was dropped."""

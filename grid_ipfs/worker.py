@@ -29,12 +29,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from . import messages  # noqa: E402
-from .data import DataError, check_shard_for_model, load_shard, train_val_split  # noqa: E402
+from .data import DataError, load_shard, train_val_split  # noqa: E402
 from .identity import Identity, IdentityError, default_key_path, read_id_list  # noqa: E402
 from .ipfs import IPFSError  # noqa: E402
 from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
-from .payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
+from .payloads import MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
 from .peer import Peer  # noqa: E402
 from .secagg import MaskKey, mask_context, mask_update  # noqa: E402
 
@@ -56,17 +56,16 @@ class Worker(Peer):
     """One worker process: a data shard, an identity, a daemon. `run()` until `stop()`."""
 
     log = log
+    takes_part = "join"
 
     def __init__(self, client: IPFSClient, identity: Identity, x, y, *, name: str = "worker",
                  val_split: float = 0.1, jobs_topic: str = messages.JOBS_TOPIC,
                  trusted_clients: set[str] | None = None, seed: int = 0):
-        super().__init__(client, identity, jobs_topic=jobs_topic)
+        super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients)
         self.name = name
-        self.trusted_clients = trusted_clients
         self.x_train, self.y_train, self.x_val, self.y_val = train_val_split(x, y, val_split, seed=seed)
         self.seed = seed
         self.jobs: dict[str, JoinedJob] = {}
-        self.refused: set[str] = set()  # jobs this worker cannot train (data does not fit the model)
 
     def started(self) -> None:
         log.info("%s (%s) listening on %s with %d training / %d validation examples", self.name,
@@ -107,28 +106,8 @@ class Worker(Peer):
             return
         if job.job in self.refused:
             return
-        if job.owner != sender:
-            log.warning("ignored job %s: announced by %s but owned by %s", job.job, sender[:12], job.owner[:12])
-            return
-        if self.trusted_clients is not None and sender not in self.trusted_clients:
-            log.info("ignored job %s from untrusted client %s", job.job, sender[:12])
-            self.refused.add(job.job)
-            return
-        try:
-            proximal_mu(job.config)
-        except ValueError as exc:
-            log.error("cannot join job %s: %s", job.job, exc)
-            self.refused.add(job.job)
-            return
-        from .payloads import model_from_bytes
-
-        model = model_from_bytes(self.client.cat(job.model, max_size=MAX_MODEL_BYTES),
-                                 source=f"model {job.model} of job {job.job}")
-        try:
-            check_shard_for_model(self.x_train, self.y_train, tuple(model.input_shape))
-        except DataError as exc:
-            log.error("cannot join job %s: %s", job.job, exc)
-            self.refused.add(job.job)
+        model = self.job_model(job, sender, self.x_train, self.y_train, check=lambda: proximal_mu(job.config))
+        if model is None:
             return
         self.subscribe(messages.job_topic(job.job))
         joined = JoinedJob(job, model, MaskKey() if job.config.get("secure_aggregation") is True else None)

@@ -29,6 +29,7 @@ from grid_ipfs.localgrid import LocalGrid  # noqa: E402
 from grid_ipfs.payloads import weights_to_bytes  # noqa: E402
 
 from .byzantine_worker import parse_attack  # noqa: E402
+from .cli import run_cli  # noqa: E402
 from .test_chain_format import MemoryStore  # noqa: E402
 from .waiting import wait_for  # noqa: E402
 
@@ -310,9 +311,6 @@ def run_job(grid, allowed=None, **spec):
     with grid.local.client(0) as ipfs:
         return Client(ipfs, grid.owner, head_dir=grid.root / "heads", allowed_workers=allowed).submit(spec)
 
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def logs(grid) -> str:

@@ -8,7 +8,6 @@ a 1-node devnet and drive the CLIs as subprocesses, as an operator would.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -21,14 +20,10 @@ from grid_ipfs.chain.export import ExportError, check_request, onnx_available, s
 from grid_ipfs.chain.plot import collect_series, metric_kind, plot_chain
 from grid_ipfs.identity import Identity, is_public_id
 
+from .cli import run_cli
+
 PNG = b"\x89PNG\r\n\x1a\n"
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9"
-
-
-def run_cli(*args: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m ...` to completion with stdout a pipe (not a terminal), capturing text output."""
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
 def is_png(path: Path) -> bool:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,15 +21,12 @@ from grid_ipfs.ipfs.cids import cid_str, same_cid
 from grid_ipfs.localgrid import LocalGrid
 from grid_ipfs.payloads import weights_from_bytes, weights_to_bytes
 
+from .cli import run_cli
 from .waiting import wait_for
 
 pytestmark = pytest.mark.integration
 ROUNDS = 5
 
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `python -m ...` to completion (killed after `timeout`), capturing text output."""
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -27,6 +25,7 @@ from scipy.stats import norm  # noqa: E402
 
 from grid_ipfs.privacy import DEFAULT_DELTA, chain_epsilon, compose_epsilon, epsilon  # noqa: E402
 
+from .cli import run_cli  # noqa: E402
 from .waiting import wait_for  # noqa: E402
 
 
@@ -161,9 +160,6 @@ def test_chain_budget_with_changing_noise_and_bad_params():
 
 CLIP, NOISE, ROUNDS, WORKERS = 3.0, 1.0, 2, 2
 
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
