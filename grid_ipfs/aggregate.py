@@ -24,6 +24,10 @@ hold them all in float64.
 Gaussian noise). Those are not parameters of the job but context of one round: `aggregate` passes them
 only to the rules listed in `CONTEXT`, and `chain verify` supplies them from the chain.
 
+`secure_fedavg` and `secure_dp_fedavg` take masked fixed-point updates (uint64, see `grid_ipfs.secagg`):
+their sum mod 2**64 cancels the workers' pairwise masks exactly, so even these integer rules recompute
+bit for bit, while no single update is ever readable.
+
 `AcceptRule` / `parse_accept` are the acceptance rules of a job (`"val_accuracy>=0.6"`,
 `"improves:val_loss"`): a round whose aggregate does not clear the rule is recorded as rejected and run
 again. They are recorded as the `accept` entry of a block's aggregation params, which `aggregate`
@@ -203,7 +207,8 @@ SCALE_BITS = 24
 """secure-fedavg's fixed point: fractional bits (steps of 6e-8, room for |n * w| up to 5e11)."""
 
 
-def secure_fedavg(results: Sequence[tuple[Sequence[np.ndarray], int]], scale_bits: int = SCALE_BITS) -> list:
+def secure_fedavg(results: Sequence[tuple[Sequence[np.ndarray], int]], scale_bits: int = SCALE_BITS, *,
+                  dtype: type = np.float32) -> list:
     """FedAvg of masked fixed-point updates (see `grid_ipfs.secagg`): their sum mod 2**64, in which the
     pairwise masks cancel exactly, over the total examples, as float32. Integer sums: bit-for-bit."""
     if not results:
@@ -220,9 +225,32 @@ def secure_fedavg(results: Sequence[tuple[Sequence[np.ndarray], int]], scale_bit
         with np.errstate(over="ignore"):
             for weights, _ in results:
                 acc += np.asarray(weights[i], np.uint64)
-        out.append((acc.view(np.int64).astype(np.float64) / float(2 ** scale_bits) / total).astype(np.float32))
+        out.append((acc.view(np.int64).astype(np.float64) / float(2 ** scale_bits) / total).astype(dtype))
     return out
 
+
+
+def secure_dp_fedavg(results: Results, *, reference: Weights, clip: float, noise_multiplier: float,
+                     scale_bits: int = SCALE_BITS) -> Weights:
+    """DP-FedAvg over secure aggregation (distributed noise): each worker sent its delta from `reference`,
+    clipped to L2 norm `clip`, plus its share of Gaussian noise, N(0, (z C)^2 / n), masked in fixed point
+    (`grid_ipfs.secagg`). The masks cancel in the sum, the noise shares add up to N(0, (z C)^2), and the
+    result is `reference + sum / n`: DP-FedAvg's `reference + mean(clipped) + N(0, (z C / n)^2)`.
+
+    `clip` and `noise_multiplier` are checked and recorded, not applied: the workers applied them, and
+    nobody (the owner included) sees a single update, its clipping or its noise. `num_examples` is
+    ignored (equal weights, as in dp-fedavg). Integer sums: recomputed bit for bit.
+    """
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"secure-dp-fedavg: clip must be a finite number > 0, got {clip!r}")
+    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"secure-dp-fedavg: noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    if reference is None:
+        raise ValueError("secure-dp-fedavg needs the previous global weights (reference=)")
+    mean = secure_fedavg([(weights, 1) for weights, _ in results], scale_bits, dtype=np.float64)
+    _check_shapes([np.asarray(r) for r in reference], mean, index=None)
+    return _cast([np.asarray(r, np.float64) + m for r, m in zip(reference, mean)],
+                 [np.asarray(r).dtype for r in reference])
 
 
 AGGREGATIONS: dict[str, Callable[..., Weights]] = {
@@ -233,10 +261,11 @@ AGGREGATIONS: dict[str, Callable[..., Weights]] = {
     "multi-krum": multi_krum,
     "dp-fedavg": dp_fedavg,
     "secure-fedavg": secure_fedavg,
+    "secure-dp-fedavg": secure_dp_fedavg,
 }
 """Aggregation rules by the name used in job configs and chain blocks."""
 
-CONTEXT: dict[str, tuple[str, ...]] = {"dp-fedavg": ("reference", "round", "seq")}
+CONTEXT: dict[str, tuple[str, ...]] = {"dp-fedavg": ("reference", "round", "seq"), "secure-dp-fedavg": ("reference",)}
 """Per rule, the round context it takes besides its params: `reference` (the previous accepted global
 weights), `round` and `seq` (the block's round and chain position). Not recorded as params: the chain
 itself holds them."""
@@ -414,4 +443,4 @@ def _cast(arrays: Sequence[np.ndarray], dtypes: Sequence[np.dtype]) -> Weights:
 
 __all__ = ["AGGREGATIONS", "CONTEXT", "RECORD_ONLY", "AcceptRule", "Results", "RunningFedAvg", "Weights", "aggregate",
            "dp_fedavg", "fedavg", "krum", "median", "multi_krum", "needs_reference", "parse_accept", "rule_params",
-           "trimmed_mean", "update_norm"]
+           "secure_dp_fedavg", "secure_fedavg", "trimmed_mean", "update_norm"]

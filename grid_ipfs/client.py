@@ -57,6 +57,7 @@ REANNOUNCE_EVERY = 2.0  # seconds between job re-announcements while waiting for
 JOIN_GRACE = 1.0  # seconds without a new join before round 1 starts, once --min-workers have joined
 FETCH_TIMEOUT = 30.0  # seconds to fetch one update's weights before the update is rejected
 FETCH_THREADS = 4  # concurrent update downloads per round
+SECURE_RULES = ("secure-fedavg", "secure-dp-fedavg")  # rules over masked updates (`grid_ipfs.secagg`)
 
 
 class JobFailed(RuntimeError):
@@ -358,6 +359,9 @@ class Client:
             config["proximal_mu"] = float(spec.proximal_mu)
         if spec.secure_aggregation:
             config["secure_aggregation"] = True
+        if spec.aggregation == "secure-dp-fedavg":  # the workers clip and add the noise: they need both
+            config["dp_clip"] = float(spec.aggregation_params["clip"])
+            config["dp_noise"] = float(spec.aggregation_params["noise_multiplier"])
         return messages.Job(job=job_id, model=model_cid, owner=self.identity.id, config=config)
 
     def _run(self, job: _Job, first_round: int) -> JobResult:
@@ -848,7 +852,7 @@ def _check_spec(spec: JobSpec, weights: list, eval_xy) -> AcceptRule | None:
     """Fail before anything is published: the rule and its params must work (tried on the initial
     weights), and an acceptance rule on the client's evaluation needs the eval data. Returns the parsed
     acceptance rule."""
-    trial = masked_like(weights) if spec.aggregation == "secure-fedavg" else weights
+    trial = masked_like(weights) if spec.aggregation in SECURE_RULES else weights
     try:
         aggregate(spec.aggregation, [(trial, 1)] * max(1, spec.min_workers), reference=weights, round=1, seq=1,
                   **spec.aggregation_params)
@@ -856,8 +860,9 @@ def _check_spec(spec: JobSpec, weights: list, eval_xy) -> AcceptRule | None:
         raise JobFailed(f"aggregation {spec.aggregation} with {spec.aggregation_params}: {exc}") from None
     if not (math.isfinite(spec.proximal_mu) and spec.proximal_mu >= 0):
         raise JobFailed(f"proximal_mu must be a finite number >= 0, got {spec.proximal_mu}")
-    if spec.secure_aggregation != (spec.aggregation == "secure-fedavg"):
-        raise JobFailed("secure aggregation and the secure-fedavg rule go together (--secure-aggregation)")
+    if spec.secure_aggregation != (spec.aggregation in SECURE_RULES):
+        raise JobFailed(f"secure aggregation and the {' / '.join(SECURE_RULES)} rules go together "
+                        "(--secure-aggregation)")
     if spec.secure_aggregation and spec.miners:
         raise JobFailed("secure aggregation hides single updates, so miners cannot aggregate them their way")
     if spec.miners and eval_xy is None:
@@ -939,11 +944,15 @@ def _accept_rule(text: str) -> str:
 def _aggregation_options(args: argparse.Namespace) -> tuple[str, dict]:
     """The rule and its recorded params from --aggregation, --trim, --byzantine, --dp-clip/--dp-noise."""
     dp = args.dp_clip is not None or args.dp_noise is not None
-    if args.secure_aggregation:
-        if dp or args.aggregation not in (None, "secure-fedavg") or args.trim is not None or args.byzantine is not None:
-            raise ValueError("--secure-aggregation sums masked updates (secure-fedavg): it does not combine with "
-                             "other rules or DP options")
-        return "secure-fedavg", {}
+    if args.secure_aggregation or args.aggregation in SECURE_RULES:
+        if args.aggregation not in (None, *SECURE_RULES) or args.trim is not None or args.byzantine is not None:
+            raise ValueError("--secure-aggregation sums masked updates: it combines with --dp-clip/--dp-noise "
+                             "(noise added by the workers), not with other rules")
+        if not dp:
+            return "secure-fedavg", {}
+        plain = argparse.Namespace(**{**vars(args), "aggregation": "dp-fedavg", "secure_aggregation": False})
+        params = _aggregation_options(plain)[1]  # the same checks of --dp-clip and --dp-noise
+        return "secure-dp-fedavg", {"clip": params["clip"], "noise_multiplier": params["noise_multiplier"]}
     name = args.aggregation or ("dp-fedavg" if dp else "fedavg")
     if dp != (name == "dp-fedavg"):
         raise ValueError("--dp-clip/--dp-noise go with --aggregation dp-fedavg (the default when they are given)")
@@ -1042,7 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
                            eval_data=args.eval_data, job_id=args.job_id, aggregation=aggregation,
                            aggregation_params=params, seed=args.seed, proximal_mu=args.proximal_mu,
                            accept=args.accept, miners=args.miners, proposal_timeout=args.proposal_timeout,
-                           secure_aggregation=aggregation == "secure-fedavg")
+                           secure_aggregation=aggregation in SECURE_RULES)
             result = client.submit(spec)
         else:
             result = client.resume(head=args.head, job_id=args.job_id, eval_data=args.eval_data,

@@ -34,6 +34,11 @@ What the number means, and the assumptions it rests on:
   model from `chain export`) and can neither read the update objects nor guess the seed; the client's
   `--seed` is a small recorded integer, so keep it out of such a recipient's hands, or read the figure
   as the budget DP-FedAvg with secret noise would have spent.
+- `secure-dp-fedavg` (DP-FedAvg over secure aggregation) closes that gap: the chain holds only masked
+  updates, and the noise is drawn by the workers from their own entropy, one share N(0, (z C)^2 / n)
+  each, so nobody can subtract it. The bound then covers everyone who reads the chain, provided the
+  workers clip and add their share honestly (unverifiable by design); a worker that colludes with the
+  reader knows its own share, leaving noise of variance (n - 1) / n of the nominal.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["DEFAULT_DELTA", "Budget", "Release", "chain_epsilon", "compose_epsilon", "epsilon", "gaussian_epsilon"]
+
+NOISY_RULES = ("dp-fedavg", "secure-dp-fedavg")
+"""Rules releasing `mean(clipped deltas) + N(0, (z C / n)^2)`: the same Gaussian mechanism, whoever adds
+the noise (the client from a recorded seed, or the workers in shares under secure aggregation)."""
 
 DEFAULT_DELTA = 1e-5
 ACCOUNTANT = "exact-gaussian"
@@ -165,16 +174,16 @@ def chain_epsilon(blocks: Iterable, delta: float = DEFAULT_DELTA) -> Budget:
         accepted = block["metrics"].get("accepted", 1.0) != 0.0
         label = f"block seq {block['seq']} (round {block['round']})"
         z = clip = None
-        if name == "dp-fedavg":
+        if name in NOISY_RULES:
             try:
                 z, clip = _check_noise(params.get("noise_multiplier")), float(params["clip"])
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{label}: bad dp-fedavg params {params}: {exc}") from None
+                raise ValueError(f"{label}: bad {name} params {params}: {exc}") from None
         if budget.private:
             if z is None or z == 0:
                 budget.epsilon = math.inf
                 budget.reason = (f"{label} releases its aggregate without noise ("
-                                 + ("noise multiplier 0" if z == 0 else f"rule {name}, not dp-fedavg") + ")")
+                                 + ("noise multiplier 0" if z == 0 else f"rule {name}, without noise") + ")")
             else:
                 inverse_variance += 1.0 / (z * z)
                 budget.epsilon = gaussian_epsilon(_composed(inverse_variance), delta)

@@ -22,6 +22,7 @@ and from an honest-but-curious owner.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from .aggregate import SCALE_BITS, secure_fedavg
 from .identity import b64url_decode, b64url_encode
 
-__all__ = ["SCALE_BITS", "MaskKey", "mask_context", "mask_update", "secure_fedavg", "masked_like"]
+__all__ = ["SCALE_BITS", "MaskKey", "mask_context", "mask_update", "dp_share", "secure_fedavg", "masked_like"]
 
 class MaskKey:
     """A worker's X25519 key for one job: `public` (base64url) goes into its `join`."""
@@ -74,6 +75,20 @@ def mask_update(weights: Sequence[np.ndarray], num_examples: int, key: MaskKey, 
                 out[i] = w + sign * stream[offset:offset + w.size].reshape(w.shape)
             offset += w.size
     return out
+
+
+def dp_share(weights: Sequence[np.ndarray], reference: Sequence[np.ndarray], *, clip: float,
+             noise_multiplier: float, workers: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """A worker's part of DP-FedAvg over secure aggregation (`aggregate.secure_dp_fedavg`): its delta from
+    `reference` scaled to L2 norm at most `clip`, plus Gaussian noise of variance (z C)^2 / `workers`,
+    so that the round's `workers` shares sum to noise N(0, (z C)^2). The noise comes from the operating
+    system's entropy (`rng` for tests): nobody can subtract it, unlike a seed recorded in the chain."""
+    deltas = [np.asarray(w, np.float64) - np.asarray(r, np.float64) for w, r in zip(weights, reference)]
+    norm = math.sqrt(math.fsum(float(np.square(d).sum()) for d in deltas))
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    rng = rng or np.random.default_rng()
+    sigma = noise_multiplier * clip / math.sqrt(workers)
+    return [d * factor + rng.standard_normal(d.shape) * sigma for d in deltas]
 
 
 def masked_like(like: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -36,7 +36,7 @@ from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
 from .payloads import MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
 from .peer import Peer  # noqa: E402
-from .secagg import MaskKey, mask_context, mask_update  # noqa: E402
+from .secagg import MaskKey, dp_share, mask_context, mask_update  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.worker")
 
@@ -106,7 +106,8 @@ class Worker(Peer):
             return
         if job.job in self.refused:
             return
-        model = self.job_model(job, sender, self.x_train, self.y_train, check=lambda: proximal_mu(job.config))
+        model = self.job_model(job, sender, self.x_train, self.y_train,
+                               check=lambda: (proximal_mu(job.config), secure_dp(job.config)))
         if model is None:
             return
         self.subscribe(messages.job_topic(job.job))
@@ -141,7 +142,12 @@ class Worker(Peer):
         eval_metrics = evaluate(model, global_weights, self.x_val, self.y_val) if len(self.x_val) else {}
         new_weights, metrics = self.local_update(joined, global_weights, round_)
         if joined.mask_key is not None:  # what leaves this process is masked: only the round's sum is readable
-            new_weights = mask_update(new_weights, len(self.x_train), joined.mask_key, self.identity.id,
+            weight, dp = len(self.x_train), secure_dp(joined.job.config)
+            if dp is not None:  # our clipped delta plus our share of the noise, equally weighted
+                new_weights = dp_share(new_weights, global_weights, clip=dp[0], noise_multiplier=dp[1],
+                                       workers=len(round_.mask_keys))
+                weight = 1
+            new_weights = mask_update(new_weights, weight, joined.mask_key, self.identity.id,
                                       round_.mask_keys, mask_context(round_.job, round_.round, round_.attempt))
         cid = self.client.add(weights_to_bytes(new_weights))
         self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
@@ -176,6 +182,22 @@ def proximal_mu(config: dict) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
         raise ValueError(f"config.proximal_mu: expected a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def secure_dp(config: dict) -> tuple[float, float] | None:
+    """(clip, noise multiplier) when the job runs DP-FedAvg over secure aggregation (`dp_clip` and
+    `dp_noise` in its config, with `secure_aggregation`), else None; ValueError on bad values."""
+    if "dp_clip" not in config and "dp_noise" not in config:
+        return None
+    clip, noise = config.get("dp_clip"), config.get("dp_noise")
+    for name, value, low in (("dp_clip", clip, 0.0), ("dp_noise", noise, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < low or (name == "dp_clip" and value == 0):
+            raise ValueError(f"config.{name}: expected a finite number {'> 0' if name == 'dp_clip' else '>= 0'}, "
+                             f"got {value!r}")
+    if config.get("secure_aggregation") is not True:
+        raise ValueError("config.dp_clip/dp_noise: worker-side noise comes with secure_aggregation")
+    return float(clip), float(noise)
 
 
 def build_parser(prog: str = "python -m grid_ipfs.worker") -> argparse.ArgumentParser:

@@ -139,7 +139,8 @@ def test_integer_tensors_are_rounded_not_truncated():
 
 
 def test_registry_dispatches_and_names_unknown_rules():
-    assert set(AGGREGATIONS) == {"fedavg", "median", "trimmed-mean", "krum", "multi-krum", "dp-fedavg", "secure-fedavg"}
+    assert set(AGGREGATIONS) == {"fedavg", "median", "trimmed-mean", "krum", "multi-krum", "dp-fedavg", "secure-fedavg",
+                                 "secure-dp-fedavg"}
     results = [([np.array([1.0])], 1), ([np.array([3.0])], 1), ([np.array([4.0])], 2)]
     np.testing.assert_array_equal(aggregate("fedavg", results)[0], [3.0])
     np.testing.assert_array_equal(aggregate("trimmed-mean", results, trim=0.34)[0], [3.0])

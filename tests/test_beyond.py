@@ -135,7 +135,11 @@ def test_client_options_for_dp_and_accept():
         with pytest.raises(ValueError):
             _aggregation_options(opts(**bad))
     assert _aggregation_options(opts(secure_aggregation=True)) == ("secure-fedavg", {})
-    for bad in (dict(aggregation="median"), dict(dp_clip=1.0, dp_noise=1.0), dict(trim=0.1)):
+    assert _aggregation_options(opts(secure_aggregation=True, dp_clip=1.0, dp_noise=0.5)) == (
+        "secure-dp-fedavg", {"clip": 1.0, "noise_multiplier": 0.5})
+    with pytest.raises(ValueError, match="--dp-clip must be > 0"):
+        _aggregation_options(opts(secure_aggregation=True, dp_clip=0.0, dp_noise=0.5))
+    for bad in (dict(aggregation="median"), dict(aggregation="dp-fedavg"), dict(trim=0.1)):
         with pytest.raises(ValueError, match="--secure-aggregation"):
             _aggregation_options(opts(secure_aggregation=True, **bad))
     assert _accept_rule(" val_accuracy >= 0.60 ") == "val_accuracy>=0.6"
@@ -565,3 +569,23 @@ def test_secure_aggregation_trains_hides_every_update_and_survives_a_silent_work
             assert np.abs(readable - global_weights[0]).mean() > 1e3
     proc = run_cli("grid_ipfs.chain", "verify", "--api", grid.local.apis[1], "--signer", grid.owner.id, result.head)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.integration
+def test_dp_over_secure_aggregation_trains_and_its_budget_covers_chain_readers(grid):
+    """The workers clip their deltas and add their noise shares before masking: the chain holds no update
+    and no noise seed, and `chain privacy` says the bound covers its readers."""
+    result = run_job(grid, allowed=grid.honest, rounds=2, epochs=2, min_workers=HONEST,
+                     aggregation="secure-dp-fedavg", aggregation_params={"clip": 3.0, "noise_multiplier": 0.05},
+                     secure_aggregation=True, job_id="secure-dp")
+    assert [r.updates for r in result.rounds] == [HONEST, HONEST]
+    assert result.rounds[-1].metrics["val_accuracy"] >= 0.6, [r.metrics for r in result.rounds]
+    proc = run_cli("grid_ipfs.chain", "verify", "--api", grid.local.apis[2], "--signer", grid.owner.id, result.head)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_cli("grid_ipfs.chain", "privacy", "--api", grid.local.apis[1], result.head, "--json")
+    budget = json.loads(proc.stdout)
+    accuracy = [round(r.metrics["val_accuracy"], 3) for r in result.rounds]
+    print(f"\nsecure-dp-fedavg (C 3, z 0.05): val_accuracy {accuracy}, epsilon {budget['epsilon']:.4g}")
+    assert budget["private"] and budget["epsilon"] > 0 and budget["rounds"] == 2, budget
+    proc = run_cli("grid_ipfs.chain", "privacy", "--api", grid.local.apis[1], result.head)
+    assert "the bound covers chain readers too" in proc.stdout, proc.stdout

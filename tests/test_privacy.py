@@ -140,7 +140,7 @@ def test_chain_budget_is_infinite_from_the_first_aggregate_without_noise():
     chain = [GENESIS, block(1, 1), block(2, 2, name="fedavg"), block(3, 3)]
     budget = chain_epsilon(chain)
     assert not budget.private and budget.epsilon == math.inf
-    assert "block seq 2 (round 2)" in budget.reason and "fedavg, not dp-fedavg" in budget.reason
+    assert "block seq 2 (round 2)" in budget.reason and "rule fedavg, without noise" in budget.reason
     assert math.isfinite(budget.releases[0].epsilon) and budget.releases[1].epsilon == math.inf
     out = budget.as_dict()
     assert out["epsilon"] is None and out["private"] is False and out["releases"][2]["epsilon"] is None
@@ -237,7 +237,7 @@ def test_privacy_cli_on_a_chain_without_noise_and_bad_deltas(dp_job):
     assert proc.returncode == 0, proc.stderr
     assert "  round 1 (seq 1): fedavg, no noise; epsilon so far inf" in proc.stdout, proc.stdout
     assert ("epsilon inf at delta 1e-05: block seq 1 (round 1) releases its aggregate without noise "
-            "(rule fedavg, not dp-fedavg)") in proc.stdout, proc.stdout
+            "(rule fedavg, without noise)") in proc.stdout, proc.stdout
     assert json.loads(run_cli("grid_ipfs.chain", "privacy", "--api", dp_job.grid.apis[1], head,
                               "--json").stdout)["epsilon"] is None
     for bad in ("0", "1", "-1e-5", "nan"):

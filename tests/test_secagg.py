@@ -78,3 +78,42 @@ def test_shapes_dtypes_and_keys_are_checked():
     with pytest.raises(ValueError, match="too large"):
         mask_update([np.full(2, 1e30, np.float32)], 1, keys[IDS[0]], IDS[0], peers, b"c")
     assert [m.shape for m in masked_like(updates[0][0])] == [(5, 3), (3,)]
+
+
+def test_dp_over_secure_aggregation_clips_adds_the_noise_shares_and_sums_exactly():
+    from grid_ipfs.secagg import dp_share
+
+    rng = np.random.default_rng(7)
+    reference = [np.zeros((200, 50), np.float32)]
+    updates = [[rng.normal(scale=s, size=(200, 50)).astype(np.float32)] for s in (0.001, 0.001, 10.0, 0.001)]
+    keys = {worker: MaskKey() for worker in IDS}
+    peers = {worker: key.public for worker, key in keys.items()}
+
+    def run(z):
+        shares = [dp_share(u, reference, clip=1.0, noise_multiplier=z, workers=len(IDS), rng=np.random.default_rng(i))
+                  for i, u in enumerate(updates)]
+        masked = [(mask_update(s, 1, keys[w], w, peers, FIRST_TRY), 500) for w, s in zip(IDS, shares)]
+        return aggregate("secure-dp-fedavg", masked, reference=reference, clip=1.0, noise_multiplier=z), shares
+
+    quiet, shares = run(0.0)
+    assert np.linalg.norm(shares[2][0]) == pytest.approx(1.0)  # the big update was clipped to C
+    np.testing.assert_allclose(quiet[0], np.mean([s[0] for s in shares], axis=0), atol=1e-6)  # equal weights
+    noisy, _ = run(2.0)
+    # the four shares add up to N(0, (z C)^2); the mean over 4 workers has std z C / 4 = 0.5
+    assert np.std(noisy[0] - quiet[0]) == pytest.approx(0.5, rel=0.05)
+    with pytest.raises(ValueError, match="clip"):
+        aggregate("secure-dp-fedavg", [(masked_like(reference), 1)], reference=reference, clip=0.0,
+                  noise_multiplier=1.0)
+
+
+def test_workers_read_the_secure_dp_settings_from_the_job_config():
+    from grid_ipfs.worker import secure_dp
+
+    assert secure_dp({"secure_aggregation": True}) is None
+    assert secure_dp({"secure_aggregation": True, "dp_clip": 3, "dp_noise": 0.5}) == (3.0, 0.5)
+    for bad in ({"dp_clip": 3, "dp_noise": 0.5},  # worker-side noise only with secure aggregation
+                {"secure_aggregation": True, "dp_clip": 0, "dp_noise": 0.5},
+                {"secure_aggregation": True, "dp_clip": 1, "dp_noise": float("nan")},
+                {"secure_aggregation": True, "dp_clip": 1}):
+        with pytest.raises(ValueError, match="dp_"):
+            secure_dp(bad)

@@ -164,8 +164,12 @@ def privacy(client: IPFSClient, head: str, delta: float, as_json: bool) -> int:
         print(f"epsilon {budget.epsilon:.4g} at delta {delta:g}")
     else:
         print(f"epsilon inf at delta {delta:g}: {budget.reason}")
-    print("note: bounds what the global weights reveal; the chain itself also holds each worker's update and "
-          "the noise seed (see grid_ipfs.privacy)")
+    if any(r.aggregation != "secure-dp-fedavg" for r in budget.releases):
+        print("note: bounds what the global weights reveal; the chain itself also holds each worker's update and "
+              "the noise seed (see grid_ipfs.privacy; secure-dp-fedavg jobs do not)")
+    else:
+        print("note: the chain holds only masked updates and the workers' noise is secret: the bound covers "
+              "chain readers too, if the workers clip and add their noise honestly (see grid_ipfs.privacy)")
     return 0
 
 
