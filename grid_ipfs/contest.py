@@ -26,14 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from .aggregate import AcceptRule, aggregate
-from .chain.blocks import ChainError, check_signature, decode_block
+from .chain.blocks import ROUND_FIELDS, ChainError, check_signature, decode_block
 from .ipfs.cids import cid_str, parse_cid, same_data
 from .payloads import weights_to_bytes
 
-__all__ = ["ContestError", "ROUND_FIELDS", "rival_block", "check_rival", "score_key", "best", "pofl_record"]
-
-ROUND_FIELDS = ("job", "round", "seq", "prev", "model", "updates")
-"""What a rival shares with the owner's candidate: the same round of the same chain over the same updates."""
+__all__ = ["ContestError", "rival_block", "check_rival", "score_key", "best", "pofl_record"]
 
 
 class ContestError(Exception):

@@ -40,10 +40,13 @@ from ..messages import valid_job_id
 __all__ = [
     "BLOCK_VERSION", "EXT_MAX_DEPTH", "GENESIS_AGGREGATION", "ChainError",
     "encode_block", "decode_block", "sign_block", "check_signature", "validate_block", "block_cid",
-    "normalise_ext",
+    "normalise_ext", "ROUND_FIELDS",
 ]
 
 BLOCK_VERSION = 1
+ROUND_FIELDS = ("job", "round", "seq", "prev", "model", "updates")
+"""The fields that fix which round of which chain a block aggregates, and over which updates: rival
+blocks of the same round (competing aggregators, `grid_ipfs.contest`) share them."""
 GENESIS_AGGREGATION = "init"
 
 _REQUIRED = {"v", "job", "seq", "round", "model", "weights", "aggregation", "updates", "metrics", "time",

@@ -40,7 +40,7 @@ from multiformats import CID
 
 from ..ipfs.cids import cid_str, parse_cid, same_cid, same_data
 from ..ipfs.errors import IPFSError
-from .blocks import ChainError, check_signature, decode_block
+from .blocks import ROUND_FIELDS, ChainError, check_signature, decode_block
 from .log import BlockStore
 
 __all__ = ["BlockCheck", "ExtCheck", "VerifyReport", "is_accepted", "verify_chain"]
@@ -212,9 +212,6 @@ def _check_block(store: BlockStore, block: dict, parent: dict | None,
     return weights, metrics
 
 
-_ROUND_FIELDS = ("job", "round", "seq", "prev", "model", "updates", "weights", "aggregation")
-
-
 def _check_pofl(store: BlockStore, block: dict) -> None:
     """A block that records a contest (`ext.pofl`) is what its winning candidate proposed."""
     pofl = (block.get("ext") or {}).get("pofl")
@@ -235,7 +232,7 @@ def _check_pofl(store: BlockStore, block: dict) -> None:
         raise _Bad(f"ext.pofl: winning candidate {cid_str(winning)}: {exc}") from None
     if rival["signer"] != pofl.get("winner") or not check_signature(rival):
         raise _Bad(f"ext.pofl: winning candidate {cid_str(winning)} is not validly signed by the named winner")
-    for key in _ROUND_FIELDS:
+    for key in (*ROUND_FIELDS, "weights", "aggregation"):
         if not same_data(rival.get(key), block.get(key)):
             raise _Bad(f"ext.pofl: {key} differs from the winning candidate {cid_str(winning)}")
 
