@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,13 +32,13 @@ from .chain.blocks import ChainError, decode_block  # noqa: E402
 from .chain.log import store_block  # noqa: E402
 from .contest import ContestError, check_rival, rival_block  # noqa: E402
 from .data import DataError, load_shard  # noqa: E402
-from .identity import Identity, IdentityError, default_key_path, read_id_list  # noqa: E402
+from .identity import Identity, IdentityError  # noqa: E402
 from .ipfs import IPFSError  # noqa: E402
 from .ipfs.cids import cid_str  # noqa: E402
 from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
 from .payloads import MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
-from .peer import Peer  # noqa: E402
+from .peer import Peer, connect  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.miner")
 
@@ -287,18 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.aggregation is not None:
             _check_rule(args.aggregation, params)
         x, y = load_shard(args.eval_data)
-        identity = Identity.load_or_create(args.key or default_key_path(f"miner-{name}"))
-        client = IPFSClient(args.api)
-        client.wait_ready(timeout=10)
-        trusted = read_id_list(args.trust_clients) if args.trust_clients else None
+        client, identity, trusted = connect(args.api, args.key, f"miner-{name}", args.trust_clients)
         miner = Miner(client, identity, x, y, name=name, aggregation=args.aggregation, params=params,
                       jobs_topic=args.topic, trusted_clients=trusted)
     except (DataError, IPFSError, IdentityError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, miner.stop)
-    signal.signal(signal.SIGINT, miner.stop)
-    miner.run()
+    miner.serve()
     log.info("%s stopped (%d proposals, endorsements %s, %d messages dropped)", name, miner.proposed,
              miner.endorsed or "none", miner.dropped)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import threading
 from collections.abc import Callable
 
@@ -17,6 +18,18 @@ from . import messages
 from .identity import Identity
 from .ipfs.pubsub import PubsubMessage, Subscription
 from .ipfs.rpc import IPFSClient
+
+
+def connect(api: str, key: str | None, default_key: str, trust_clients: str | None
+            ) -> tuple[IPFSClient, Identity, set[str] | None]:
+    """What a role's CLI needs before it starts: its daemon (answering within 10 s), its identity (the
+    `key` file, else `default_key` under ~/.grid_ipfs, created on first run) and its trusted clients."""
+    from .identity import default_key_path, read_id_list
+
+    identity = Identity.load_or_create(key or default_key_path(default_key))
+    client = IPFSClient(api)
+    client.wait_ready(timeout=10)
+    return client, identity, read_id_list(trust_clients) if trust_clients else None
 
 
 class Peer:
@@ -50,6 +63,12 @@ class Peer:
                 self.handle(raw)
         finally:
             self.close()
+
+    def serve(self) -> None:
+        """`run()` until SIGINT or SIGTERM (the CLIs' main loop)."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self.run()
 
     def started(self) -> None:
         """Called once the jobs subscription is live (a place to log what this peer is)."""

@@ -18,7 +18,6 @@ import argparse
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -30,12 +29,12 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from . import messages  # noqa: E402
 from .data import DataError, load_shard, train_val_split  # noqa: E402
-from .identity import Identity, IdentityError, default_key_path, read_id_list  # noqa: E402
+from .identity import Identity, IdentityError  # noqa: E402
 from .ipfs import IPFSError  # noqa: E402
 from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
 from .payloads import MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
-from .peer import Peer  # noqa: E402
+from .peer import Peer, connect  # noqa: E402
 from .secagg import MaskKey, dp_share, mask_context, mask_update  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.worker")
@@ -229,10 +228,7 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
         parser.error("--val-split must be in [0, 1)")
     try:
         x, y = load_shard(args.data)
-        identity = Identity.load_or_create(args.key or default_key_path(f"worker-{name}"))
-        client = IPFSClient(args.api)
-        client.wait_ready(timeout=10)
-        trusted = read_id_list(args.trust_clients) if args.trust_clients else None
+        client, identity, trusted = connect(args.api, args.key, f"worker-{name}", args.trust_clients)
         kwargs = dict(name=name, val_split=args.val_split, jobs_topic=args.topic, trusted_clients=trusted,
                       seed=args.seed)
         if make_worker is None:
@@ -242,9 +238,7 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
     except (DataError, IPFSError, IdentityError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, worker.stop)
-    signal.signal(signal.SIGINT, worker.stop)
-    worker.run()
+    worker.serve()
     log.info("%s stopped (%d messages dropped)", name, worker.dropped)
     return 0
 
