@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from grid_ipfs.ipfs.devnet import PID_FILE, Devnet, DevnetError, _pid_alive
+from grid_ipfs.ipfs import devnet as devnet_module
+from grid_ipfs.ipfs.devnet import PID_FILE, Devnet, DevnetError, _ephemeral_range, _free_port, _pid_alive
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -71,6 +73,39 @@ def test_daemon_dying_during_start_names_the_cause_and_leaves_nothing(tmp_path):
         Devnet.up(1, tmp_path)
     assert "\n" not in str(error.value)
     assert not any(_pid_alive(int(p.read_text())) for p in tmp_path.glob(f"node*/{PID_FILE}"))
+
+
+def test_picked_ports_avoid_the_ephemeral_range_and_never_repeat():
+    low, high = _ephemeral_range()
+    ports = [_free_port() for _ in range(64)]
+    assert len(set(ports)) == len(ports)
+    assert not any(low <= port <= high for port in ports), "outgoing connections take ports from that range"
+
+
+def test_a_port_taken_before_the_daemon_binds_it_is_replaced(tmp_path, monkeypatch):
+    """Between picking a port and the daemon binding it, someone else can take it; js-ipfs then hangs
+    with "could not listen" instead of exiting. `up` must notice from the log and pick new ports."""
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real_free_port = devnet_module._free_port
+    handed = []
+
+    def first_swarm_port_taken() -> int:
+        handed.append(None)
+        return taken if len(handed) == 3 else real_free_port()  # api, gateway, then swarm
+
+    monkeypatch.setattr(devnet_module, "_free_port", first_swarm_port_taken)
+    net = None
+    try:
+        net = Devnet.up(1, tmp_path / "net", timeout=60)
+        assert net.nodes[0].ports["swarm"] != taken
+        assert len(handed) == 8, "a second set of ports was picked after the first failed"
+    finally:
+        squatter.close()
+        Devnet.down(tmp_path / "net")
+    assert net is not None and not _pid_alive(net.nodes[0].pid)
 
 
 def test_corrupt_config_is_named(tmp_path):

@@ -17,10 +17,12 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -35,6 +37,9 @@ STATE_FILE = "devnet.json"
 PID_FILE = "daemon.pid"
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
+# How a daemon says a port was taken between our check and its bind: Kubo and Node print EADDRINUSE;
+# js-ipfs's libp2p wraps it as "could not listen" and then hangs instead of exiting.
+PORT_TAKEN_MARKERS = ("EADDRINUSE", "address already in use", "could not listen on any available address")
 
 
 class DevnetError(RuntimeError):
@@ -288,7 +293,7 @@ class Devnet:
             error = self._wait_started(node, proc, log_path, timeout)
             if error is None:
                 return
-            if "EADDRINUSE" in error or "address already in use" in error:
+            if any(marker in error for marker in PORT_TAKEN_MARKERS):
                 if keep_ports:
                     raise DevnetError(f"node {node.index}: a port is already taken ({error})")
                 log.info("node %d: port taken (%s); retrying with other ports", node.index, error)
@@ -299,10 +304,19 @@ class Devnet:
     def _wait_started(self, node: Node, proc: subprocess.Popen, log_path: Path, timeout: float) -> str | None:
         """None once the daemon answers `id`; otherwise the reason it will not."""
         deadline = time.monotonic() + timeout
+        next_log_check = 0.0
         with node.client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
                     return f"exited with code {proc.returncode}: {_last_line(log_path)}"
+                if time.monotonic() >= next_log_check:
+                    # A daemon that lost a port can hang rather than exit: read its log, not the clock.
+                    next_log_check = time.monotonic() + 0.5
+                    taken = _port_taken_line(log_path)
+                    if taken:
+                        _signal_group(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        return taken
                 try:
                     info = client.id()
                 except IPFSError:
@@ -356,10 +370,67 @@ def _remove_stale_lock(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+_ports_lock = threading.Lock()
+_ports_handed_out: set[int] = set()
+
+
 def _free_port() -> int:
+    """A loopback port that binds now, outside the kernel's ephemeral range, never handed out twice.
+
+    Ports from `bind(0)` come from the ephemeral range, where every outgoing connection (our RPC
+    calls, the daemons' dials) also takes its source port; between our check and the daemon's bind
+    one of those can land on it (measured in CI: js-ipfs then hangs with "could not listen").
+    """
+    low, high = _ephemeral_range()
+    if low > 11000:
+        candidates = range(10000, low)
+    elif high < 64535:
+        candidates = range(high + 1, 65536)
+    else:
+        candidates = range(0)  # the kernel hands out nearly every port: fall back to bind(0)
+    with _ports_lock:
+        for _ in range(200):
+            port = random.choice(candidates) if candidates else _kernel_port()
+            if port not in _ports_handed_out and _binds(port):
+                _ports_handed_out.add(port)
+                return port
+        port = _kernel_port()
+        _ports_handed_out.add(port)
+        return port
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux default; macOS uses 49152-65535, also above 32768
+    return low, high
+
+
+def _binds(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _kernel_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _port_taken_line(path: Path) -> str | None:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if any(marker in line for marker in PORT_TAKEN_MARKERS):
+            return line.strip()[:300]
+    return None
 
 
 def _last_line(path: Path) -> str:
