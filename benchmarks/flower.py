@@ -29,6 +29,7 @@ from pathlib import Path
 
 from benchmarks import common, overhead
 from benchmarks.common import cell, log, table
+from grid_ipfs.ipfs.devnet import free_port
 
 NAME = "flower"
 DEFAULT_REPEATS = (3, 2)
@@ -99,7 +100,7 @@ def _tail(path: Path, n: int = 20) -> str:
 def run_flower(python: str, task: overhead.Task, directory: Path, timeout: float = 1200.0) -> dict:
     """One Flower run of the task: server + one client process per shard. Stopped by PID in all cases."""
     directory.mkdir(parents=True, exist_ok=True)
-    port = common.free_port()
+    port = free_port()
     out = directory / "server.json"
     env = common.child_env()
     procs: list[subprocess.Popen] = []

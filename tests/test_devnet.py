@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from grid_ipfs.ipfs import devnet as devnet_module
-from grid_ipfs.ipfs.devnet import PID_FILE, Devnet, DevnetError, _ephemeral_range, _free_port, _pid_alive
+from grid_ipfs.ipfs.devnet import PID_FILE, Devnet, DevnetError, _ephemeral_range, _pid_alive, free_port
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -77,7 +77,7 @@ def test_daemon_dying_during_start_names_the_cause_and_leaves_nothing(tmp_path):
 
 def test_picked_ports_avoid_the_ephemeral_range_and_never_repeat():
     low, high = _ephemeral_range()
-    ports = [_free_port() for _ in range(64)]
+    ports = [free_port() for _ in range(64)]
     assert len(set(ports)) == len(ports)
     assert not any(low <= port <= high for port in ports), "outgoing connections take ports from that range"
 
@@ -89,14 +89,14 @@ def test_a_port_taken_before_the_daemon_binds_it_is_replaced(tmp_path, monkeypat
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
     taken = squatter.getsockname()[1]
-    real_free_port = devnet_module._free_port
+    real_free_port = devnet_module.free_port
     handed = []
 
     def first_swarm_port_taken() -> int:
         handed.append(None)
         return taken if len(handed) == 3 else real_free_port()  # api, gateway, then swarm
 
-    monkeypatch.setattr(devnet_module, "_free_port", first_swarm_port_taken)
+    monkeypatch.setattr(devnet_module, "free_port", first_swarm_port_taken)
     net = None
     try:
         net = Devnet.up(1, tmp_path / "net", timeout=60)

@@ -268,7 +268,7 @@ class Devnet:
         repo = Path(node.repo)
         for _attempt in range(3):
             if not (keep_ports and node.ports):
-                node.ports = {name: _free_port() for name in ("api", "gateway", "swarm", "rpc")}
+                node.ports = {name: free_port() for name in ("api", "gateway", "swarm", "rpc")}
             config_file = repo / "config"
             try:
                 config = self.daemon.configure(json.loads(config_file.read_text()), node.ports)
@@ -374,7 +374,7 @@ _ports_lock = threading.Lock()
 _ports_handed_out: set[int] = set()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A loopback port that binds now, outside the kernel's ephemeral range, never handed out twice.
 
     Ports from `bind(0)` come from the ephemeral range, where every outgoing connection (our RPC
