@@ -2,7 +2,7 @@
 
 * `worker`: `grid_ipfs.worker.main(ARGS)` under pyinstrument; at exit (SIGTERM stops the worker cleanly)
   writes `F.json` (time spent per step, see `profiling.WORKER_STEPS`) and `F.txt` (the call tree).
-* `client`: `grid_ipfs.client.main(ARGS)` with `grid_ipfs.client.aggregate` and `IPFSClient.cat` timed
+* `client`: the client CLI's `main(ARGS)` with `grid_ipfs.client.core.aggregate` and `IPFSClient.cat` timed
   (thin wrappers: a few bytes of memory, no change to what the client does); writes `F.json`
   `{"aggregate_s": [...], "cat_s": [...]}`, plus a profile like the worker's with `--profile`.
 
@@ -57,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return _profiled(worker.main, cli_args, args.out, profiling.WORKER_STEPS)
 
-    from grid_ipfs import client
+    from grid_ipfs.client import core
+    from grid_ipfs.client.__main__ import main as client_main
     from grid_ipfs.ipfs.rpc import IPFSClient
 
     timings: dict[str, list[float]] = {"aggregate_s": [], "cat_s": []}
-    real_aggregate, real_cat = client.aggregate, IPFSClient.cat
+    real_aggregate, real_cat = core.aggregate, IPFSClient.cat
 
     def timed_aggregate(*a, **kw):
         t0 = time.perf_counter()
@@ -77,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             timings["cat_s"].append(time.perf_counter() - t0)
 
-    client.aggregate = timed_aggregate
+    core.aggregate = timed_aggregate
     IPFSClient.cat = timed_cat
     try:
         if args.profile:
-            return _profiled(client.main, cli_args, args.out.with_name(args.out.name + "-profile"),
+            return _profiled(client_main, cli_args, args.out.with_name(args.out.name + "-profile"),
                              profiling.CLIENT_STEPS)
-        return client.main(cli_args)
+        return client_main(cli_args)
     finally:
         args.out.with_suffix(".json").write_text(json.dumps(timings))
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .identity import Identity, b64url_decode, b64url_encode, is_public_id, verify
+from .identity import SIGNATURE_LENGTH, Identity, b64url_decode, b64url_encode, is_public_id, verify
 from .ipfs.cids import CID, cid_str, parse_cid
 from .ipfs.errors import InvalidCID
 
@@ -165,16 +165,38 @@ def _mask_key(name: str, value: object) -> str | None:
     return value  # type: ignore[return-value]
 
 
-def _mask_keys(name: str, value: object) -> dict[str, str] | None:
-    """None, or {worker id: its X25519 public mask key} for the round's selected workers."""
+def _mask_sig(name: str, value: object) -> str | None:
+    """None, or an Ed25519 signature as unpadded base64url (86 characters: 64 bytes)."""
     if value is None:
         return None
-    if not isinstance(value, dict) or not value or len(value) > 1000:
-        raise MessageError(f"{name}: expected an object of 1-1000 worker mask keys, got {_short(value)}")
-    for worker, key in value.items():
-        _public_id(f"{name} key", worker)
-        _mask_key(f"{name}.{worker[:12]}", key)
-    return dict(value)
+    try:
+        ok = isinstance(value, str) and len(b64url_decode(value)) == SIGNATURE_LENGTH
+    except ValueError:
+        ok = False
+    if not ok:
+        raise MessageError(f"{name}: not an Ed25519 signature: {_short(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _per_worker(what: str, check: Callable[[str, object], str | None]) -> Callable[[str, object], dict | None]:
+    """None, or {worker id: value} for a round's selected workers, each value passing `check`."""
+    def per_worker(name: str, value: object) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not value or len(value) > 1000:
+            raise MessageError(f"{name}: expected an object of 1-1000 worker {what}, got {_short(value)}")
+        for worker, item in value.items():
+            _public_id(f"{name} key", worker)
+            if item is None:
+                raise MessageError(f"{name}.{worker[:12]}: missing")
+            check(f"{name}.{worker[:12]}", item)
+        return dict(value)
+    return per_worker
+
+
+def _both_or_neither(msg: object, first: str, second: str) -> None:
+    if (getattr(msg, first) is None) != (getattr(msg, second) is None):
+        raise MessageError(f"{first} and {second} go together")
 
 
 _CONFIG_INTS = ("epochs", "batch_size", "rounds")
@@ -242,15 +264,23 @@ class Join(_Message):
 
     Sent on the job's topic after the worker fetched the model and checked its data fits. `name` is for
     humans (logs, progress); the sender's id is what identifies the worker. In a job with secure
-    aggregation, `mask_key` is the worker's X25519 public key for this job (`grid_ipfs.secagg`).
+    aggregation, `mask_key` is the worker's X25519 public key for this job and `mask_sig` its signature
+    binding that key to the worker and the job (`grid_ipfs.secagg.sign_mask_key`), which the round
+    passes on to the other workers.
     """
 
     TYPE: ClassVar[str] = "join"
-    _CHECKS: ClassVar[dict] = {"job": _job, "name": _str, "num_examples": _int(1), "mask_key": _mask_key}
+    _CHECKS: ClassVar[dict] = {"job": _job, "name": _str, "num_examples": _int(1), "mask_key": _mask_key,
+                               "mask_sig": _mask_sig}
     job: str
     name: str
     num_examples: int
     mask_key: str | None = None
+    mask_sig: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _both_or_neither(self, "mask_key", "mask_sig")
 
 
 @dataclass(frozen=True)
@@ -259,12 +289,16 @@ class Round(_Message):
 
     `attempt` counts restarts of the same round (e.g. after a deadline passed with too few updates), so an
     update for an abandoned attempt is recognisable. With secure aggregation, `mask_keys` holds every
-    selected worker's mask key: each masks its update against all the others (`grid_ipfs.secagg`).
+    selected worker's mask key and `mask_sigs` each worker's own signature of its key (from its join):
+    each worker masks its update against all the others, once it has checked those signatures
+    (`grid_ipfs.secagg`).
     """
 
     TYPE: ClassVar[str] = "round"
     _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "weights": _cid, "deadline": _float,
-                               "selected": _selected, "attempt": _int(1), "mask_keys": _mask_keys}
+                               "selected": _selected, "attempt": _int(1),
+                               "mask_keys": _per_worker("mask keys", _mask_key),
+                               "mask_sigs": _per_worker("mask signatures", _mask_sig)}
     job: str
     round: int
     weights: str
@@ -272,6 +306,13 @@ class Round(_Message):
     selected: list[str] | None
     attempt: int = 1
     mask_keys: dict[str, str] | None = None
+    mask_sigs: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _both_or_neither(self, "mask_keys", "mask_sigs")
+        if self.mask_keys is not None and set(self.mask_keys) != set(self.mask_sigs or {}):
+            raise MessageError("mask_sigs: not the same workers as mask_keys")
 
 
 @dataclass(frozen=True)

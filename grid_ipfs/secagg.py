@@ -2,8 +2,11 @@
 
 The owner learns the example-weighted sum of the round's updates and nothing about any single one:
 
-- Each worker holds a fresh X25519 key per job and announces its public half in its `join`; the
-  round message lists the selected workers' public keys (`mask_keys`).
+- Each worker holds a fresh X25519 key per job and announces its public half in its `join`, with its
+  Ed25519 signature over (job, worker id, key) (`sign_mask_key`). The round message lists the
+  selected workers' public keys (`mask_keys`) and those signatures (`mask_sigs`); a worker masks only
+  when every listed key is signed by the worker it is listed for (`unsigned_mask_keys`), so an owner
+  cannot swap in keys of its own to unmask someone.
 - Worker i turns its update into fixed point, `q_i = round(n_i * w_i * 2**SCALE_BITS)` in uint64
   (wrapping arithmetic, two's complement for negatives), and adds, for every other selected worker j,
   `+PRG(s_ij)` if i < j else `-PRG(s_ij)`, where `s_ij` is their X25519 shared secret run through
@@ -15,9 +18,10 @@ The owner learns the example-weighted sum of the round's updates and nothing abo
 What it does not do: survive dropouts (a missing worker leaves its masks in the sum, so the round is
 announced again with fresh masks among the workers still answering; Bonawitz et al. recover with
 secret-shared keys, not implemented), screen outliers or run robust rules (they need to see single
-updates), or authenticate `mask_keys` beyond the owner's signature on the round: an owner that swaps
-in its own keys can unmask a worker. It protects updates from everybody who reads IPFS or the chain
-and from an honest-but-curious owner.
+updates), or stop an owner that selects one honest worker among workers it runs itself (sybils): the
+sum minus the sybils' updates is the honest one. An allow-list of workers (`--allow-workers`) is the
+defence there. It protects updates from everybody who reads IPFS or the chain and from an owner that
+swaps keys.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .aggregate import SCALE_BITS, secure_fedavg
-from .identity import b64url_decode, b64url_encode
+from .identity import Identity, b64url_decode, b64url_encode, verify
 
-__all__ = ["SCALE_BITS", "MaskKey", "mask_context", "mask_update", "dp_share", "secure_fedavg", "masked_like"]
+__all__ = ["SCALE_BITS", "MaskKey", "mask_context", "mask_update", "dp_share", "secure_fedavg", "masked_like",
+           "sign_mask_key", "mask_key_is_signed", "unsigned_mask_keys"]
 
 class MaskKey:
     """A worker's X25519 key for one job: `public` (base64url) goes into its `join`."""
@@ -51,6 +56,30 @@ class MaskKey:
             raise ValueError(f"mask key {peer_public[:16]!r}: not an X25519 public key ({exc})") from None
         secret = self._private.exchange(peer)
         return HKDF(hashes.SHA256(), 32, salt=None, info=b"grid-ipfs secagg v1|" + context).derive(secret)
+
+
+def _mask_key_statement(job: str, worker: str, mask_key: str) -> bytes:
+    return f"grid-ipfs secagg v1 mask key|{job}|{worker}|{mask_key}".encode()
+
+
+def sign_mask_key(identity: Identity, job: str, mask_key: str) -> str:
+    """The worker's signature (base64url) binding its public mask key to itself and to the job."""
+    return b64url_encode(identity.sign(_mask_key_statement(job, identity.id, mask_key)))
+
+
+def mask_key_is_signed(job: str, worker: str, mask_key: str, sig: str | None) -> bool:
+    """Whether `sig` is `worker`'s signature of `mask_key` for `job`; False on any malformed input."""
+    try:
+        raw = b64url_decode(sig) if isinstance(sig, str) else b""
+    except ValueError:
+        return False
+    return verify(worker, _mask_key_statement(job, worker, mask_key), raw)
+
+
+def unsigned_mask_keys(job: str, mask_keys: Mapping[str, str], mask_sigs: Mapping[str, str] | None) -> list[str]:
+    """The workers in `mask_keys` whose key is not signed by that worker for `job` (sorted; [] if all are)."""
+    sigs = mask_sigs or {}
+    return sorted(w for w, key in mask_keys.items() if not mask_key_is_signed(job, w, key, sigs.get(w)))
 
 
 def mask_context(job: str, round: int, attempt: int) -> bytes:

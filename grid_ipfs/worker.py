@@ -35,7 +35,7 @@ from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
 from .payloads import MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
 from .peer import Peer, connect  # noqa: E402
-from .secagg import MaskKey, dp_share, mask_context, mask_update  # noqa: E402
+from .secagg import MaskKey, dp_share, mask_context, mask_update, sign_mask_key, unsigned_mask_keys  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.worker")
 
@@ -133,6 +133,15 @@ class Worker(Peer):
                         round_.round, round_.job)
             return
         joined.done_rounds.add(key)
+        if joined.mask_key is not None:
+            # Masking against a key the owner made up would let the owner remove our mask: every key
+            # must carry its worker's own signature.
+            forged = unsigned_mask_keys(round_.job, round_.mask_keys, round_.mask_sigs)
+            if forged:
+                log.warning("skipped round %d of %s: the mask keys of %s are not signed by those workers, "
+                            "so our update could be unmasked", round_.round, round_.job,
+                            ", ".join(w[:12] for w in forged))
+                return
         started = time.monotonic()
         model = joined.model
         global_weights = weights_from_bytes(
@@ -157,8 +166,11 @@ class Worker(Peer):
                  f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a", time.monotonic() - started)
 
     def _join_message(self, joined: JoinedJob) -> messages.Join:
-        return messages.Join(job=joined.job.job, name=self.name, num_examples=len(self.x_train),
-                             mask_key=joined.mask_key.public if joined.mask_key is not None else None)
+        job, mask = joined.job.job, joined.mask_key
+        if mask is None:
+            return messages.Join(job=job, name=self.name, num_examples=len(self.x_train))
+        return messages.Join(job=job, name=self.name, num_examples=len(self.x_train), mask_key=mask.public,
+                             mask_sig=sign_mask_key(self.identity, job, mask.public))
 
     def local_update(self, joined: JoinedJob, global_weights: list, round_: messages.Round) -> tuple[list, dict]:
         """Train on the local data from `global_weights`: the weights to send and the training metrics.

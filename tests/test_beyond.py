@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -119,7 +120,7 @@ def test_byzantine_attack_parsing():
 
 
 def test_client_options_for_dp_and_accept():
-    from grid_ipfs.client import _accept_rule, _aggregation_options
+    from grid_ipfs.client.__main__ import _accept_rule, _aggregation_options
 
     def opts(**kw):
         base = dict(aggregation=None, dp_clip=None, dp_noise=None, trim=None, byzantine=None, seed=3,
@@ -569,6 +570,65 @@ def test_secure_aggregation_trains_hides_every_update_and_survives_a_silent_work
             assert np.abs(readable - global_weights[0]).mean() > 1e3
     proc = run_cli("grid_ipfs.chain", "verify", "--api", grid.local.apis[1], "--signer", grid.owner.id, result.head)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.integration
+def test_workers_refuse_to_mask_against_a_key_the_owner_swapped_in(grid):
+    """A hostile owner (this test, signing as the job's owner) lists a mask key of its own for worker B:
+    worker A's masks towards B would then be the owner's to remove, exposing A's update. A checks that
+    every key carries its worker's signature and refuses the round; B does not find its key and refuses
+    too. The same round with the keys the workers signed is trained by both."""
+    from grid_ipfs import messages
+    from grid_ipfs.ipfs.pubsub import Subscription
+    from grid_ipfs.secagg import MaskKey
+
+    job_id = "secure-swapped-key"
+    topic = messages.job_topic(job_id)
+    index = {Identity.load_or_create(grid.local.directory / "keys" / f"worker{i}.key").id: i for i in range(HONEST)}
+    with grid.local.client(0) as ipfs, Subscription(grid.local.apis[0], topic) as sub:
+        sub.wait_ready()
+        model = ipfs.add((grid.root / "digits.keras").read_bytes())
+        weights = str(ipfs.add(weights_to_bytes(zoo.digits_mlp(seed=0).get_weights())))
+        job = messages.encode(messages.Job(job_id, model, grid.owner.id, {"epochs": 1, "batch_size": 32,
+                                                                          "rounds": 1, "secure_aggregation": True}),
+                              grid.owner)
+        heard: dict[tuple, messages.Message] = {}
+
+        def listen(publish: bytes, on_topic: str) -> dict:
+            ipfs.pubsub_publish(on_topic, publish)
+            while (raw := sub.get(timeout=0.5)) is not None:
+                try:
+                    envelope = messages.decode(raw.data)
+                except messages.MessageError:
+                    continue
+                if envelope.sender in index:
+                    msg = envelope.message
+                    heard[(msg.TYPE, envelope.sender, getattr(msg, "attempt", None))] = msg
+            return heard
+
+        wait_for(lambda: sum(kind == "join" for kind, _, _ in listen(job, messages.JOBS_TOPIC)) >= 2, timeout=120,
+                 what="two honest workers to join")
+        a, b = sorted(sender for kind, sender, _ in heard if kind == "join")[:2]
+        joins = {w: heard[("join", w, None)] for w in (a, b)}
+        assert all(join.mask_key and join.mask_sig for join in joins.values())
+
+        def round_message(attempt: int, keys: dict) -> bytes:
+            return messages.encode(messages.Round(job_id, 1, weights, time.time() + 120, [a, b], attempt=attempt,
+                                                  mask_keys=keys, mask_sigs={w: joins[w].mask_sig for w in (a, b)}),
+                                   grid.owner)
+
+        genuine = {w: joins[w].mask_key for w in (a, b)}
+        swapped = round_message(1, {**genuine, b: MaskKey().public})
+        wait_for(lambda: listen(swapped, topic) is not None
+                 and "are not signed by those workers" in grid.local.worker_log(index[a])
+                 and "does not carry our mask key" in grid.local.worker_log(index[b]),
+                 timeout=60, what="both workers to refuse the round with a swapped key")
+        assert not [key for key in heard if key[0] == "update"], "a worker masked against the owner's key"
+
+        honest = round_message(2, genuine)
+        wait_for(lambda: {("update", a, 2), ("update", b, 2)} <= set(listen(honest, topic)), timeout=120,
+                 what="both workers to train the round with the keys they signed")
+        ipfs.pubsub_publish(topic, messages.encode(messages.Done(job_id, weights, reason="test over"), grid.owner))
 
 
 @pytest.mark.integration

@@ -262,3 +262,24 @@ def test_join_needs_a_name_and_at_least_one_example():
                              "num_examples": 0})) == "num_examples: expected an integer >= 1, got 0"
     assert "name" in reason_of(signed({"v": 1, "type": "join", "job": "j", "from": ME.id, "name": "",
                                        "num_examples": 3}))
+
+
+def test_mask_keys_travel_with_their_signatures():
+    from grid_ipfs.secagg import MaskKey, sign_mask_key
+
+    key = MaskKey().public
+    sig = sign_mask_key(ME, "job-1", key)
+    join = Join("job-1", "hospital-a", 12, mask_key=key, mask_sig=sig)
+    assert decode(encode(join, ME)).message == join
+    with pytest.raises(MessageError, match="mask_key and mask_sig go together"):
+        Join("job-1", "hospital-a", 12, mask_key=key)
+    with pytest.raises(MessageError, match="mask_sig: not an Ed25519 signature"):
+        Join("job-1", "hospital-a", 12, mask_key=key, mask_sig=key)
+    round_ = Round("job-1", 1, CID_A, 1.7e9, [ME.id], mask_keys={ME.id: key}, mask_sigs={ME.id: sig})
+    assert decode(encode(round_, OTHER)).message == round_
+    with pytest.raises(MessageError, match="mask_keys and mask_sigs go together"):
+        Round("job-1", 1, CID_A, 1.7e9, [ME.id], mask_keys={ME.id: key})
+    with pytest.raises(MessageError, match="not the same workers"):
+        Round("job-1", 1, CID_A, 1.7e9, None, mask_keys={ME.id: key}, mask_sigs={OTHER.id: sig})
+    with pytest.raises(MessageError, match="missing"):
+        Round("job-1", 1, CID_A, 1.7e9, None, mask_keys={ME.id: key}, mask_sigs={ME.id: None})

@@ -117,3 +117,23 @@ def test_workers_read_the_secure_dp_settings_from_the_job_config():
                 {"secure_aggregation": True, "dp_clip": 1}):
         with pytest.raises(ValueError, match="dp_"):
             secure_dp(bad)
+
+
+def test_a_mask_key_is_signed_by_its_worker_for_one_job():
+    from grid_ipfs.secagg import mask_key_is_signed, sign_mask_key, unsigned_mask_keys
+
+    alice, bob, owner = Identity.generate(), Identity.generate(), Identity.generate()
+    keys = {alice.id: MaskKey().public, bob.id: MaskKey().public}
+    sigs = {alice.id: sign_mask_key(alice, "job", keys[alice.id]), bob.id: sign_mask_key(bob, "job", keys[bob.id])}
+    assert mask_key_is_signed("job", alice.id, keys[alice.id], sigs[alice.id])
+    assert unsigned_mask_keys("job", keys, sigs) == []
+    # the owner swaps in a key of its own for bob: bob's signature does not cover it, nor can the owner sign
+    swapped = {**keys, bob.id: MaskKey().public}
+    assert unsigned_mask_keys("job", swapped, sigs) == [bob.id]
+    forged = {**sigs, bob.id: sign_mask_key(owner, "job", swapped[bob.id])}
+    assert unsigned_mask_keys("job", swapped, forged) == [bob.id]
+    # a signature is bound to its job and its worker; missing or garbage ones are just "unsigned"
+    assert unsigned_mask_keys("other-job", keys, sigs) == sorted(keys)
+    assert not mask_key_is_signed("job", bob.id, keys[alice.id], sigs[alice.id])
+    assert unsigned_mask_keys("job", keys, {alice.id: sigs[alice.id]}) == [bob.id]
+    assert unsigned_mask_keys("job", keys, {alice.id: "!!", bob.id: None}) == sorted(keys)

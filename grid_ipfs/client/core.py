@@ -1,36 +1,14 @@
-"""The client role: `python -m grid_ipfs.client submit --api A --model M.keras --rounds R`.
-
-The client owns a job. It adds the model and its initial weights to IPFS, writes the genesis block
-of the job's chain, announces the job, waits for workers to join, and then for each round: announces
-the global weights CID with a deadline, collects signed updates, checks each one (shapes, dtypes,
-finite values), aggregates with FedAvg weighted by `num_examples` or the job's rule (updates sorted by
-worker id, float64 sums: anyone can recompute it bit for bit), adds the new global weights and appends a
-chain block.
-
-Beyond plain FedAvg a job can ask for a robust rule (`median`, `krum`, ...), DP-FedAvg (`dp-fedavg`:
-clipped deltas from the previous global weights plus seeded Gaussian noise), FedProx on the workers
-(`proximal_mu` in the job config) and an acceptance rule (`accept`, e.g. `val_accuracy>=0.6`): a round
-whose aggregate fails the rule is appended as a block marked `accepted: 0.0` (so the chain shows what
-was turned down and why) and tried again, up to `max_retries` times, before the job fails. With
-`miners` (competing aggregators, `python -m grid_ipfs.miner`), each round's aggregate is a candidate
-that rivals may beat: the best one that clears the rule on the client's data wins (`grid_ipfs.contest`).
-
-Round orchestration lives here; the arithmetic lives in `grid_ipfs.aggregate`, the block format in
-`grid_ipfs.chain`. Progress goes to `ClientCallback` hooks (Keras style): the CLI plugs in a rich
-display, tests and notebooks plug in their own.
-"""
+"""`Client`: one job's rounds, from genesis block to the last head (the orchestration; the arithmetic
+lives in `grid_ipfs.aggregate`, the block format in `grid_ipfs.chain`, contests in `grid_ipfs.contest`)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
 import queue
 import random
 import secrets
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -39,17 +17,18 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from . import messages  # noqa: E402
-from .aggregate import CONTEXT, AcceptRule, aggregate, parse_accept  # noqa: E402
-from .chain import ChainError, ChainLog, decode_block  # noqa: E402
-from .chain.verify import is_accepted  # noqa: E402
-from .contest import ContestError, best, check_rival, pofl_record, score_key  # noqa: E402
-from .identity import Identity, IdentityError, default_key_path, read_id_list  # noqa: E402
-from .ipfs import IPFSError, cid_str, parse_cid  # noqa: E402
-from .ipfs.pubsub import PubsubMessage  # noqa: E402
-from .ipfs.rpc import IPFSClient  # noqa: E402
-from .payloads import MAX_WEIGHTS_BYTES, PayloadError, weights_from_bytes, weights_to_bytes  # noqa: E402
-from .secagg import masked_like  # noqa: E402
+from .. import messages  # noqa: E402
+from ..aggregate import CONTEXT, AcceptRule, aggregate, parse_accept  # noqa: E402
+from ..chain import ChainError, ChainLog, decode_block  # noqa: E402
+from ..chain.verify import is_accepted  # noqa: E402
+from ..contest import ContestError, best, check_rival, pofl_record, score_key  # noqa: E402
+from ..identity import Identity  # noqa: E402
+from ..ipfs import IPFSError, cid_str, parse_cid  # noqa: E402
+from ..ipfs.pubsub import PubsubMessage  # noqa: E402
+from ..ipfs.rpc import IPFSClient  # noqa: E402
+from ..payloads import MAX_WEIGHTS_BYTES, PayloadError, weights_from_bytes, weights_to_bytes  # noqa: E402
+from ..secagg import mask_key_is_signed, masked_like  # noqa: E402
+from .job import SECURE_RULES, ClientCallback, JobFailed, JobResult, JobSpec, RoundResult
 
 log = logging.getLogger("grid_ipfs.client")
 
@@ -57,149 +36,6 @@ REANNOUNCE_EVERY = 2.0  # seconds between job re-announcements while waiting for
 JOIN_GRACE = 1.0  # seconds without a new join before round 1 starts, once --min-workers have joined
 FETCH_TIMEOUT = 30.0  # seconds to fetch one update's weights before the update is rejected
 FETCH_THREADS = 4  # concurrent update downloads per round
-SECURE_RULES = ("secure-fedavg", "secure-dp-fedavg")  # rules over masked updates (`grid_ipfs.secagg`)
-
-
-class JobFailed(RuntimeError):
-    """The job cannot go on (too few workers, ...); the message says why in one line."""
-
-
-@dataclass
-class JobSpec:
-    """What the owner asks for. Everything but the paths is recorded in the genesis block's `config`,
-    so `resume` (and any auditor) knows the job's settings without the original command line."""
-
-    model_path: Path | None
-    rounds: int
-    min_workers: int = 1
-    fraction: float = 1.0
-    epochs: int = 1
-    batch_size: int = 32
-    round_timeout: float = 120.0
-    join_timeout: float = 120.0
-    max_retries: int = 2
-    max_norm_ratio: float = 10.0
-    eval_data: Path | None = None
-    job_id: str | None = None
-    aggregation: str = "fedavg"
-    aggregation_params: dict = field(default_factory=dict)
-    seed: int = 0
-    proximal_mu: float = 0.0
-    """FedProx: workers add mu/2 * ||w - w_global||^2 to their loss (0: plain local training)."""
-    accept: str | None = None
-    """Acceptance rule for each round's aggregate (`aggregate.parse_accept`), or None: keep every round."""
-    miners: int = 0
-    """Rival proposals to wait for each round (proof of federated learning, `grid_ipfs.contest`); 0: none."""
-    proposal_timeout: float = 60.0
-    """Seconds a round waits for the miners' proposals."""
-    secure_aggregation: bool = False
-    """Pairwise-masked updates (`grid_ipfs.secagg`): the client sees only each round's sum."""
-
-    _RECORDED = ("rounds", "min_workers", "fraction", "epochs", "batch_size", "round_timeout", "max_retries",
-                 "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept", "miners",
-                 "proposal_timeout", "secure_aggregation")
-
-    def config(self) -> dict:
-        """The recorded settings; `proximal_mu`, `accept` and the miners' only when used (older chains
-        lack them)."""
-        config = {key: getattr(self, key) for key in self._RECORDED}
-        if not self.proximal_mu:
-            del config["proximal_mu"]
-        if self.accept is None:
-            del config["accept"]
-        if not self.miners:
-            del config["miners"], config["proposal_timeout"]
-        if not self.secure_aggregation:
-            del config["secure_aggregation"]
-        return config
-
-    @classmethod
-    def from_config(cls, config: dict, **overrides) -> JobSpec:
-        known = {k: v for k, v in config.items() if k in cls._RECORDED}
-        known.update({k: v for k, v in overrides.items() if v is not None})
-        known.setdefault("model_path", None)
-        return cls(**known)
-
-
-@dataclass
-class RoundResult:
-    round: int
-    weights: str
-    head: str
-    updates: int
-    metrics: dict
-    seconds: float
-    attempts: int = 1
-    rejected: dict = field(default_factory=dict)
-    """Updates refused this round, by reason (not selected, replay, bad weights, outlier norm, ...)."""
-    accepted: bool = True
-    """False for a try whose aggregate failed the job's acceptance rule (recorded, then tried again)."""
-    tries: int = 1
-    """Which try of the round this is: 1 unless earlier aggregates were rejected by the acceptance rule."""
-    winner: str = ""
-    """With miners: the id whose aggregate won the round (the client's own, or a miner's)."""
-    proposals: list = field(default_factory=list)
-    """With miners: per candidate, `{"signer", "block", "verdict", "score"}` (the client's own first; the score
-    is the ranking metric on the client's data)."""
-    endorsements: dict = field(default_factory=dict)
-    """With miners: miner id -> its verdict on the appended block ("accepted" or "disputed: ...")."""
-
-
-@dataclass
-class JobResult:
-    job: str
-    model: str
-    head: str
-    weights: str
-    rounds: list[RoundResult] = field(default_factory=list)
-    dropped: dict = field(default_factory=dict)
-    """Messages dropped on the job topic over the whole job, by reason."""
-    turned_down: list[RoundResult] = field(default_factory=list)
-    """Tries whose aggregate the acceptance rule rejected (each is a block in the chain)."""
-
-    def as_dict(self) -> dict:
-        def row(r: RoundResult) -> dict:
-            return {"round": r.round, "weights": r.weights, "head": r.head, "updates": r.updates,
-                    "metrics": r.metrics, "seconds": round(r.seconds, 3), "attempts": r.attempts,
-                    "rejected": r.rejected, "accepted": r.accepted, "tries": r.tries,
-                    **({"winner": r.winner, "proposals": r.proposals, "endorsements": r.endorsements}
-                       if r.proposals else {})}
-
-        return {"job": self.job, "head": self.head, "model": self.model, "weights": self.weights,
-                "rounds": [row(r) for r in self.rounds], "turned_down": [row(r) for r in self.turned_down],
-                "dropped": self.dropped}
-
-
-class ClientCallback:
-    """Hooks called as a job runs. Override what you need (like `keras.callbacks.Callback`).
-
-    `block_fields` is the one hook whose answer is written down: it brings your own fields into each
-    round's chain block (a custom block type), in the block's signed `ext` map.
-    """
-
-    def block_fields(self, round: int, weights: list, updates: list, metrics: dict) -> dict | None:
-        """Custom fields for the block of `round`, or None. Called before the block is signed, for every
-        try of the round (one the acceptance rule rejects included), not for genesis.
-
-        `weights` is the round's new global weights (numpy arrays, in `model.get_weights()` order),
-        `updates` the block's update entries (`{worker, weights (a CID string), num_examples, metrics}`,
-        sorted by worker), `metrics` the block's metrics (`accepted` included under an acceptance
-        rule); all are copies. The returned map is merged into the block's signed `ext`: plain dag-cbor
-        values (ints, finite floats, str, bytes, bool, CIDs, lists and maps of those; numpy scalars and
-        arrays are converted). A bad value, or a key another callback also returns, fails the job.
-        Auditors re-check the fields with `verify_chain(..., check_ext=...)`.
-        """
-        return None
-
-    def on_job_start(self, job: messages.Job, genesis: str) -> None: ...
-    def on_worker_joined(self, worker: str, name: str, joined: int, needed: int) -> None: ...
-    def on_round_start(self, round: int, expected: int, deadline: float) -> None: ...
-    def on_update(self, round: int, worker: str, received: int, expected: int) -> None: ...
-    def on_round_retry(self, round: int, attempt: int, received: int, needed: int) -> None: ...
-    def on_round_rejected(self, result: RoundResult, why: str) -> None: ...
-    def on_round_end(self, result: RoundResult) -> None: ...
-    def on_job_end(self, result: JobResult) -> None: ...
-    def on_job_failed(self, job: messages.Job, error: BaseException) -> None: ...
 
 
 @dataclass
@@ -284,7 +120,7 @@ class Client:
 
     def submit(self, spec: JobSpec) -> JobResult:
         """Add the model and initial weights, write the genesis block, announce the job, run every round."""
-        from .payloads import model_from_bytes
+        from ..payloads import model_from_bytes
 
         model_bytes = spec.model_path.read_bytes()
         model = model_from_bytes(model_bytes, source=str(spec.model_path))
@@ -316,8 +152,8 @@ class Client:
         which rounds are done. Training continues from the newest *accepted* block; a newest block
         rejected by the acceptance rule means its round is tried again.
         """
-        from .chain import walk
-        from .chain.export import load_global_model
+        from ..chain import walk
+        from ..chain.export import load_global_model
 
         if head is None:
             if job_id is None:
@@ -338,7 +174,7 @@ class Client:
             raise JobFailed(f"head file {chain.head_file} names {cid_str(on_file)}, not {head}: "
                             "resume from the head file (omit --head) or remove it")
         if on_file is None:
-            from .chain import write_head
+            from ..chain import write_head
 
             chain.head_file.parent.mkdir(parents=True, exist_ok=True)
             write_head(chain.head_file, head)
@@ -467,7 +303,8 @@ class Client:
             round_msg = messages.Round(job=job.message.job, round=r, weights=job.result.weights,
                                        deadline=time.time() + spec.round_timeout, selected=selected,
                                        attempt=attempt,
-                                       mask_keys={w: job.workers[w].mask_key for w in selected} if secure else None)
+                                       mask_keys={w: job.workers[w].mask_key for w in selected} if secure else None,
+                                       mask_sigs={w: job.workers[w].mask_sig for w in selected} if secure else None)
             self._publish(round_msg)
             expected = set(selected) if selected is not None else set(job.workers)
             for cb in self.callbacks:
@@ -548,7 +385,7 @@ class Client:
         a scaled or random update would otherwise dominate FedAvg. Needs at least three updates."""
         if len(collected) < 3 or not job.spec.max_norm_ratio or job.spec.secure_aggregation:
             return  # masked updates have no meaningful norm: secure aggregation trades this screen away
-        from .aggregate import update_norm
+        from ..aggregate import update_norm
 
         norms = {w: update_norm(c.weights, job.weights) for w, c in collected.items()}
         typical = sorted(norms.values())[len(norms) // 2]
@@ -786,6 +623,9 @@ class Client:
         if job.spec.secure_aggregation and join.mask_key is None:
             self._drop("no mask key", f"join from {sender[:12]} ({join.name}) without a key for secure aggregation")
             return
+        if join.mask_key is not None and not mask_key_is_signed(job.message.job, sender, join.mask_key, join.mask_sig):
+            self._drop("bad mask signature", f"join from {sender[:12]} ({join.name}): mask key not signed by it")
+            return
         if sender not in job.workers or job.workers[sender].mask_key != join.mask_key:  # a restarted worker: new key
             job.workers[sender] = join
             self._last_join = time.monotonic()
@@ -813,7 +653,7 @@ class Client:
                  "time": time.time()}
         if weights is None:
             return block
-        from .chain.blocks import normalise_ext
+        from ..chain.blocks import normalise_ext
 
         ext: dict = {}
         owner: dict[str, str] = {}  # ext key -> the callback that set it
@@ -843,7 +683,7 @@ class Client:
     def _evaluate(model, weights, eval_xy) -> dict:
         if eval_xy is None:
             return {}
-        from .training import evaluate
+        from ..training import evaluate
 
         return {f"val_{k}": v for k, v in evaluate(model, weights, *eval_xy).items()}
 
@@ -900,173 +740,9 @@ def _weighted_metrics(collected: list[_Collected]) -> dict:
 
 
 def _load_eval(path: Path, model):
-    from .data import check_shard_for_model, load_shard
+    from ..data import check_shard_for_model, load_shard
 
     x, y = load_shard(path)
     check_shard_for_model(x, y, tuple(model.input_shape))
     return x, y
 
-
-# -- command line ------------------------------------------------------------------------------------------
-
-def _progress(json_mode: bool) -> list[ClientCallback]:
-    from .progress import LogProgress, RichProgress
-
-    return [LogProgress()] if json_mode or not sys.stderr.isatty() else [RichProgress()]
-
-
-def _job_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
-    """Options shared by submit and resume; on resume they default to the genesis block's config."""
-    default = (lambda value: None) if resume else (lambda value: value)
-    p.add_argument("--api", required=True, help="the IPFS daemon's API multiaddr, e.g. /ip4/127.0.0.1/tcp/5001")
-    p.add_argument("--min-workers", type=int, default=default(1), help="updates needed to close a round (default 1)")
-    p.add_argument("--round-timeout", type=float, default=default(120.0), help="seconds a round waits for updates")
-    p.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for --min-workers to join")
-    p.add_argument("--max-retries", type=int, default=default(2),
-                   help="times a round short of --min-workers updates is announced again, and times a round "
-                        "whose aggregate fails --accept is tried again (default 2)")
-    p.add_argument("--eval-data", type=Path, help=".npz (x, y) the client evaluates each global model on")
-    p.add_argument("--topic", default=messages.JOBS_TOPIC, help=f"jobs topic (default {messages.JOBS_TOPIC})")
-    p.add_argument("--key", help="Ed25519 key file (default ~/.grid_ipfs/client.key)")
-    p.add_argument("--head-dir", type=Path, help="where chain head files live (default ~/.grid_ipfs/chains)")
-    p.add_argument("--allow-workers", help="accept updates only from the worker ids listed in this file")
-    p.add_argument("--allow-miners", help="accept proposals and endorsements only from the miner ids in this file")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
-
-
-def _accept_rule(text: str) -> str:
-    try:
-        return str(parse_accept(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _aggregation_options(args: argparse.Namespace) -> tuple[str, dict]:
-    """The rule and its recorded params from --aggregation, --trim, --byzantine, --dp-clip/--dp-noise."""
-    dp = args.dp_clip is not None or args.dp_noise is not None
-    if args.secure_aggregation or args.aggregation in SECURE_RULES:
-        if args.aggregation not in (None, *SECURE_RULES) or args.trim is not None or args.byzantine is not None:
-            raise ValueError("--secure-aggregation sums masked updates: it combines with --dp-clip/--dp-noise "
-                             "(noise added by the workers), not with other rules")
-        if not dp:
-            return "secure-fedavg", {}
-        plain = argparse.Namespace(**{**vars(args), "aggregation": "dp-fedavg", "secure_aggregation": False})
-        params = _aggregation_options(plain)[1]  # the same checks of --dp-clip and --dp-noise
-        return "secure-dp-fedavg", {"clip": params["clip"], "noise_multiplier": params["noise_multiplier"]}
-    name = args.aggregation or ("dp-fedavg" if dp else "fedavg")
-    if dp != (name == "dp-fedavg"):
-        raise ValueError("--dp-clip/--dp-noise go with --aggregation dp-fedavg (the default when they are given)")
-    if dp:
-        if args.dp_clip is None or args.dp_noise is None:
-            raise ValueError("dp-fedavg needs both --dp-clip C and --dp-noise Z")
-        if not (math.isfinite(args.dp_clip) and args.dp_clip > 0 and math.isfinite(args.dp_noise)
-                and args.dp_noise >= 0):
-            raise ValueError("--dp-clip must be > 0 and --dp-noise >= 0")
-        return name, {"clip": args.dp_clip, "noise_multiplier": args.dp_noise, "seed": args.seed}
-    return name, {k: v for k, v in (("trim", args.trim), ("byzantine", args.byzantine)) if v is not None}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .aggregate import AGGREGATIONS
-
-    parser = argparse.ArgumentParser(prog="python -m grid_ipfs.client",
-                                     description="Submit and follow federated training jobs.",
-                                     epilog="Exit codes: 0 done, 1 the job failed (the reason is printed), "
-                                            "2 usage, 130 interrupted.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("submit", help="run a job: R rounds of federated training of a compiled .keras model")
-    _job_options(s, resume=False)
-    s.add_argument("--model", required=True, type=Path, help="a compiled .keras model")
-    s.add_argument("--rounds", required=True, type=int)
-    s.add_argument("--fraction", type=float, default=1.0, help="fraction of joined workers asked per round")
-    s.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--aggregation", choices=sorted(AGGREGATIONS), default=None, help="the rule (default fedavg)")
-    s.add_argument("--trim", type=float, help="trimmed-mean: fraction cut at each end (default 0.1)")
-    s.add_argument("--byzantine", type=int, help="krum/multi-krum: number of faulty workers tolerated (default 1)")
-    s.add_argument("--dp-clip", type=float, metavar="C",
-                   help="DP-FedAvg: bound on the L2 norm of each update's change to the global model (with --dp-noise)")
-    s.add_argument("--dp-noise", type=float, metavar="Z",
-                   help="DP-FedAvg: noise multiplier; Gaussian noise of std Z*C/n per coordinate, seeded by --seed")
-    s.add_argument("--proximal-mu", type=float, default=0.0, metavar="MU",
-                   help="FedProx: workers add MU/2 * ||w - w_global||^2 to their loss (default 0: off)")
-    s.add_argument("--accept", type=_accept_rule, metavar="RULE",
-                   help="keep a round's aggregate only if it passes RULE, e.g. 'val_accuracy>=0.6' or "
-                        "'improves:val_loss' (on --eval-data); otherwise record it as rejected and retry the round")
-    s.add_argument("--miners", type=int, default=0, metavar="K",
-                   help="proof of federated learning: wait each round for K rival aggregates from miners "
-                        "(python -m grid_ipfs.miner); the best that clears --accept on --eval-data wins (default 0)")
-    s.add_argument("--proposal-timeout", type=float, default=60.0, metavar="S",
-                   help="seconds a round waits for the miners' proposals (default 60)")
-    s.add_argument("--secure-aggregation", action="store_true",
-                   help="pairwise-masked updates: the client and the chain see only each round's weighted sum "
-                        "(FedAvg; every selected worker must answer; no norm screen)")
-    s.add_argument("--max-norm-ratio", type=float, default=10.0,
-                   help="refuse updates moving the model this many times further than the median update (0: off)")
-    s.add_argument("--job", dest="job_id", help="job id (default: MODEL-STEM-RANDOM)")
-    s.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("resume", help="continue a job from its chain after the client stopped")
-    _job_options(r, resume=True)
-    which = r.add_mutually_exclusive_group(required=True)
-    which.add_argument("--head", help="the newest chain block's CID")
-    which.add_argument("--job", dest="job_id", help="the job id: read the head from its head file")
-    v = sub.add_parser("verify", help="verify a job's chain (as `python -m grid_ipfs.chain verify`) and, with "
-                                      "--eval-data, re-evaluate every global model to re-check recorded metrics "
-                                      "and acceptance rules")
-    v.add_argument("--api", required=True, help="any IPFS daemon's API multiaddr")
-    v.add_argument("head", help="the chain head CID")
-    v.add_argument("--eval-data", type=Path, help="the .npz the client evaluated on (its --eval-data)")
-    v.add_argument("--signer", help="the only id allowed to have signed the blocks (the job owner's)")
-    v.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    if args.command == "verify":  # the same audit as `python -m grid_ipfs.chain verify`: one implementation
-        from .chain.__main__ import main as chain_main
-
-        return chain_main(["verify", "--api", args.api, args.head, *(["--json"] if args.json else []),
-                           *(["--eval-data", str(args.eval_data)] if args.eval_data else []),
-                           *(["--signer", args.signer] if args.signer else [])])
-    logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.command == "submit":
-        if args.rounds < 1 or args.min_workers < 1 or not 0 < args.fraction <= 1:
-            parser.error("--rounds and --min-workers must be >= 1 and --fraction in (0, 1]")
-        try:
-            aggregation, params = _aggregation_options(args)
-        except ValueError as exc:
-            parser.error(str(exc))
-    try:
-        ipfs = IPFSClient(args.api)
-        ipfs.wait_ready(timeout=5)
-        identity = Identity.load_or_create(args.key or default_key_path("client"))
-        client = Client(ipfs, identity, head_dir=args.head_dir, callbacks=_progress(args.json),
-                        allowed_workers=read_id_list(args.allow_workers) if args.allow_workers else None,
-                        allowed_miners=read_id_list(args.allow_miners) if args.allow_miners else None,
-                        jobs_topic=args.topic)
-        if args.command == "submit":
-            spec = JobSpec(model_path=args.model, rounds=args.rounds, min_workers=args.min_workers,
-                           fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size,
-                           round_timeout=args.round_timeout, join_timeout=args.join_timeout,
-                           max_retries=args.max_retries, max_norm_ratio=args.max_norm_ratio,
-                           eval_data=args.eval_data, job_id=args.job_id, aggregation=aggregation,
-                           aggregation_params=params, seed=args.seed, proximal_mu=args.proximal_mu,
-                           accept=args.accept, miners=args.miners, proposal_timeout=args.proposal_timeout,
-                           secure_aggregation=aggregation in SECURE_RULES)
-            result = client.submit(spec)
-        else:
-            result = client.resume(head=args.head, job_id=args.job_id, eval_data=args.eval_data,
-                                   min_workers=args.min_workers, round_timeout=args.round_timeout,
-                                   join_timeout=args.join_timeout, max_retries=args.max_retries)
-    except (JobFailed, IPFSError, IdentityError, ChainError, PayloadError, OSError, ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(result.as_dict()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,155 @@
+"""What a client's caller deals with: the job it asks for (`JobSpec`), what comes back (`JobResult`, one
+`RoundResult` per round), the one error (`JobFailed`) and the progress hooks (`ClientCallback`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import messages
+
+SECURE_RULES = ("secure-fedavg", "secure-dp-fedavg")  # rules over masked updates (`grid_ipfs.secagg`)
+
+
+class JobFailed(RuntimeError):
+    """The job cannot go on (too few workers, ...); the message says why in one line."""
+
+
+@dataclass
+class JobSpec:
+    """What the owner asks for. Everything but the paths is recorded in the genesis block's `config`,
+    so `resume` (and any auditor) knows the job's settings without the original command line."""
+
+    model_path: Path | None
+    rounds: int
+    min_workers: int = 1
+    fraction: float = 1.0
+    epochs: int = 1
+    batch_size: int = 32
+    round_timeout: float = 120.0
+    join_timeout: float = 120.0
+    max_retries: int = 2
+    max_norm_ratio: float = 10.0
+    eval_data: Path | None = None
+    job_id: str | None = None
+    aggregation: str = "fedavg"
+    aggregation_params: dict = field(default_factory=dict)
+    seed: int = 0
+    proximal_mu: float = 0.0
+    """FedProx: workers add mu/2 * ||w - w_global||^2 to their loss (0: plain local training)."""
+    accept: str | None = None
+    """Acceptance rule for each round's aggregate (`aggregate.parse_accept`), or None: keep every round."""
+    miners: int = 0
+    """Rival proposals to wait for each round (proof of federated learning, `grid_ipfs.contest`); 0: none."""
+    proposal_timeout: float = 60.0
+    """Seconds a round waits for the miners' proposals."""
+    secure_aggregation: bool = False
+    """Pairwise-masked updates (`grid_ipfs.secagg`): the client sees only each round's sum."""
+
+    _RECORDED = ("rounds", "min_workers", "fraction", "epochs", "batch_size", "round_timeout", "max_retries",
+                 "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept", "miners",
+                 "proposal_timeout", "secure_aggregation")
+
+    def config(self) -> dict:
+        """The recorded settings; `proximal_mu`, `accept` and the miners' only when used (older chains
+        lack them)."""
+        config = {key: getattr(self, key) for key in self._RECORDED}
+        if not self.proximal_mu:
+            del config["proximal_mu"]
+        if self.accept is None:
+            del config["accept"]
+        if not self.miners:
+            del config["miners"], config["proposal_timeout"]
+        if not self.secure_aggregation:
+            del config["secure_aggregation"]
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> JobSpec:
+        known = {k: v for k, v in config.items() if k in cls._RECORDED}
+        known.update({k: v for k, v in overrides.items() if v is not None})
+        known.setdefault("model_path", None)
+        return cls(**known)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    weights: str
+    head: str
+    updates: int
+    metrics: dict
+    seconds: float
+    attempts: int = 1
+    rejected: dict = field(default_factory=dict)
+    """Updates refused this round, by reason (not selected, replay, bad weights, outlier norm, ...)."""
+    accepted: bool = True
+    """False for a try whose aggregate failed the job's acceptance rule (recorded, then tried again)."""
+    tries: int = 1
+    """Which try of the round this is: 1 unless earlier aggregates were rejected by the acceptance rule."""
+    winner: str = ""
+    """With miners: the id whose aggregate won the round (the client's own, or a miner's)."""
+    proposals: list = field(default_factory=list)
+    """With miners: per candidate, `{"signer", "block", "verdict", "score"}` (the client's own first; the score
+    is the ranking metric on the client's data)."""
+    endorsements: dict = field(default_factory=dict)
+    """With miners: miner id -> its verdict on the appended block ("accepted" or "disputed: ...")."""
+
+
+@dataclass
+class JobResult:
+    job: str
+    model: str
+    head: str
+    weights: str
+    rounds: list[RoundResult] = field(default_factory=list)
+    dropped: dict = field(default_factory=dict)
+    """Messages dropped on the job topic over the whole job, by reason."""
+    turned_down: list[RoundResult] = field(default_factory=list)
+    """Tries whose aggregate the acceptance rule rejected (each is a block in the chain)."""
+
+    def as_dict(self) -> dict:
+        def row(r: RoundResult) -> dict:
+            return {"round": r.round, "weights": r.weights, "head": r.head, "updates": r.updates,
+                    "metrics": r.metrics, "seconds": round(r.seconds, 3), "attempts": r.attempts,
+                    "rejected": r.rejected, "accepted": r.accepted, "tries": r.tries,
+                    **({"winner": r.winner, "proposals": r.proposals, "endorsements": r.endorsements}
+                       if r.proposals else {})}
+
+        return {"job": self.job, "head": self.head, "model": self.model, "weights": self.weights,
+                "rounds": [row(r) for r in self.rounds], "turned_down": [row(r) for r in self.turned_down],
+                "dropped": self.dropped}
+
+
+class ClientCallback:
+    """Hooks called as a job runs. Override what you need (like `keras.callbacks.Callback`).
+
+    `block_fields` is the one hook whose answer is written down: it brings your own fields into each
+    round's chain block (a custom block type), in the block's signed `ext` map.
+    """
+
+    def block_fields(self, round: int, weights: list, updates: list, metrics: dict) -> dict | None:
+        """Custom fields for the block of `round`, or None. Called before the block is signed, for every
+        try of the round (one the acceptance rule rejects included), not for genesis.
+
+        `weights` is the round's new global weights (numpy arrays, in `model.get_weights()` order),
+        `updates` the block's update entries (`{worker, weights (a CID string), num_examples, metrics}`,
+        sorted by worker), `metrics` the block's metrics (`accepted` included under an acceptance
+        rule); all are copies. The returned map is merged into the block's signed `ext`: plain dag-cbor
+        values (ints, finite floats, str, bytes, bool, CIDs, lists and maps of those; numpy scalars and
+        arrays are converted). A bad value, or a key another callback also returns, fails the job.
+        Auditors re-check the fields with `verify_chain(..., check_ext=...)`.
+        """
+        return None
+
+    def on_job_start(self, job: messages.Job, genesis: str) -> None: ...
+    def on_worker_joined(self, worker: str, name: str, joined: int, needed: int) -> None: ...
+    def on_round_start(self, round: int, expected: int, deadline: float) -> None: ...
+    def on_update(self, round: int, worker: str, received: int, expected: int) -> None: ...
+    def on_round_retry(self, round: int, attempt: int, received: int, needed: int) -> None: ...
+    def on_round_rejected(self, result: RoundResult, why: str) -> None: ...
+    def on_round_end(self, result: RoundResult) -> None: ...
+    def on_job_end(self, result: JobResult) -> None: ...
+    def on_job_failed(self, job: messages.Job, error: BaseException) -> None: ...
+
+
