@@ -411,7 +411,8 @@ def test_an_easy_acceptance_rule_passes_with_fedprox_and_verify_rechecks_it_on_t
     proc = run_cli("grid_ipfs.client", "verify", "--api", grid.local.apis[2], "--eval-data",
                    str(grid.root / "test.npz"), "--signer", grid.owner.id, "--json", result.head)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert json.loads(proc.stdout) == {"ok": True, "blocks": 3, "reason": "", "first_bad": None, "evaluated": True}
+    assert json.loads(proc.stdout) == {"ok": True, "blocks": 3, "reason": "", "first_bad": None, "evaluated": True,
+                                       "ext_checked": False}
     # the verifier's eval data must be the client's: other data gives other numbers, and verify says so
     other = grid.root / "other.npz"
     x, y, _, _ = data.digits()

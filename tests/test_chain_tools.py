@@ -463,7 +463,8 @@ def test_chain_verify_with_eval_data_re_evaluates_every_block(evaluated):
     assert proc.stdout == (f"OK: 3 blocks verified from {evaluated.head} to genesis, metrics re-evaluated on "
                            f"{evaluated.eval}\n")
     proc = run_cli("grid_ipfs.chain", "verify", "--api", evaluated.api, evaluated.head, "--json")
-    assert json.loads(proc.stdout) == {"ok": True, "blocks": 3, "reason": "", "first_bad": None, "evaluated": False}
+    assert json.loads(proc.stdout) == {"ok": True, "blocks": 3, "reason": "", "first_bad": None, "evaluated": False,
+                                       "ext_checked": False}
 
 
 @pytest.mark.integration

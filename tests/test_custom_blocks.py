@@ -307,6 +307,29 @@ def test_a_check_that_raises_on_an_unexpected_block_is_a_verdict(job, reader):
     assert boolean.reason == "block 0 (seq 0): check_ext returned False, expected None (fine) or a reason string"
 
 
+@pytest.mark.integration
+def test_the_chain_cli_runs_the_auditor_s_check_named_on_the_command_line(grid, job, reader):
+    from .cli import run_cli
+
+    check = f"{EXAMPLES / 'diabetes_custom_block.py'}:check_linreg"
+    api = grid.local.apis[2]
+    ok = run_cli("grid_ipfs.chain", "verify", "--api", api, "--check-ext", check, cid_str(job.result.head))
+    assert ok.returncode == 0 and "3 blocks verified" in ok.stdout, ok.stdout + ok.stderr
+    assert "custom fields checked by check_linreg" in ok.stdout
+    intercept = [b for _, b in walk(reader, job.result.head)][0]["ext"]["intercept"]
+    forged = cid_str(example.forge_head(reader, job.result.head, grid.owner, intercept=intercept + 0.5))
+    plain = run_cli("grid_ipfs.chain", "verify", "--api", api, forged)
+    assert plain.returncode == 0, plain.stdout + plain.stderr  # re-signed by the owner: only the check sees it
+    caught = run_cli("grid_ipfs.client", "verify", "--api", api, "--check-ext", check, forged)
+    assert caught.returncode == 1 and f"ext: intercept is {intercept + 0.5!r}" in caught.stdout, caught.stdout
+    for spec, reason in (("check_linreg", "expected MODULE:FUNCTION or PATH.py:FUNCTION"),
+                         ("no_such_module_here:check", "cannot load no_such_module_here: ModuleNotFoundError"),
+                         (f"{EXAMPLES / 'missing.py'}:check", "no file"),
+                         ("grid_ipfs.chain.verify:nothing", "grid_ipfs.chain.verify has no function nothing")):
+        bad = run_cli("grid_ipfs.chain", "verify", "--api", api, "--check-ext", spec, forged)
+        assert bad.returncode == 2 and reason in bad.stderr and "Traceback" not in bad.stderr, (spec, bad.stderr)
+
+
 class BadFields(ClientCallback):
     """Remembers its job's genesis, to show that a refused field left the chain at genesis."""
 

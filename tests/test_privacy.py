@@ -252,4 +252,4 @@ def test_chain_verify_re_evaluates_the_real_dp_chain_on_the_clients_eval_data(dp
                    str(dp_job.root / "test.npz"), "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout) == {"ok": True, "blocks": ROUNDS + 1, "reason": "", "first_bad": None,
-                                       "evaluated": True}
+                                       "evaluated": True, "ext_checked": False}

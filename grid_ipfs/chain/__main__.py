@@ -6,7 +6,9 @@
             continuity, signature, every linked object retrievable, and the global weights equal
             bit for bit to the aggregate recomputed from the recorded updates; with --eval-data
             FILE.npz (the client's --eval-data) also re-evaluate every block's global weights and
-            check the recorded val_* metrics and acceptance verdicts against the verifier's numbers
+            check the recorded val_* metrics and acceptance verdicts against the verifier's numbers;
+            with --check-ext MODULE:FUNCTION (or PATH.py:FUNCTION) also run the auditor's own check
+            of each block's custom fields (`check_ext(block, weights)`, see grid_ipfs.chain.verify)
     plot    draw loss and accuracy per round (training, held-out val_*, workers' eval_* of the
             incoming model; whatever numeric metrics the blocks hold) into an image: -o run.png
     export  write the global model of the head's round (or --round R) as a standalone .keras file
@@ -21,6 +23,8 @@ export/plot fails; the reason is printed as one `error:` line), 2 usage, 130 int
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -125,18 +129,51 @@ def evaluator(client: IPFSClient, head: str, eval_xy: tuple):
     return lambda weights: {f"val_{k}": v for k, v in evaluate(model, weights, *eval_xy).items()}
 
 
+def load_ext_check(spec: str):
+    """The function `--check-ext MODULE:FUNCTION` or `PATH.py:FUNCTION` names: the auditor's own check of
+    custom block fields. This is code the auditor chose, run on the auditor's machine; nothing fetched
+    from IPFS is ever run. A file's folder is importable while it loads (as for `python PATH.py`), so
+    an example can import its siblings. ValueError, in one line, when it cannot be loaded."""
+    target, colon, name = spec.rpartition(":")
+    if not colon or not target or not name.isidentifier():
+        raise ValueError(f"--check-ext {spec!r}: expected MODULE:FUNCTION or PATH.py:FUNCTION")
+    try:
+        if target.endswith(".py"):
+            path = Path(target).resolve()
+            if not path.is_file():
+                raise ValueError(f"--check-ext: no file {target}")
+            sys.path.insert(0, str(path.parent))
+            try:
+                module_spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(module_spec)
+                module_spec.loader.exec_module(module)
+            finally:
+                sys.path.remove(str(path.parent))
+        else:
+            module = importlib.import_module(target)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the auditor's module raised, say it in one line
+        raise ValueError(f"--check-ext: cannot load {target}: {type(exc).__name__}: {_one_line(exc)}") from None
+    check = getattr(module, name, None)
+    if not callable(check):
+        raise ValueError(f"--check-ext: {target} has no function {name}")
+    return check
+
+
 def verify(client: IPFSClient, head: str, recompute: bool, as_json: bool, signer: str | None = None,
-           eval_data: Path | None = None, eval_xy: tuple | None = None) -> int:
+           eval_data: Path | None = None, eval_xy: tuple | None = None, check_ext=None) -> int:
     evaluate = evaluator(client, head, eval_xy) if eval_xy is not None else None
-    report = verify_chain(client, head, recompute=recompute, signer=signer, evaluate=evaluate)
+    report = verify_chain(client, head, recompute=recompute, signer=signer, evaluate=evaluate, check_ext=check_ext)
     if as_json:
         print(json.dumps({"ok": report.ok, "blocks": report.blocks, "reason": report.reason,
                           "first_bad": cid_str(report.first_bad) if report.first_bad else None,
-                          "evaluated": evaluate is not None}))
+                          "evaluated": evaluate is not None, "ext_checked": check_ext is not None}))
     elif report.ok:
         print(f"OK: {report.blocks} blocks verified from {head} to genesis"
               + ("" if recompute else " (aggregates not recomputed)")
-              + (f", metrics re-evaluated on {eval_data}" if evaluate is not None else ""))
+              + (f", metrics re-evaluated on {eval_data}" if evaluate is not None else "")
+              + (f", custom fields checked by {check_ext.__name__}" if check_ext is not None else ""))
     else:
         print(f"FAILED at block {cid_str(report.first_bad) if report.first_bad else '?'}: {report.reason}")
     return 0 if report.ok else 1
@@ -194,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--eval-data", type=Path, metavar="PATH.npz",
                            help="the .npz the client evaluated on (its --eval-data): re-evaluate every global "
                                 "model and check the recorded val_* metrics")
+            p.add_argument("--check-ext", metavar="MODULE:FUNCTION",
+                           help="also check each block's custom fields with your function check_ext(block, "
+                                "weights) -> None or a reason; MODULE may be a PATH.py")
         if name == "privacy":
             p.add_argument("--delta", type=float, default=1e-5, help="delta of (epsilon, delta)-DP (default 1e-5)")
         if name == "plot":
@@ -225,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
             from ..data import load_shard
 
             eval_xy = tuple(load_shard(args.eval_data))  # a bad file is named before any connection
+        check_ext = None
+        if args.command == "verify" and args.check_ext is not None:
+            try:
+                check_ext = load_ext_check(args.check_ext)
+            except ValueError as exc:
+                parser.error(str(exc))
         with IPFSClient(args.api) as client:
             client.wait_ready(timeout=5)  # an unreachable daemon is an error, not a failed verification
             head = head or _head(args)
@@ -236,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 return export(client, head, args)
             if args.command == "privacy":
                 return privacy(client, head, args.delta, args.json)
-            return verify(client, head, not args.no_recompute, args.json, args.signer, args.eval_data, eval_xy)
+            return verify(client, head, not args.no_recompute, args.json, args.signer, args.eval_data, eval_xy,
+                          check_ext)
     except (ChainError, IPFSError, ExportError, PayloadError, IdentityError, DataError, OSError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("head", help="the chain head CID")
     v.add_argument("--eval-data", type=Path, help="the .npz the client evaluated on (its --eval-data)")
     v.add_argument("--signer", help="the only id allowed to have signed the blocks (the job owner's)")
+    v.add_argument("--check-ext", metavar="MODULE:FUNCTION", help="check custom block fields with your function")
     v.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "verify":  # the same audit as `python -m grid_ipfs.chain verify`: one implementation
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return chain_main(["verify", "--api", args.api, args.head, *(["--json"] if args.json else []),
                            *(["--eval-data", str(args.eval_data)] if args.eval_data else []),
-                           *(["--signer", args.signer] if args.signer else [])])
+                           *(["--signer", args.signer] if args.signer else []),
+                           *(["--check-ext", args.check_ext] if args.check_ext else [])])
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
