@@ -16,7 +16,10 @@ One job owner, any number of miners; for each round:
    the winner's aggregation and weights and records the contest in `ext.pofl` (`pofl_record`): the
    winner's id, its candidate block and links to every candidate that was checked, so an auditor can
    re-check the rivals.
-4. Each miner checks the appended block the same way, on its own data, and publishes `endorse`.
+4. Each miner checks the appended block the same way, on its own data, and publishes `endorse`. The
+   owner stores each signed `endorse` message as a raw block and the next round's block links them
+   (`ext.pofl.endorsements`), so the chain itself shows who vouched for each block but the last
+   (whose endorsements only reach the client's result).
 
 Everything here is pure given the fetched bytes; the roles (client, miner) do the fetching.
 """
@@ -105,11 +108,15 @@ def best(scored: Sequence[Mapping[str, float]], rule: AcceptRule | None,
     return winner, verdicts
 
 
-def pofl_record(winner: str | None, block: str | None, candidates: Sequence[str]) -> dict:
+def pofl_record(winner: str | None, block: str | None, candidates: Sequence[str],
+                endorsements: Sequence[str] = ()) -> dict:
     """The block's `ext.pofl`: who won, with which candidate block, and every candidate checked (the
-    owner's first); without `winner`/`block` when no candidate cleared the rule. Links are CIDs, so an
-    auditor can fetch and re-check each rival."""
+    owner's first); without `winner`/`block` when no candidate cleared the rule. `endorsements` link the
+    miners' signed `endorse` messages about the previous block (raw blocks; omitted when none). Links
+    are CIDs, so an auditor can fetch and re-check each rival and each endorsement."""
     record: dict = {"candidates": [parse_cid(c) for c in candidates]}
     if winner is not None and block is not None:
         record.update(winner=winner, block=parse_cid(block))
+    if endorsements:
+        record["endorsements"] = [parse_cid(e) for e in endorsements]
     return record

@@ -487,6 +487,7 @@ def test_miners_robust_aggregates_win_where_the_owners_fedavg_fails_the_rule(gri
 
 @pytest.mark.integration
 def test_a_mined_chain_records_the_contest_and_verifies_from_another_node(grid, mined):
+    from grid_ipfs import messages
     from grid_ipfs.chain import decode_block
     from grid_ipfs.ipfs.cids import cid_str
 
@@ -500,6 +501,13 @@ def test_a_mined_chain_records_the_contest_and_verifies_from_another_node(grid, 
             assert cid_str(winner["weights"]) == cid_str(block["weights"])
             assert winner["aggregation"]["name"] == block["aggregation"]["name"] in ("median", "krum")
             assert len(pofl["candidates"]) == 3 and cid_str(pofl["block"]) in map(cid_str, pofl["candidates"])
+        # from round 2 on, a block carries the miners' signed endorsements of the block before it
+        assert "endorsements" not in blocks[1]["ext"]["pofl"]  # genesis is nobody's to endorse
+        for previous, block in zip(blocks[1:], blocks[2:]):
+            endorsed = [messages.decode(reader.block_get(link)) for link in block["ext"]["pofl"]["endorsements"]]
+            assert sorted(e.sender for e in endorsed) == sorted(mined.ids), endorsed
+            assert all(e.message.verdict == "accepted" and e.message.round == previous["round"]
+                       and cid_str(e.message.head) == cid_str(block["prev"]) for e in endorsed), endorsed
     proc = run_cli("grid_ipfs.chain", "verify", "--api", grid.local.apis[1], "--signer", grid.owner.id,
                    mined.result.head)
     assert proc.returncode == 0, proc.stdout + proc.stderr

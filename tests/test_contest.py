@@ -171,3 +171,46 @@ def test_verify_checks_a_recorded_contest_against_its_winner(round_):
     nobody = _final(store, candidate, rival_cid, rival, ext={"pofl": pofl_record(None, None, [rival_cid])})
     report = verify_chain(store, nobody)
     assert not report.ok and "names no winner" in report.reason, report.reason
+
+
+def _endorse(store, head, *, signer=MINER, round=1, verdict="accepted", job="pofl"):
+    from grid_ipfs import messages
+
+    data = messages.encode(messages.Endorse(job=job, round=round, head=cid_str(head), verdict=verdict), signer)
+    return store.block_put(data, codec="raw"), data
+
+
+def test_verify_checks_the_endorsements_a_block_links(round_):
+    """Round 2's block links the miners' signed endorsements of round 1's block: each must be genuine,
+    about exactly that block, and one per miner; a dispute is recorded evidence, not a failure."""
+    from grid_ipfs.chain import verify_chain
+
+    store, candidate, results, reference, fetch = round_
+    data, rival_cid = _rival(store, candidate, aggregate("median", results))
+    rival = decode_block(data, rival_cid)
+    first = _final(store, candidate, rival_cid, rival)
+    other_miner = Identity.generate()
+
+    def second(endorsements, *, as_written=False):
+        pofl = pofl_record(None, None, [rival_cid], endorsements) if not as_written else \
+            {**pofl_record(None, None, [rival_cid]), "endorsements": endorsements}
+        log = ChainLog(store, None)
+        log._head = first
+        fields = {key: candidate[key] for key in ("job", "model", "updates")}
+        fields.update(round=2, weights=rival["weights"], aggregation=rival["aggregation"],
+                      metrics={"val_accuracy": 0.2, "accepted": 0.0},  # a rejected try: no winner to name
+                      ext={"pofl": pofl})
+        return verify_chain(store, log.append(fields, OWNER))
+
+    genuine = [_endorse(store, first)[0], _endorse(store, first, signer=other_miner, verdict="disputed: low")[0]]
+    assert second(genuine).ok, second(genuine).reason
+    assert "endorsements" not in pofl_record(None, None, [rival_cid])  # none: no key at all
+    wrong_block = _endorse(store, candidate["prev"])[0]  # the genesis CID, claimed as round 1's block
+    assert "is not an endorsement of the previous block" in second([wrong_block]).reason
+    wrong_round = _endorse(store, first, round=2)[0]
+    assert "is not an endorsement of the previous block" in second([wrong_round]).reason
+    _, signed = _endorse(store, first)
+    forged = store.block_put(signed.replace(b'"accepted"', b'"disputed"'), codec="raw")
+    assert "bad signature" in second([forged]).reason
+    assert "two endorsements from" in second([genuine[0], _endorse(store, first, verdict="accepted!")[0]]).reason
+    assert "expected a list of links" in second(["not a link"], as_written=True).reason

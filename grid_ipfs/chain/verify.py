@@ -25,6 +25,8 @@ Contests (proof of federated learning with miners, `grid_ipfs.contest`): a block
 `ext.pofl` must be its winner's aggregate: the linked winning candidate is among the candidates, is
 validly signed by the named winner, is for the same round over the same updates, and has the same
 weights and rule; an accepted block must name a winner. (Its aggregate is recomputed like any block's.)
+The miners' endorsements it links (`ext.pofl.endorsements`) must each be a validly signed `endorse`
+message about the previous block, at most one per miner.
 
 The report names the *oldest* bad block reachable from the head, because everything built on a bad
 block inherits the problem: the first failure is the one to investigate.
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from multiformats import CID
 
+from .. import messages
 from ..ipfs.cids import cid_str, parse_cid, same_cid, same_data
 from ..ipfs.errors import IPFSError
 from .blocks import ROUND_FIELDS, ChainError, check_signature, decode_block
@@ -203,7 +206,7 @@ def _check_block(store: BlockStore, block: dict, parent: dict | None,
                    for u in block["updates"]]
         if context.recompute:
             _recompute(block, weights, updates, context.accepted_weights)
-        _check_pofl(store, block)
+        _check_pofl(store, block, parent)
     elif context.evaluate is not None or context.check_ext is not None:
         weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
     _check_custom(block, weights, context)
@@ -212,13 +215,15 @@ def _check_block(store: BlockStore, block: dict, parent: dict | None,
     return weights, metrics
 
 
-def _check_pofl(store: BlockStore, block: dict) -> None:
-    """A block that records a contest (`ext.pofl`) is what its winning candidate proposed."""
+def _check_pofl(store: BlockStore, block: dict, parent: dict | None) -> None:
+    """A block that records a contest (`ext.pofl`) is what its winning candidate proposed, and the
+    endorsements it links are genuine signed `endorse` messages about the previous block."""
     pofl = (block.get("ext") or {}).get("pofl")
     if pofl is None:
         return
     if not isinstance(pofl, dict) or not isinstance(pofl.get("candidates"), list):
-        raise _Bad("ext.pofl: expected {candidates: [links], winner?, block?}")
+        raise _Bad("ext.pofl: expected {candidates: [links], winner?, block?, endorsements?}")
+    _check_endorsements(store, block, parent, pofl.get("endorsements", []))
     winning = pofl.get("block")
     if winning is None:
         if is_accepted(block):
@@ -235,6 +240,28 @@ def _check_pofl(store: BlockStore, block: dict) -> None:
     for key in (*ROUND_FIELDS, "weights", "aggregation"):
         if not same_data(rival.get(key), block.get(key)):
             raise _Bad(f"ext.pofl: {key} differs from the winning candidate {cid_str(winning)}")
+
+
+def _check_endorsements(store: BlockStore, block: dict, parent: dict | None, links: object) -> None:
+    """Each link is a miner's signed `endorse` of the previous block (this job, its round, its CID), one
+    per miner. A "disputed" verdict is evidence, not a failure: the chain records what miners said."""
+    if not isinstance(links, list) or not all(isinstance(link, CID) for link in links):
+        raise _Bad("ext.pofl.endorsements: expected a list of links")
+    signers = set()
+    for link in links:
+        try:
+            envelope = messages.decode(store.block_get(link))
+        except IPFSError as exc:
+            raise _Bad(f"ext.pofl: endorsement {cid_str(link)} not retrievable: {exc}") from None
+        except messages.MessageError as exc:
+            raise _Bad(f"ext.pofl: endorsement {cid_str(link)}: {exc.reason}") from None
+        endorse = envelope.message
+        if (not isinstance(endorse, messages.Endorse) or parent is None or endorse.job != block["job"]
+                or endorse.round != parent["round"] or not same_data(parse_cid(endorse.head), block["prev"])):
+            raise _Bad(f"ext.pofl: endorsement {cid_str(link)} is not an endorsement of the previous block")
+        if envelope.sender in signers:
+            raise _Bad(f"ext.pofl: two endorsements from {envelope.sender[:12]}")
+        signers.add(envelope.sender)
 
 
 def _check_custom(block: dict, weights: bytes | None, context: _Context) -> None:

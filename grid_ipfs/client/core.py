@@ -94,6 +94,8 @@ class _Job:
     """(Proposal, sender) as they arrive; taken by the round that asked for them."""
     endorsements: dict = field(default_factory=dict)
     """round -> {miner id: verdict} as endorsements arrive."""
+    endorse_messages: dict = field(default_factory=dict)
+    """block CID -> {miner id: its signed endorse message, as published}: what the next block links."""
 
 
 class Client:
@@ -530,7 +532,8 @@ class Client:
             log.info("round %d: %s's %s aggregate wins (%s) among %d candidate(s)", r, chosen.signer[:12],
                      chosen.aggregation, verdicts[winner], len(entries))
         pofl = pofl_record(chosen.signer if winner is not None else None,
-                           chosen.block if winner is not None else None, [e.block for e in entries])
+                           chosen.block if winner is not None else None, [e.block for e in entries],
+                           self._endorsement_links(job))
         return _Contest(winner is not None, why, chosen.aggregation, dict(chosen.params), chosen.weights,
                         chosen.weights_cid, metrics, pofl, chosen.signer if winner is not None else "", proposals,
                         refused)
@@ -547,11 +550,19 @@ class Client:
         for outcome in job.result.rounds:
             outcome.endorsements = dict(job.endorsements.get(outcome.round, {}))
 
-    def _endorsed(self, job: _Job, endorse: messages.Endorse, sender: str) -> None:
+    def _endorsement_links(self, job: _Job) -> list:
+        """The miners' signed endorsements of the newest block, each stored as a raw block (the message
+        bytes exactly as signed, so anyone can check them): the block about to be appended links them."""
+        head = job.chain.head
+        signed = job.endorse_messages.get(cid_str(parse_cid(head)), {}) if head is not None else {}
+        return [self.ipfs.block_put(signed[miner], codec="raw") for miner in sorted(signed)]
+
+    def _endorsed(self, job: _Job, endorse: messages.Endorse, sender: str, data: bytes) -> None:
         if self.allowed_miners is not None and sender not in self.allowed_miners:
             self._drop("not allowed", f"endorsement from {sender[:12]}")
             return
         job.endorsements.setdefault(endorse.round, {})[sender] = endorse.verdict
+        job.endorse_messages.setdefault(cid_str(parse_cid(endorse.head)), {})[sender] = bytes(data)
         if endorse.verdict != "accepted":
             log.warning("round %d: miner %s disputes block %s: %s", endorse.round, sender[:12], endorse.head,
                         endorse.verdict)
@@ -611,7 +622,7 @@ class Client:
             elif isinstance(msg, messages.Proposal):
                 job.proposals.append((msg, sender))
             elif isinstance(msg, messages.Endorse):
-                self._endorsed(job, msg, sender)
+                self._endorsed(job, msg, sender, raw.data)
             elif sender != self.identity.id:
                 self._drop("not from a worker", f"{msg.TYPE} message from {sender[:12]}")
             # our own round/head/done messages come back to us: nothing to do
