@@ -31,6 +31,7 @@ demo: setup
 
 # Fashion-MNIST (for overhead_cnn) comes from Debian's dataset-fashion-mnist; without it that benchmark records why.
 bench: setup
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist \
 		|| sudo -n apt-get install -y -q dataset-fashion-mnist || echo "dataset-fashion-mnist not installed"
 	$(PY) -m benchmarks.run

@@ -70,7 +70,7 @@ def run(ctx: common.Context) -> dict:
         grid.stop()  # worker 0 writes its profile as it exits
     root = profiler.last_session.root_frame()
     client_steps = profiling.breakdown(root, profiling.CLIENT_STEPS)
-    client_tree = profiling.subtree_text(root, "_run_round", "grid_ipfs/client.py")
+    client_tree = profiling.subtree_text(root, "_run_round", "grid_ipfs/client/core.py")
     worker_file = grid.profile_out.with_suffix(".json")
     if not worker_file.is_file():
         raise RuntimeError(f"worker 0 wrote no profile ({worker_file}); its log:\n{grid.worker_log(0)[-3000:]}")

@@ -32,7 +32,7 @@ WORKER_STEPS: list[Step] = [
     ("train (training.fit)", "fit", "grid_ipfs/training.py"),
     ("serialise weights (weights_to_bytes)", "weights_to_bytes", "grid_ipfs/payloads.py"),
     ("add weights (IPFSClient.add)", "add", "grid_ipfs/ipfs/rpc.py"),
-    ("publish update (Worker.publish)", "publish", "grid_ipfs/worker.py"),
+    ("publish update (Peer.publish)", "publish", "grid_ipfs/peer.py"),
     ("join job (Worker.join, once)", "join", "grid_ipfs/worker.py"),
 ]
 

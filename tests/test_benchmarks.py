@@ -31,3 +31,17 @@ def test_transfer_measures_one_small_object_on_a_real_daemon(devnet):
     assert row["bytes"] >= 1_000_000 * 0.99 and row["repeats"] == 1
     assert row["grid_MBps"] > 0 and row["raw_MBps"] > 0
     assert row["ratio"] == pytest.approx(row["grid_MBps"] / row["raw_MBps"], rel=0.01)
+
+
+def test_every_profiled_step_names_a_function_that_exists():
+    """The profile benchmark finds steps by function name and file: a move or a rename must show here,
+    not as a silent 0.000 s row in the next `make bench`."""
+    from pathlib import Path
+
+    from benchmarks import profiling
+
+    root = Path(__file__).resolve().parents[1]
+    for label, function, path in [*profiling.CLIENT_STEPS, *profiling.WORKER_STEPS]:
+        source = root / path
+        assert source.is_file(), f"{label}: no file {path}"
+        assert f"def {function}(" in source.read_text(), f"{label}: no function {function} in {path}"
