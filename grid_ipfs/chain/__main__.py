@@ -137,11 +137,13 @@ def load_ext_check(spec: str):
     target, colon, name = spec.rpartition(":")
     if not colon or not target or not name.isidentifier():
         raise ValueError(f"--check-ext {spec!r}: expected MODULE:FUNCTION or PATH.py:FUNCTION")
+    path = Path(target).resolve() if target.endswith(".py") else None
+    if path is not None and not path.is_file():
+        raise ValueError(f"--check-ext: no file {target}")
     try:
-        if target.endswith(".py"):
-            path = Path(target).resolve()
-            if not path.is_file():
-                raise ValueError(f"--check-ext: no file {target}")
+        if path is None:
+            module = importlib.import_module(target)
+        else:
             sys.path.insert(0, str(path.parent))
             try:
                 module_spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -149,10 +151,6 @@ def load_ext_check(spec: str):
                 module_spec.loader.exec_module(module)
             finally:
                 sys.path.remove(str(path.parent))
-        else:
-            module = importlib.import_module(target)
-    except ValueError:
-        raise
     except Exception as exc:  # noqa: BLE001 - whatever the auditor's module raised, say it in one line
         raise ValueError(f"--check-ext: cannot load {target}: {type(exc).__name__}: {_one_line(exc)}") from None
     check = getattr(module, name, None)
