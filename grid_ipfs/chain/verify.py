@@ -49,7 +49,7 @@ from .log import BlockStore
 __all__ = ["BlockCheck", "ExtCheck", "VerifyReport", "is_accepted", "verify_chain"]
 
 ExtCheck = Callable[[dict, list], str | None]
-"""`check_ext(block, weights)`: None when the block's custom fields are right, else the reason."""
+"""`check_ext(block, weights)`: None when the block's custom fields are right, else the reason (weights read-only)."""
 
 
 def is_accepted(block: dict) -> bool:
@@ -198,21 +198,37 @@ def _check_block(store: BlockStore, block: dict, parent: dict | None,
         if (context.check_objects or context.recompute or context.evaluate is not None
                 or context.check_ext is not None):
             weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
-        _check_custom(block, weights, context)
-        return weights, _metrics(block, weights, context)
+        arrays = _global_arrays(weights, context)
+        _check_custom(block, arrays, context)
+        return weights, _metrics(block, arrays, context)
+    arrays = None
     if context.check_objects or context.recompute:
         weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
         updates = [_fetch(store, u["weights"], MAX_WEIGHTS_BYTES, f"update from {u['worker']}")
                    for u in block["updates"]]
         if context.recompute:
-            _recompute(block, weights, updates, context.accepted_weights)
+            arrays = _recompute(block, weights, updates, context.accepted_weights)
         _check_pofl(store, block, parent)
     elif context.evaluate is not None or context.check_ext is not None:
         weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
-    _check_custom(block, weights, context)
-    metrics = _metrics(block, weights, context)
+    if arrays is None:
+        arrays = _global_arrays(weights, context)
+    _check_custom(block, arrays, context)
+    metrics = _metrics(block, arrays, context)
     _check_acceptance(block, metrics, context.accepted_metrics)
     return weights, metrics
+
+
+def _global_arrays(weights: bytes | None, context: _Context) -> list | None:
+    """The block's global weights as arrays, parsed once for the checks that read them (None if none does)."""
+    if weights is None or (context.check_ext is None and context.evaluate is None):
+        return None
+    from ..payloads import weights_from_bytes
+
+    try:
+        return weights_from_bytes(weights, source="global weights")
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def _check_pofl(store: BlockStore, block: dict, parent: dict | None) -> None:
@@ -264,18 +280,15 @@ def _check_endorsements(store: BlockStore, block: dict, parent: dict | None, lin
         signers.add(envelope.sender)
 
 
-def _check_custom(block: dict, weights: bytes | None, context: _Context) -> None:
+def _check_custom(block: dict, arrays: list | None, context: _Context) -> None:
     """The application's own check of the block's custom fields (`ext`), on its global weights."""
-    if context.check_ext is None or weights is None:
+    if context.check_ext is None or arrays is None:
         return
-    from ..payloads import weights_from_bytes
-
+    views = [a.view() for a in arrays]  # read-only: the evaluator gets the same arrays next
+    for view in views:
+        view.flags.writeable = False
     try:
-        arrays = weights_from_bytes(weights, source="global weights")
-    except ValueError as exc:
-        raise _Bad(str(exc)) from None
-    try:
-        reason = context.check_ext(block, arrays)
+        reason = context.check_ext(block, views)
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise _Bad(f"ext check failed: {type(exc).__name__}: {exc}") from None
     if reason is not None:
@@ -283,16 +296,14 @@ def _check_custom(block: dict, weights: bytes | None, context: _Context) -> None
                    else f"check_ext returned {reason!r}, expected None (fine) or a reason string")
 
 
-def _metrics(block: dict, weights: bytes | None, context: _Context) -> Mapping[str, float]:
+def _metrics(block: dict, arrays: list | None, context: _Context) -> Mapping[str, float]:
     """The block's recorded metrics, or with an evaluator the verifier's own numbers, after checking
     that they agree with the recorded ones."""
     recorded = block["metrics"]
-    if context.evaluate is None or weights is None:
+    if context.evaluate is None or arrays is None:
         return recorded
-    from ..payloads import weights_from_bytes
-
     try:
-        found = dict(context.evaluate(weights_from_bytes(weights, source="global weights")))
+        found = dict(context.evaluate(arrays))
     except ValueError as exc:
         raise _Bad(f"cannot evaluate the global weights: {exc}") from None
     for name in sorted(set(found) & set(recorded)):
@@ -333,8 +344,8 @@ def _fetch(store: BlockStore, cid: CID, max_size: int, what: str) -> bytes:
         raise _Bad(f"{what} {cid_str(cid)} not retrievable: {exc}") from None
 
 
-def _recompute(block: dict, stored: bytes, updates: list[bytes], reference: bytes | None) -> None:
-    """Raise _Bad unless the block's weights are exactly the aggregate of its updates.
+def _recompute(block: dict, stored: bytes, updates: list[bytes], reference: bytes | None) -> list:
+    """Raise _Bad unless the block's weights are exactly the aggregate of its updates; return them parsed.
 
     Arrays are compared as raw bytes (dtype, shape and every bit), not with a tolerance: aggregation is
     deterministic, so any difference means the recorded updates are not what produced these weights.
@@ -361,6 +372,7 @@ def _recompute(block: dict, stored: bytes, updates: list[bytes], reference: byte
         raise _Bad(str(exc)) from None
     if not (len(actual) == len(expected) and all(_identical(a, e) for a, e in zip(actual, expected))):
         raise _Bad(f"weights differ from {name} of its {len(updates)} updates")
+    return actual
 
 
 def _identical(a: np.ndarray, b: np.ndarray) -> bool:
