@@ -5,8 +5,9 @@ the one place that turns such bytes into Python objects, so it is where the safe
 
 * Models are `.keras` archives (a zip holding `config.json`, `metadata.json` and the weights). The archive
   is inspected *before* Keras sees it (size, member count, declared uncompressed size, required members),
-  then loaded with `safe_mode=True`, which refuses the one Keras feature that runs code (`Lambda` layers
-  holding Python bytecode). Nothing is ever unpickled or executed.
+  then vetted by `grid_ipfs.vetting` (an allow-list of building blocks, parameter and activation caps,
+  HDF5 datasets bounded by declared shape), then loaded with `safe_mode=True`. Nothing is ever unpickled
+  or executed.
 * Weights are safetensors files: a JSON header plus raw little-endian tensors, so parsing runs no code.
   Keys are `w0000`, `w0001`, ... in `model.get_weights()` order; the header metadata carries the format
   name and the tensor count so a stray safetensors file from elsewhere is recognised as such.
@@ -54,6 +55,14 @@ MAX_MODEL_MEMBERS = 1000
 """Most members a `.keras` archive may hold (real ones hold three, plus any assets)."""
 
 WEIGHTS_FORMAT = "grid_ipfs.weights.v1"
+
+MAX_TENSORS = 65_536
+"""Most tensors a weights file may hold (Keras models have hundreds, the largest a few thousand)."""
+
+MAX_WEIGHTS_HEADER_BYTES = 8 * MiB
+"""Largest safetensors header accepted, checked before the header is parsed: parsing JSON in Python
+costs ~20 bytes of memory per byte. An honest header takes ~70 bytes per tensor, so this leaves room
+for `MAX_TENSORS` tensors of many dimensions."""
 """The `format` value in the safetensors metadata of every weights file this module writes."""
 
 _MODEL_REQUIRED = ("config.json", "metadata.json")
@@ -87,7 +96,7 @@ def model_to_bytes(model) -> bytes:
 
 
 def model_from_bytes(data: bytes, *, source: str = "model", max_bytes: int = MAX_MODEL_BYTES,
-                     compile: bool = True):
+                     compile: bool = True, policy=None):
     """Load a Keras model from untrusted `.keras` archive bytes, refusing anything else.
 
     The archive is checked before Keras touches it, because the checks are cheap and Keras's own errors
@@ -99,27 +108,36 @@ def model_from_bytes(data: bytes, *, source: str = "model", max_bytes: int = MAX
       declared size, so bounding the declarations bounds what loading can write);
     * containing `config.json`, `metadata.json` and a `model.weights.*` file.
 
+    Then `grid_ipfs.vetting` reads the config itself and refuses (`ModelRefused`) anything outside
+    `policy` (a `vetting.Policy`; None: the default vocabulary and caps) before Keras builds anything:
+    `safe_mode` alone lets a config call public Keras functions and allocate without bound.
+
     Loading then uses `safe_mode=True`. With `compile=True` (the default) the model comes back with the
     optimizer, loss and metrics it was saved with, ready for `training.fit`.
     """
     _check_size(data, max_bytes, source, "a .keras archive")
     _check_keras_archive(data, max_bytes, source)
+    from .vetting import vet_model  # vetting imports this module
 
-    import keras  # lazy: see module docstring
+    vet_model(bytes(data), source=source, policy=policy, max_bytes=max_bytes)
 
-    with tempfile.TemporaryDirectory(prefix="grid_ipfs-") as tmp:
-        path = Path(tmp) / "model.keras"
-        path.write_bytes(data)
-        try:
-            with warnings.catch_warnings():
-                # A model saved after compile() but before any training has an unbuilt optimizer; Keras
-                # then warns that it skips loading the optimizer variables. Nothing is lost (the optimizer
-                # is built fresh on the first fit), so the warning would only alarm operators.
-                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-                return keras.saving.load_model(path, safe_mode=True, compile=compile)
-        except Exception as exc:  # Keras raises many unrelated types for a bad archive
-            raise PayloadError(source, f"expected a .keras archive (Keras could not load it: "
-                                       f"{type(exc).__name__}: {_shorten(str(exc))})") from exc
+    from keras.src.saving import saving_lib  # lazy: see module docstring
+
+    from .kerasstate import keras_state_guard
+
+    try:
+        # From memory, not a temp file: loading writes nothing (an isolated job runs with file writes off),
+        # and the guard undoes any change the config made to Keras' process-wide settings. The public
+        # keras.saving.load_model takes paths only; for a .keras path it calls this very function.
+        with warnings.catch_warnings(), keras_state_guard():
+            # A model saved after compile() but before any training has an unbuilt optimizer; Keras
+            # then warns that it skips loading the optimizer variables. Nothing is lost (the optimizer
+            # is built fresh on the first fit), so the warning would only alarm operators.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            return saving_lib.load_model(BytesIO(bytes(data)), safe_mode=True, compile=compile)
+    except Exception as exc:  # Keras raises many unrelated types for a bad archive
+        raise PayloadError(source, f"expected a .keras archive (Keras could not load it: "
+                                   f"{type(exc).__name__}: {_shorten(str(exc))})") from exc
 
 
 def _check_keras_archive(data: bytes, max_bytes: int, source: str) -> None:
@@ -168,7 +186,9 @@ def _declared_member_count(data: bytes) -> int | None:
 
 
 def weight_key(index: int) -> str:
-    """The safetensors key of the `index`-th tensor of `model.get_weights()`."""
+    """The safetensors key of the `index`-th tensor of `model.get_weights()`: `w0000`..`w9999`, then
+    `w10000`, ... (at least four digits, so files of fewer than 10,000 tensors keep their bytes and CIDs).
+    Order is the index, never the string: `w10000` sorts before `w1001`."""
     return f"w{index:04d}"
 
 
@@ -182,6 +202,8 @@ def weights_to_bytes(weights: list[np.ndarray]) -> bytes:
     """
     from safetensors.numpy import save
 
+    if len(weights) > MAX_TENSORS:
+        raise ValueError(f"{len(weights)} tensors, more than the {MAX_TENSORS} a weights file may hold")
     # np.asarray(order="C"), not np.ascontiguousarray: the latter turns 0-d tensors into shape (1,).
     tensors = {weight_key(i): np.asarray(w, order="C") for i, w in enumerate(weights)}
     return _canonical_header(save(tensors, metadata={"format": WEIGHTS_FORMAT, "count": str(len(tensors))}))
@@ -225,7 +247,7 @@ def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int =
 
     count = len(tensors)
     keys = [weight_key(i) for i in range(count)]
-    if sorted(tensors) != keys:
+    if set(tensors) != set(keys):  # as sets: the index gives the order (`w10000` sorts before `w1001`)
         unexpected = sorted(set(tensors) - set(keys))[:5]
         raise PayloadError(source, f"{expected} with keys {keys[0]}..{keys[-1]} for {count} tensors; "
                                    f"found unexpected keys {unexpected}")
@@ -254,12 +276,17 @@ def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
     (header_len,) = struct.unpack("<Q", bytes(data[:8]))
     if header_len > len(data) - 8:
         raise PayloadError(source, f"{expected} (header length {header_len} exceeds the data)")
+    if header_len > MAX_WEIGHTS_HEADER_BYTES:  # before parsing: the parse is what costs the memory
+        raise PayloadError(source, f"{expected} (header of {header_len} bytes, more than "
+                                   f"{MAX_WEIGHTS_HEADER_BYTES})")
     try:
         header = json.loads(bytes(data[8:8 + header_len]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PayloadError(source, f"{expected} (header is not JSON: {exc})") from exc
     if not isinstance(header, dict):
         raise PayloadError(source, f"{expected} (header is not a JSON object)")
+    if len(header) - ("__metadata__" in header) > MAX_TENSORS:
+        raise PayloadError(source, f"{expected} (it declares {len(header) - 1} tensors, more than {MAX_TENSORS})")
     metadata = header.get("__metadata__") or {}
     return metadata if isinstance(metadata, dict) else {}
 
@@ -284,9 +311,18 @@ def json_to_bytes(obj: Any) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
-def json_from_bytes(data: bytes, *, source: str = "json", max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Parse untrusted UTF-8 JSON, refusing oversize input and the non-standard NaN/Infinity tokens."""
+def json_from_bytes(data: bytes, *, source: str = "json", max_bytes: int = MAX_JSON_BYTES,
+                    max_depth: int | None = None) -> Any:
+    """Parse untrusted UTF-8 JSON, refusing oversize input, nesting deeper than `max_depth` (default
+    `limits.MAX_JSON_DEPTH`, measured before parsing: the parser recurses per level) and the
+    non-standard NaN/Infinity tokens."""
+    from .limits import MAX_JSON_DEPTH, json_too_deep
+
     _check_size(data, max_bytes, source, "a JSON document")
+    limit = MAX_JSON_DEPTH if max_depth is None else max_depth
+    depth = json_too_deep(bytes(data), limit)
+    if depth is not None:
+        raise PayloadError(source, f"JSON nested {depth} levels deep (at most {limit})")
 
     def reject_constant(token: str):
         raise ValueError(f"{token} is not valid JSON")
@@ -313,7 +349,8 @@ def _shorten(text: str, limit: int = 300) -> str:
 
 
 __all__ = [
-    "MAX_JSON_BYTES", "MAX_MODEL_BYTES", "MAX_MODEL_MEMBERS", "MAX_WEIGHTS_BYTES", "MODEL_UNCOMPRESSED_FACTOR",
+    "MAX_JSON_BYTES", "MAX_MODEL_BYTES", "MAX_MODEL_MEMBERS", "MAX_TENSORS", "MAX_WEIGHTS_BYTES",
+    "MAX_WEIGHTS_HEADER_BYTES", "MODEL_UNCOMPRESSED_FACTOR",
     "PayloadError", "WEIGHTS_FORMAT", "json_from_bytes", "json_to_bytes", "model_from_bytes",
     "model_to_bytes", "weight_key", "weights_from_bytes", "weights_to_bytes",
 ]
