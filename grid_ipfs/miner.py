@@ -39,6 +39,11 @@ from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
 from .payloads import MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
 from .peer import Peer, connect  # noqa: E402
+from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args  # noqa: E402
+from .sandbox import add_arguments as add_isolation_arguments  # noqa: E402
+from .text import printable  # noqa: E402
+from .vetting import add_arguments as add_vetting_arguments  # noqa: E402
+from .vetting import policy_from_args  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.miner")
 
@@ -60,7 +65,7 @@ class _Round:
 @dataclass
 class _Followed:
     job: messages.Job
-    model: object  # keras.Model
+    model: object  # keras.Model, or sandbox.IsolatedModel with --isolate
     rounds: dict[int, _Round] = field(default_factory=dict)
 
 
@@ -72,8 +77,10 @@ class Miner(Peer):
 
     def __init__(self, client: IPFSClient, identity: Identity, x_val, y_val, *, name: str = "miner",
                  aggregation: str | None = None, params: dict | None = None,
-                 jobs_topic: str = messages.JOBS_TOPIC, trusted_clients: set[str] | None = None):
+                 jobs_topic: str = messages.JOBS_TOPIC, trusted_clients: set[str] | None = None,
+                 isolate: Limits | None = None, isolated_jobs: int = 4):
         super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients)
+        self.isolate, self.isolated_jobs = isolate, isolated_jobs  # as in Worker
         self.name = name
         self.x_val, self.y_val = x_val, y_val
         self.aggregation, self.params = aggregation, dict(params or {})
@@ -112,18 +119,24 @@ class Miner(Peer):
                 self.endorse(followed, message)
             elif isinstance(message, messages.Done):
                 log.info("job %s done (%s); head %s", message.job, message.reason, message.head)
-                self.jobs.pop(message.job)
+                _close_model(self.jobs.pop(message.job).model)
+                self.unsubscribe(messages.job_topic(message.job))
+        except TrainerDied as exc:  # the job's isolated child is gone: stop following the job
+            log.error("job %s: the isolated evaluator died: %s; refusing the job", message.job, exc)
+            self.refused.add(message.job)
+            if message.job in self.jobs:
+                _close_model(self.jobs.pop(message.job).model)
                 self.unsubscribe(messages.job_topic(message.job))
         except (IPFSError, PayloadError, ChainError, ContestError) as exc:
             log.warning("job %s: %s: %s", message.job, message.TYPE, exc)
         except Exception as exc:  # e.g. a rule refusing this round's updates: this round, not the miner
             log.error("job %s: %s failed: %s: %s", message.job, message.TYPE, type(exc).__name__,
-                      " ".join(str(exc).split())[:300])
+                      printable(" ".join(str(exc).split()), 300))
 
     def follow(self, job: messages.Job, sender: str) -> None:
         if job.job in self.jobs or job.job in self.refused:
             return
-        model = self.job_model(job, sender, self.x_val, self.y_val)
+        model = self.job_model(job, sender, self.x_val, self.y_val, check=self._room)
         if model is None:
             return
         self.subscribe(messages.job_topic(job.job))
@@ -198,7 +211,7 @@ class Miner(Peer):
                     raise ContestError(f"on our data: {why}")
             verdict = "accepted"
         except ContestError as exc:
-            verdict = f"disputed: {exc}"[:200]
+            verdict = printable(f"disputed: {' '.join(str(exc).split())}", 200)  # one plain line: see messages._str
         self.endorsed[verdict.split(":")[0]] = self.endorsed.get(verdict.split(":")[0], 0) + 1
         self.publish(messages.Endorse(job=head.job, round=head.round, head=head.head, verdict=verdict))
         won = verdict == "accepted" and state.proposed is not None and state.proposed == _winning_block(block)
@@ -222,7 +235,32 @@ class Miner(Peer):
     def _evaluate(self, followed: _Followed, weights: list) -> dict:
         from .training import evaluate
 
+        if isinstance(followed.model, IsolatedModel):
+            return {f"val_{k}": v for k, v in followed.model.evaluate(weights).items()}
         return {f"val_{k}": v for k, v in evaluate(followed.model, weights, self.x_val, self.y_val).items()}
+
+    # -- isolation (--isolate, as in the worker) --------------------------------------------------------
+
+    def load_model(self, data: bytes, source: str):
+        if self.isolate is None:
+            return super().load_model(data, source)
+        return IsolatedModel(data, source=source, x_val=self.x_val, y_val=self.y_val, limits=self.isolate,
+                             load_kwargs=self.model_options)
+
+    def _room(self) -> None:
+        running = sum(isinstance(followed.model, IsolatedModel) for followed in self.jobs.values())
+        if self.isolate is not None and running >= self.isolated_jobs:
+            raise ValueError(f"{running} isolated jobs are running already (--isolated-jobs {self.isolated_jobs})")
+
+    def close(self) -> None:
+        super().close()
+        for followed in self.jobs.values():
+            _close_model(followed.model)
+
+
+def _close_model(model: object) -> None:
+    if isinstance(model, IsolatedModel):
+        model.close()
 
 
 def _rule(block: dict) -> AcceptRule | None:
@@ -265,6 +303,8 @@ def build_parser(prog: str = "python -m grid_ipfs.miner") -> argparse.ArgumentPa
     parser.add_argument("--name", default=None, help="a name for logs and the key file (default: miner)")
     parser.add_argument("--key", default=None, help="Ed25519 key file (default ~/.grid_ipfs/miner-NAME.key)")
     parser.add_argument("--trust-clients", default=None, help="follow only jobs signed by the keys in this file")
+    add_isolation_arguments(parser, "load or evaluation")
+    add_vetting_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -286,12 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.aggregation is not None:
             _check_rule(args.aggregation, params)
         x, y = load_shard(args.eval_data)
+        policy = policy_from_args(args)
         client, identity, trusted = connect(args.api, args.key, f"miner-{name}", args.trust_clients)
         miner = Miner(client, identity, x, y, name=name, aggregation=args.aggregation, params=params,
-                      jobs_topic=args.topic, trusted_clients=trusted)
+                      jobs_topic=args.topic, trusted_clients=trusted, isolate=limits_from_args(args),
+                      isolated_jobs=args.isolated_jobs)
     except (DataError, IPFSError, IdentityError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    miner.model_options["policy"] = policy
     miner.serve()
     log.info("%s stopped (%d proposals, endorsements %s, %d messages dropped)", name, miner.proposed,
              miner.endorsed or "none", miner.dropped)

@@ -3,7 +3,9 @@
 `Peer.run()` subscribes to the jobs topic and hands every pubsub message to `handle` on one thread
 (subscriptions read in the background and only queue), until `stop()` (SIGINT/SIGTERM in the CLIs).
 `decode` turns raw pubsub data into a verified envelope or drops it with one log line. Workers and
-miners are Peers with their own `handle`.
+miners are Peers with their own `handle`. Nothing a peer sends ends the loop: an exception while
+decoding (`dropped`) or handling (`failed`) one message costs one log line and a count; only
+KeyboardInterrupt, SystemExit and their kind pass.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from . import messages
 from .identity import Identity
 from .ipfs.pubsub import PubsubMessage, Subscription
 from .ipfs.rpc import IPFSClient
+from .text import printable
 
 
 def connect(api: str, key: str | None, default_key: str, trust_clients: str | None
@@ -46,8 +49,12 @@ class Peer:
         self.jobs_topic = jobs_topic
         self.trusted_clients = trusted_clients
         self.refused: set[str] = set()  # jobs this peer will not take part in (untrusted, unfit data, ...)
+        self.model_options: dict = {}  # keywords for payloads.model_from_bytes (see load_model)
         self.inbox: queue.Queue[PubsubMessage] = queue.Queue()
         self.dropped = 0
+        """Messages refused at decode (malformed, oversize, too deep, bad signature, ...) or by a rule."""
+        self.failed = 0
+        """Messages whose handling raised something the role did not expect (logged, then dropped)."""
         self._stop = threading.Event()
         self._subscriptions: dict[str, Subscription] = {}
 
@@ -60,7 +67,7 @@ class Peer:
                     raw = self.inbox.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                self.handle(raw)
+                self.handle_safely(raw)
         finally:
             self.close()
 
@@ -75,6 +82,17 @@ class Peer:
 
     def handle(self, raw: PubsubMessage) -> None:
         raise NotImplementedError
+
+    def handle_safely(self, raw: PubsubMessage) -> None:
+        """`handle`, with whatever it raises (but KeyboardInterrupt, SystemExit) logged and counted in
+        `failed`: a peer may cost a log line, never the loop."""
+        try:
+            self.handle(raw)
+        except Exception as exc:  # noqa: BLE001 - the one place a role loop survives its own bugs too
+            self.failed += 1
+            self.log.error("dropped a message on %s from peer %s: handling it failed: %s: %s",
+                           printable(raw.topic, 80), printable(raw.sender[-8:]), type(exc).__name__,
+                           printable(" ".join(str(exc).split()), 300))
 
     def stop(self, *_: object) -> None:
         self._stop.set()
@@ -115,27 +133,42 @@ class Peer:
                 reason = str(exc)
         if reason is None:
             from .data import DataError, check_shard_for_model
-            from .payloads import MAX_MODEL_BYTES, model_from_bytes
+            from .payloads import MAX_MODEL_BYTES
+            from .vetting import ModelRefused, vet_model
 
-            model = model_from_bytes(self.client.cat(job.model, max_size=MAX_MODEL_BYTES),
-                                     source=f"model {job.model} of job {job.job}")
-            try:
+            source = f"model {job.model} of job {job.job}"
+            try:  # a refused model (vocabulary, size) is refused for good: its CID names the same bytes
+                data = self.client.cat(job.model, max_size=MAX_MODEL_BYTES)
+                # vetted here too (milliseconds, no Keras), so an isolated load never spawns a child for it
+                vet_model(data, source=source, policy=self.model_options.get("policy"))
+                model = self.load_model(data, source=source)
                 check_shard_for_model(x, y, tuple(model.input_shape))
                 return model
-            except DataError as exc:
+            except (DataError, ModelRefused) as exc:
                 reason = str(exc)
         self.log.warning("cannot %s job %s: %s", self.takes_part, job.job, reason)
         self.refused.add(job.job)
         return None
+
+    def load_model(self, data: bytes, source: str):
+        """A job's model from its fetched bytes, with `model_options` as keywords of
+        `payloads.model_from_bytes`. Roles running jobs isolated override this to load in a child."""
+        from .payloads import model_from_bytes
+
+        return model_from_bytes(data, source=source, **self.model_options)
 
     def decode(self, raw: PubsubMessage) -> messages.Envelope | None:
         """The verified message, or None after logging why it was dropped."""
         try:
             return messages.decode(raw.data)
         except messages.MessageError as exc:
-            self.dropped += 1
-            self.log.warning("dropped a message on %s from peer %s: %s", raw.topic, raw.sender[-8:], exc)
-            return None
+            reason = str(exc)
+        except Exception as exc:  # noqa: BLE001 - decode should say MessageError; whatever it says, drop
+            reason = f"{type(exc).__name__}: {exc}"
+        self.dropped += 1
+        self.log.warning("dropped a message on %s from peer %s: %s", printable(raw.topic, 80),
+                         printable(raw.sender[-8:]), printable(reason, 300))
+        return None
 
     def publish(self, message: messages.Message) -> None:
         topic = messages.topic_of(message)

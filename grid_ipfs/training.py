@@ -16,17 +16,26 @@ FedProx (Li et al., 2020): `fit(..., proximal_mu=MU)` minimises the model's own 
 global model on non-IID data. The term rides on Keras's weight-regularizer mechanism (a regularizer on
 each trainable variable, composed with any regularizer the owner set), so the optimizer sees its
 gradient `MU * (w - w_global)` like any other loss term, inside the compiled train step.
+
+Both functions run under `kerasstate.keras_state_guard`: whatever the job's model or a callback does to
+Keras' process-wide configuration during the step is undone when it ends (and logged).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import keras
 import numpy as np
+
+from .kerasstate import keras_state_guard
+
+log = logging.getLogger("grid_ipfs.training")
 
 Weights = list[np.ndarray]
 
@@ -58,21 +67,22 @@ def fit(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.ndarra
     if isinstance(proximal_mu, bool) or not isinstance(proximal_mu, (int, float)) or not (
             math.isfinite(proximal_mu) and proximal_mu >= 0):
         raise ValueError(f"fit: proximal_mu must be a finite number >= 0, got {proximal_mu!r}")
-    if weights is not None:
-        model.set_weights(weights)
-    if reset_optimizer:
-        _restore_optimizer_state(model)
-    if seed is not None:
-        keras.utils.set_random_seed(seed)
-    proximal = _Proximal.attach(model) if proximal_mu > 0 else _PROXIMAL.get(model)
-    if proximal is not None:
-        proximal.start(float(proximal_mu))  # anchor = the weights training starts from
-    try:
-        history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
-                            callbacks=list(callbacks) if callbacks else None)
-    finally:
+    with _guarded("training"):
+        if weights is not None:
+            model.set_weights(weights)
+        if reset_optimizer:
+            _restore_optimizer_state(model)
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
+        proximal = _Proximal.attach(model) if proximal_mu > 0 else _PROXIMAL.get(model)
         if proximal is not None:
-            proximal.stop()  # mu back to 0: evaluate() and later plain fits see no extra term
+            proximal.start(float(proximal_mu))  # anchor = the weights training starts from
+        try:
+            history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
+                                callbacks=list(callbacks) if callbacks else None)
+        finally:
+            if proximal is not None:
+                proximal.stop()  # mu back to 0: evaluate() and later plain fits see no extra term
     last_epoch = {name: values[-1] for name, values in history.history.items() if len(values)}
     return [np.array(w, copy=True) for w in model.get_weights()], _plain_metrics(last_epoch)
 
@@ -86,10 +96,21 @@ def evaluate(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.n
     if len(x) == 0:
         return {}
     _require_compiled(model)
-    if weights is not None:
-        model.set_weights(weights)
-    results = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+    with _guarded("evaluation"):
+        if weights is not None:
+            model.set_weights(weights)
+        results = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
     return _plain_metrics(results)
+
+
+@contextmanager
+def _guarded(what: str) -> Iterator[None]:
+    """Run a step of a (possibly untrusted) model with Keras' process-wide state restored afterwards
+    (`kerasstate.keras_state_guard`), and say so in the log when the step had changed any of it."""
+    with keras_state_guard() as changed:
+        yield
+    if changed:
+        log.warning("%s changed process-wide Keras state (%s); restored", what, ", ".join(changed))
 
 
 class _Proximal:

@@ -10,6 +10,10 @@ the update sent: subclass it to simulate other behaviour (tests/byzantine_worker
 Everything fetched is data: models load with Keras `safe_mode=True`, weights are safetensors whose
 shapes and dtypes must match the model. A message that does not parse, validate or verify is dropped
 with one log line; it never stops the worker. SIGINT/SIGTERM stop it between steps.
+
+With `--isolate` each job's model is loaded and trained in its own child process under rlimits
+(`grid_ipfs.sandbox`): a model that kills its child (memory, CPU, the round deadline, a crash) gets one
+log line and the job is refused; the worker serves on.
 """
 
 from __future__ import annotations
@@ -35,15 +39,25 @@ from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
 from .payloads import MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
 from .peer import Peer, connect  # noqa: E402
+from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args  # noqa: E402
+from .sandbox import add_arguments as add_isolation_arguments  # noqa: E402
 from .secagg import MaskKey, dp_share, mask_context, mask_update, sign_mask_key, unsigned_mask_keys  # noqa: E402
+from .text import printable  # noqa: E402
+from .vetting import add_arguments as add_vetting_arguments  # noqa: E402
+from .vetting import policy_from_args  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.worker")
+
+MAX_EPOCHS = 100
+"""Default `--max-epochs`: local epochs per round a worker agrees to (FedAvg jobs use 1-20)."""
+MAX_BATCH_SIZE = 65536
+"""Default `--max-batch-size`: a batch's activations are what a round holds in memory at once."""
 
 
 @dataclass
 class JoinedJob:
     job: messages.Job
-    model: object  # keras.Model, loaded once per job so its optimizer state carries across rounds
+    model: object  # keras.Model (or sandbox.IsolatedModel), loaded once per job: its optimizer state carries
     mask_key: MaskKey | None = None
     """This job's X25519 key when the job asks for secure aggregation (announced in our join)."""
     done_rounds: set[tuple[int, int, float]] = field(default_factory=set)
@@ -59,9 +73,16 @@ class Worker(Peer):
 
     def __init__(self, client: IPFSClient, identity: Identity, x, y, *, name: str = "worker",
                  val_split: float = 0.1, jobs_topic: str = messages.JOBS_TOPIC,
-                 trusted_clients: set[str] | None = None, seed: int = 0):
+                 trusted_clients: set[str] | None = None, seed: int = 0, isolate: Limits | None = None,
+                 isolated_jobs: int = 4, max_epochs: int = MAX_EPOCHS, max_batch_size: int = MAX_BATCH_SIZE):
         super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients)
         self.name = name
+        self.max_epochs, self.max_batch_size = max_epochs, max_batch_size
+        """Ceilings on a job's local work per round (`--max-epochs`, `--max-batch-size`): a job over them
+        is refused at join, before its model is fetched."""
+        self.isolate, self.isolated_jobs = isolate, isolated_jobs
+        """With `isolate`, each job's model lives in its own rlimited child (sandbox.IsolatedModel), at
+        most `isolated_jobs` of them at a time (each holds a TensorFlow runtime, ~0.6 GB)."""
         self.x_train, self.y_train, self.x_val, self.y_val = train_val_split(x, y, val_split, seed=seed)
         self.seed = seed
         self.jobs: dict[str, JoinedJob] = {}
@@ -90,13 +111,15 @@ class Worker(Peer):
             elif isinstance(message, messages.Done) and message.job in self.jobs:
                 if self.jobs[message.job].job.owner == sender:
                     log.info("job %s done (%s); head %s", message.job, message.reason, message.head)
-                    self.jobs.pop(message.job)
+                    _close_model(self.jobs.pop(message.job).model)
                     self.unsubscribe(messages.job_topic(message.job))
+        except TrainerDied as exc:  # the job's isolated child is gone: this job costs no more
+            self.refuse_isolated(getattr(message, "job", "?"), exc)
         except (IPFSError, PayloadError) as exc:
             log.warning("job %s: %s", getattr(message, "job", "?"), exc)
         except Exception as exc:  # e.g. Keras refusing labels that do not fit the loss: this job, not the worker
             log.error("job %s: %s failed: %s: %s", getattr(message, "job", "?"), message.TYPE,
-                      type(exc).__name__, " ".join(str(exc).split())[:300])
+                      type(exc).__name__, printable(" ".join(str(exc).split()), 300))
 
     def join(self, job: messages.Job, sender: str) -> None:
         if job.job in self.jobs:
@@ -106,7 +129,8 @@ class Worker(Peer):
         if job.job in self.refused:
             return
         model = self.job_model(job, sender, self.x_train, self.y_train,
-                               check=lambda: (proximal_mu(job.config), secure_dp(job.config)))
+                               check=lambda: (proximal_mu(job.config), secure_dp(job.config),
+                                              self._ceilings(job.config), self._room()))
         if model is None:
             return
         self.subscribe(messages.job_topic(job.job))
@@ -147,7 +171,12 @@ class Worker(Peer):
         global_weights = weights_from_bytes(
             self.client.cat(round_.weights, max_size=MAX_WEIGHTS_BYTES),
             source=f"weights {round_.weights}", like=model.get_weights())
-        eval_metrics = evaluate(model, global_weights, self.x_val, self.y_val) if len(self.x_val) else {}
+        if not len(self.x_val):
+            eval_metrics = {}
+        elif isinstance(model, IsolatedModel):
+            eval_metrics = model.evaluate(global_weights, deadline=round_.deadline)
+        else:
+            eval_metrics = evaluate(model, global_weights, self.x_val, self.y_val)
         new_weights, metrics = self.local_update(joined, global_weights, round_)
         if joined.mask_key is not None:  # what leaves this process is masked: only the round's sum is readable
             weight, dp = len(self.x_train), secure_dp(joined.job.config)
@@ -181,10 +210,53 @@ class Worker(Peer):
         from .training import fit
 
         config = joined.job.config
-        return fit(joined.model, global_weights, self.x_train, self.y_train, epochs=config["epochs"],
-                   batch_size=config["batch_size"],
-                   seed=self.seed + round_.round + 100_003 * (round_.attempt - 1),
-                   proximal_mu=proximal_mu(config))
+        settings = dict(epochs=config["epochs"], batch_size=config["batch_size"],
+                        seed=self.seed + round_.round + 100_003 * (round_.attempt - 1),
+                        proximal_mu=proximal_mu(config))
+        if isinstance(joined.model, IsolatedModel):
+            return joined.model.fit(global_weights, deadline=round_.deadline, **settings)
+        return fit(joined.model, global_weights, self.x_train, self.y_train, **settings)
+
+    # -- isolation (--isolate) -------------------------------------------------------------------------
+
+    def load_model(self, data: bytes, source: str):
+        if self.isolate is None:
+            return super().load_model(data, source)
+        return IsolatedModel(data, source=source, x_train=self.x_train, y_train=self.y_train, x_val=self.x_val,
+                             y_val=self.y_val, limits=self.isolate, load_kwargs=self.model_options)
+
+    def _ceilings(self, config: dict) -> None:
+        """ValueError when the job asks for more epochs or a larger batch than this worker allows."""
+        for key, limit, flag in (("epochs", self.max_epochs, "--max-epochs"),
+                                 ("batch_size", self.max_batch_size, "--max-batch-size")):
+            if config[key] > limit:
+                raise ValueError(f"config.{key} {config[key]} is over this worker's {flag} {limit}")
+
+    def _room(self) -> None:
+        """ValueError when `isolated_jobs` children are running already (checked before fetching a model)."""
+        running = sum(isinstance(joined.model, IsolatedModel) for joined in self.jobs.values())
+        if self.isolate is not None and running >= self.isolated_jobs:
+            raise ValueError(f"{running} isolated jobs are running already (--isolated-jobs {self.isolated_jobs})")
+
+    def refuse_isolated(self, job: str, exc: TrainerDied) -> None:
+        """One line, and the job is over for this worker: never joined or fetched again."""
+        log.error("job %s: the isolated trainer died: %s; refusing the job", job, exc)
+        self.refused.add(job)
+        joined = self.jobs.pop(job, None)
+        if joined is not None:
+            _close_model(joined.model)
+            self.unsubscribe(messages.job_topic(job))
+
+    def close(self) -> None:
+        super().close()
+        for joined in self.jobs.values():
+            _close_model(joined.model)
+
+
+def _close_model(model: object) -> None:
+    """Stop an isolated job's child (in-process Keras models need nothing)."""
+    if isinstance(model, IsolatedModel):
+        model.close()
 
 
 def proximal_mu(config: dict) -> float:
@@ -211,6 +283,13 @@ def secure_dp(config: dict) -> tuple[float, float] | None:
     return float(clip), float(noise)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def build_parser(prog: str = "python -m grid_ipfs.worker") -> argparse.ArgumentParser:
     """The worker's command line; `main` takes an extended copy (see tests/byzantine_worker.py)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
@@ -222,6 +301,12 @@ def build_parser(prog: str = "python -m grid_ipfs.worker") -> argparse.ArgumentP
     parser.add_argument("--key", default=None, help="Ed25519 key file (default ~/.grid_ipfs/worker-NAME.key)")
     parser.add_argument("--trust-clients", default=None, help="join only jobs signed by the keys in this file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-epochs", type=_positive_int, default=MAX_EPOCHS, metavar="N",
+                        help=f"refuse jobs asking for more local epochs per round (default {MAX_EPOCHS})")
+    parser.add_argument("--max-batch-size", type=_positive_int, default=MAX_BATCH_SIZE, metavar="N",
+                        help=f"refuse jobs asking for a larger batch size (default {MAX_BATCH_SIZE})")
+    add_isolation_arguments(parser, "load, evaluation or round")
+    add_vetting_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -240,9 +325,11 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
         parser.error("--val-split must be in [0, 1)")
     try:
         x, y = load_shard(args.data)
+        policy = policy_from_args(args)
         client, identity, trusted = connect(args.api, args.key, f"worker-{name}", args.trust_clients)
         kwargs = dict(name=name, val_split=args.val_split, jobs_topic=args.topic, trusted_clients=trusted,
-                      seed=args.seed)
+                      seed=args.seed, isolate=limits_from_args(args), isolated_jobs=args.isolated_jobs,
+                      max_epochs=args.max_epochs, max_batch_size=args.max_batch_size)
         if make_worker is None:
             worker = Worker(client, identity, x, y, **kwargs)
         else:
@@ -250,8 +337,9 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
     except (DataError, IPFSError, IdentityError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    worker.model_options["policy"] = policy
     worker.serve()
-    log.info("%s stopped (%d messages dropped)", name, worker.dropped)
+    log.info("%s stopped (%d messages dropped, %d failed)", name, worker.dropped, worker.failed)
     return 0
 
 
