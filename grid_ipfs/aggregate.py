@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .limits import MAX_COUNT, MAX_NUM_EXAMPLES
+
 Weights = list[np.ndarray]
 """A model's weights as `model.get_weights()` returns them."""
 
@@ -291,15 +293,84 @@ def aggregate(name: str, results: Results, *, reference: Weights | None = None, 
     `reference`, `round` and `seq` are passed only to the rules that take them (`CONTEXT`); entries of
     `RECORD_ONLY` in `params` are dropped.
     """
-    try:
-        rule = AGGREGATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown aggregation {name!r}; known: {', '.join(sorted(AGGREGATIONS))}") from None
+    rule = _rule(name)
+    check_params(name, params)
+    for index, (_, num_examples) in enumerate(results):  # every rule: no peer number reaches arithmetic unchecked
+        _check_num_examples(num_examples, f"result {index}: ")
     available = {"reference": reference, "round": round, "seq": seq}
     context = {key: available[key] for key in CONTEXT.get(name, ())}
     if "reference" in context and reference is None:
         raise ValueError(f"{name} needs the previous global weights (reference=)")
     return rule(results, **rule_params(params), **context)
+
+
+def _rule(name: str) -> Callable[..., Weights]:
+    try:
+        return AGGREGATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown aggregation {name!r}; known: {', '.join(sorted(AGGREGATIONS))}") from None
+
+
+def _number(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable:
+    def check(value: object) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            return "must be a number"
+        try:
+            v = float(value)
+        except OverflowError:
+            return "is out of range"
+        if not math.isfinite(v) or v < low or v > high or (low_open and v == low) or (high_open and v == high):
+            return f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return None
+    return check
+
+
+def _integer(low: int, high: int, *, optional: bool = False) -> Callable:
+    def check(value: object) -> str | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            return "must be an integer"
+        return None if low <= value <= high else f"must be an integer in {low}..{high}"
+    return check
+
+
+_CLIP, _NOISE = _number(0, 1e6, low_open=True), _number(0, 1e6)
+PARAMS: dict[str, dict[str, Callable[[object], str | None]]] = {
+    "fedavg": {},
+    "median": {},
+    "trimmed-mean": {"trim": _number(0, 0.5, high_open=True)},
+    "krum": {"byzantine": _integer(0, MAX_COUNT), "multi": _integer(1, MAX_COUNT)},
+    "multi-krum": {"byzantine": _integer(0, MAX_COUNT), "multi": _integer(1, MAX_COUNT, optional=True)},
+    "dp-fedavg": {"clip": _CLIP, "noise_multiplier": _NOISE, "seed": _integer(0, 2 ** 64 - 1)},
+    "secure-fedavg": {"scale_bits": _integer(0, 63)},
+    "secure-dp-fedavg": {"clip": _CLIP, "noise_multiplier": _NOISE, "scale_bits": _integer(0, 63)},
+}
+"""Each built-in rule's params and their ranges: what `check_params` enforces. The ceilings are far above
+any useful value and below anything that overflows (a `scale_bits` of 2000 is 2.0**2000) or loops without
+end; a rule registered in `AGGREGATIONS` without an entry here gets the generic check."""
+
+
+def check_params(name: str, params: Mapping) -> None:
+    """ValueError (one line: rule, param, range) unless `params` suit the rule `name`: the one range check
+    of aggregation params, run by `aggregate` itself, by the client before a job starts and by
+    `chain verify` before recomputing a block. Record-only entries (`accept`) must be strings."""
+    _rule(name)
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{name}: params must be a map, got {type(params).__name__}")
+    known = PARAMS.get(name)
+    for key, value in params.items():
+        if key in RECORD_ONLY:
+            problem = None if isinstance(value, str) and len(value) <= 200 else "must be a string of <= 200 characters"
+        elif known is None:  # a registered rule of someone else's: plain finite numbers, short strings
+            problem = None if isinstance(value, str) and len(value) <= 200 else _number(-1e300, 1e300)(value)
+        elif key not in known:
+            raise ValueError(f"{name}: unexpected param {str(key)[:40]!r} (takes {', '.join(known) or 'none'})")
+        else:
+            problem = known[key](value)
+        if problem is not None:
+            shown = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else "a huge integer"
+            raise ValueError(f"{name}: {str(key)[:40]} {problem}, got {shown[:40]}")
 
 
 # -- acceptance rules -----------------------------------------------------------------------------------
@@ -397,11 +468,15 @@ def _l2(arrays: Sequence[np.ndarray]) -> float:
     return math.sqrt(math.fsum(math.fsum(np.square(a).ravel()) for a in arrays))
 
 
-def _check_num_examples(num_examples: int) -> int:
+def _check_num_examples(num_examples: int, where: str = "") -> int:
+    """The one range check of a peer's example count: an integer in 1..MAX_NUM_EXAMPLES (so sums and
+    float64 products with it stay exact and finite)."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
-        raise ValueError(f"num_examples must be an integer, got {num_examples!r}")
+        raise ValueError(f"{where}num_examples must be an integer, got {str(num_examples)[:40]}")
     if num_examples <= 0:
-        raise ValueError(f"num_examples must be > 0, got {num_examples}")
+        raise ValueError(f"{where}num_examples must be > 0, got {num_examples}")
+    if num_examples > MAX_NUM_EXAMPLES:
+        raise ValueError(f"{where}num_examples is over the limit {MAX_NUM_EXAMPLES}")
     return int(num_examples)
 
 
@@ -441,6 +516,7 @@ def _cast(arrays: Sequence[np.ndarray], dtypes: Sequence[np.dtype]) -> Weights:
     return out
 
 
-__all__ = ["AGGREGATIONS", "CONTEXT", "RECORD_ONLY", "AcceptRule", "Results", "RunningFedAvg", "Weights", "aggregate",
+__all__ = ["AGGREGATIONS", "CONTEXT", "PARAMS", "RECORD_ONLY", "AcceptRule", "Results", "RunningFedAvg", "Weights",
+           "aggregate", "check_params",
            "dp_fedavg", "fedavg", "krum", "median", "multi_krum", "needs_reference", "parse_accept", "rule_params",
            "secure_dp_fedavg", "secure_fedavg", "trimmed_mean", "update_norm"]

@@ -1,8 +1,10 @@
 """The pubsub protocol: small signed JSON messages that carry CIDs, never payloads.
 
 Anyone can publish on a pubsub topic, so a message is data to judge, not an instruction: `decode` checks
-size, encoding, version, type, the exact set of fields, every field's type and range, that CIDs parse,
-and finally the Ed25519 signature of the sender named in `from` (see `grid_ipfs.identity` for why the
+size (64 KiB), nesting (`limits.MAX_JSON_DEPTH` levels, measured before parsing), encoding, version, type,
+the exact set of fields, every field's type and range (integers up to `limits.MAX_COUNT`, example counts up
+to `limits.MAX_NUM_EXAMPLES`, strings without control characters), that CIDs parse, and finally the
+Ed25519 signature of the sender named in `from` (see `grid_ipfs.identity` for why the
 daemon's own peer ID is not used). Whatever fails raises `MessageError`, whose `reason` is short and
 precise because it is what gets logged when the message is dropped.
 
@@ -30,9 +32,11 @@ import numpy as np
 from .identity import SIGNATURE_LENGTH, Identity, b64url_decode, b64url_encode, is_public_id, verify
 from .ipfs.cids import CID, cid_str, parse_cid
 from .ipfs.errors import InvalidCID
+from .limits import MAX_COUNT, MAX_JSON_DEPTH, MAX_NUM_EXAMPLES, json_too_deep, object_depth_over
+from .text import control_character
 
 __all__ = [
-    "VERSION", "JOBS_TOPIC", "MAX_MESSAGE_BYTES", "MessageError", "Envelope",
+    "VERSION", "JOBS_TOPIC", "MAX_MESSAGE_BYTES", "MAX_JSON_DEPTH", "MAX_NUM_EXAMPLES", "MessageError", "Envelope",
     "Job", "Join", "Round", "Update", "Head", "Done", "Propose", "Proposal", "Endorse", "Message",
     "encode", "decode", "canonical_json", "job_topic", "topic_of", "valid_job_id",
 ]
@@ -67,7 +71,12 @@ def job_topic(job_id: str) -> str:
 
 
 def canonical_json(obj: Any) -> bytes:
-    """The bytes that are signed: sorted keys, no whitespace, UTF-8, non-finite floats refused."""
+    """The bytes that are signed: sorted keys, no whitespace, UTF-8, non-finite floats refused.
+
+    MessageError for anything nested deeper than MAX_JSON_DEPTH: `json.dumps` recurses per level, and a
+    deep enough value would raise RecursionError instead of a reason."""
+    if object_depth_over(obj, MAX_JSON_DEPTH):
+        raise MessageError(f"nested deeper than {MAX_JSON_DEPTH} levels")
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")
 
@@ -76,7 +85,10 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits has no repr
+        text = f"<{type(value).__name__} too long to show>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -91,12 +103,18 @@ def _job(name: str, value: object) -> str:
     return value  # type: ignore[return-value]
 
 
-def _int(minimum: int) -> Callable[[str, object], int]:
+def _int(minimum: int, maximum: int = MAX_COUNT) -> Callable[[str, object], int]:
+    """An integer in [minimum, maximum]: a peer's number never overflows a float, a seed or a loop later."""
     def check(name: str, value: object) -> int:
         if not _is_int(value) or value < minimum:  # type: ignore[operator]
             raise MessageError(f"{name}: expected an integer >= {minimum}, got {_short(value)}")
+        if value > maximum:  # type: ignore[operator]
+            raise MessageError(f"{name}: {_short(value, 30)} is over the limit {maximum}")
         return int(value)  # type: ignore[call-overload]
     return check
+
+
+_num_examples = _int(1, MAX_NUM_EXAMPLES)
 
 
 def _float(name: str, value: object) -> float:
@@ -130,8 +148,14 @@ def _public_id(name: str, value: object) -> str:
 
 
 def _str(name: str, value: object) -> str:
+    """1-200 characters of plain text: names, reasons, verdicts and metric names end up in logs and on
+    the owner's terminal, so control and format characters (newlines, ANSI escapes, bidi overrides)
+    are refused here rather than escaped everywhere."""
     if not isinstance(value, str) or not value or len(value) > 200:
         raise MessageError(f"{name}: expected a string of 1-200 characters, got {_short(value)}")
+    bad = control_character(value)
+    if bad is not None:
+        raise MessageError(f"{name}: control character {bad} in {_short(value)}")
     return value
 
 
@@ -270,7 +294,7 @@ class Join(_Message):
     """
 
     TYPE: ClassVar[str] = "join"
-    _CHECKS: ClassVar[dict] = {"job": _job, "name": _str, "num_examples": _int(1), "mask_key": _mask_key,
+    _CHECKS: ClassVar[dict] = {"job": _job, "name": _str, "num_examples": _num_examples, "mask_key": _mask_key,
                                "mask_sig": _mask_sig}
     job: str
     name: str
@@ -320,7 +344,7 @@ class Update(_Message):
     """A worker's trained weights for one round; the worker is the message's sender."""
 
     TYPE: ClassVar[str] = "update"
-    _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "weights": _cid, "num_examples": _int(1),
+    _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "weights": _cid, "num_examples": _num_examples,
                                "metrics": _metrics, "eval_metrics": _metrics, "attempt": _int(1)}
     job: str
     round: int
@@ -449,10 +473,15 @@ def decode(data: bytes) -> Envelope:
         text = bytes(data).decode("utf-8")
     except UnicodeDecodeError:
         raise MessageError("not UTF-8") from None
+    depth = json_too_deep(text)  # before json.loads, which recurses per level
+    if depth is not None:
+        raise MessageError(f"JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH})")
     try:
         obj = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
     except ValueError as exc:  # MessageError is a ValueError too: keep its reason
         raise (exc if isinstance(exc, MessageError) else MessageError(f"not JSON ({exc})")) from None
+    except RecursionError:  # not reachable within MAX_JSON_DEPTH; kept so decode never raises past here
+        raise MessageError("JSON nested too deep") from None
     if not isinstance(obj, dict):
         raise MessageError(f"not a JSON object but {type(obj).__name__}")
 
@@ -488,6 +517,8 @@ def decode(data: bytes) -> Envelope:
     signed = {k: v for k, v in obj.items() if k != "sig"}
     try:
         payload = canonical_json(signed)
+    except MessageError:
+        raise
     except ValueError:  # e.g. 1e999 parses as inf inside an unchecked config value
         raise MessageError("non-finite number in message") from None
     if not verify(sender, payload, sig):

@@ -1,6 +1,9 @@
 """Progress a person can watch while a job runs: a rich live display, or plain log lines.
 
-Both are `ClientCallback`s; the client does not know which one it has.
+Both are `ClientCallback`s; the client does not know which one it has. What a peer wrote (worker names,
+metric names, reasons, errors quoting them) is shown as text: `shown` escapes rich markup and control
+characters, so `[/x]` cannot raise MarkupError in the round loop and `\n[bold]done: ...` cannot print a
+forged line.
 """
 
 from __future__ import annotations
@@ -10,11 +13,18 @@ import time
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from .client import ClientCallback, JobResult, RoundResult
+from .text import printable
 
 log = logging.getLogger("grid_ipfs.client")
+
+
+def shown(value: object, limit: int = 200) -> str:
+    """A peer's text for a rich console: one line, control characters escaped, markup escaped."""
+    return escape(printable(value, limit))
 
 
 def _fmt(metrics: dict, key: str) -> str:
@@ -36,7 +46,7 @@ class LogProgress(ClientCallback):
         log.info("job %s: model %s, genesis %s; waiting for workers", job.job, job.model, genesis)
 
     def on_worker_joined(self, worker, name, joined, needed):
-        log.info("worker %s (%s) joined: %d/%d", name, worker[:12], joined, needed)
+        log.info("worker %s (%s) joined: %d/%d", printable(name), worker[:12], joined, needed)
 
     def on_round_start(self, round, expected, deadline):
         log.info("round %d: asked %d worker(s), deadline in %.0fs", round, expected, deadline - time.time())
@@ -57,7 +67,7 @@ class LogProgress(ClientCallback):
         log.info("job %s complete: head %s, final weights %s", result.job, result.head, result.weights)
 
     def on_job_failed(self, job, error):
-        log.error("job %s failed: %s", job.job, error)
+        log.error("job %s failed: %s", job.job, printable(error, 500))
 
 
 class RichProgress(ClientCallback):
@@ -79,7 +89,7 @@ class RichProgress(ClientCallback):
         for *row, style in self.rows:
             table.add_row(*row, style=style)
         if self.rejections:  # why each ✗ row was turned down (the last few), under the table
-            table.caption = "\n".join(self.rejections[-5:])
+            table.caption = "\n".join(shown(line, 300) for line in self.rejections[-5:])
             table.caption_style = "red"
         if self.current:
             c = self.current
@@ -98,7 +108,7 @@ class RichProgress(ClientCallback):
         self.live.start()
 
     def on_worker_joined(self, worker, name, joined, needed):
-        self.console.print(f"  worker [cyan]{name}[/] ({worker[:12]}…) joined ({joined}/{needed} needed)")
+        self.console.print(f"  worker [cyan]{shown(name)}[/] ({shown(worker[:12])}…) joined ({joined}/{needed} needed)")
 
     def on_round_start(self, round, expected, deadline):
         self.current = {"round": round, "received": 0, "expected": expected, "started": time.monotonic()}
@@ -135,4 +145,4 @@ class RichProgress(ClientCallback):
     def on_job_failed(self, job, error):
         if self.live is not None:
             self.live.stop()
-        self.console.print(f"[red]failed[/]: {error}")
+        self.console.print(f"[red]failed[/]: {shown(error, 500)}")

@@ -1,9 +1,11 @@
 """A hostile peer: `python -m tests.hostile --api A --job JOB --count N` floods a job's topic.
 
 It publishes what anyone on an open pubsub network can: garbage, messages of the wrong version or
-type or with wrong field types, oversized messages, forged signatures, and validly signed messages from
-keys the job never saw (joins, updates pointing at CIDs nobody has, rounds and heads pretending to be
-the owner's). Prints one JSON line with how many of each kind it published.
+type or with wrong field types, oversized messages, forged signatures, JSON nested 60000 deep, a signed
+job whose config nests 1000 deep, a 400-digit num_examples, control characters in a name and in a metric
+key, and validly signed messages from keys the job never saw (joins, one with a rich-markup name and a
+10^15 claim, updates pointing at CIDs nobody has, rounds and heads pretending to be the owner's). Prints
+one JSON line with how many of each kind it published. `DROPPED_AS` says how the client counts each kind.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import itertools
 import json
 import sys
 import time
+from contextlib import contextmanager
 
 from multiformats import CID, multihash
 
@@ -25,10 +28,41 @@ def _nobody_has(i: int) -> str:
     return str(CID("base32", 1, "raw", multihash.digest(f"nobody has this {i}".encode(), "sha2-256")))
 
 
+DROPPED_AS = {
+    **dict.fromkeys(["not json", "not an object", "wrong version", "unknown type", "wrong field types",
+                     "oversized", "forged signature", "deep nesting", "deep signed config", "huge num_examples",
+                     "control characters in a name", "control characters in a metric key"], "malformed"),
+    **dict.fromkeys(["stranger's join", "stranger's markup join"], "not allowed"),
+    **dict.fromkeys(["stranger's round", "stranger's head"], "not from a worker"),
+    "stranger's update": "late or rejected update",
+}
+"""How a client with an allow-list counts each kind it receives (in `JobResult.dropped`)."""
+
+
+@contextmanager
+def _deep_stack():
+    """Sign as an attacker with a deeper stack than ours would: json.dumps recurses per level."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20_000))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 def _signed(obj: dict, identity: Identity) -> bytes:
     obj = {**obj, "from": obj.get("from", identity.id)}
-    obj["sig"] = b64url_encode(identity.sign(messages.canonical_json(obj)))
-    return json.dumps(obj).encode()
+    with _deep_stack():
+        canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        obj["sig"] = b64url_encode(identity.sign(canonical))
+        return json.dumps(obj).encode()
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def hostile_messages(job: str, victim: str | None):
@@ -57,6 +91,22 @@ def hostile_messages(job: str, victim: str | None):
             job=job, round=1 + i % 5, weights=_nobody_has(i), deadline=time.time() + 60, selected=None), stranger)),
         ("stranger's head", lambda i: messages.encode(messages.Head(job=job, round=1, head=_nobody_has(i),
                                                                     weights=_nobody_has(i)), stranger)),
+        ("deep nesting", lambda i: b"[" * 60_000),
+        ("deep signed config", lambda i: _signed({**base, "type": "job", "model": _nobody_has(i), "owner": stranger.id,
+                                                  "config": {"epochs": 1, "batch_size": 8, "rounds": 1,
+                                                             "x": _nested(1000)}}, stranger)),
+        ("huge num_examples", lambda i: _signed({**base, "type": "update", "round": 1, "weights": _nobody_has(i),
+                                                 "num_examples": 10 ** 400, "metrics": {}, "eval_metrics": {}},
+                                                stranger)),
+        ("control characters in a name", lambda i: _signed({**base, "type": "join", "num_examples": 10,
+                                                            "name": "[bold]done: head bafyforged\n\x1b[2J"},
+                                                           stranger)),
+        ("control characters in a metric key", lambda i: _signed({**base, "type": "update", "round": 1,
+                                                                  "weights": _nobody_has(i), "num_examples": 10,
+                                                                  "metrics": {"loss\n\x1b[31m": 0.0},
+                                                                  "eval_metrics": {}}, stranger)),
+        ("stranger's markup join", lambda i: messages.encode(messages.Join(job=job, name=f"[/x][bold]sybil{i}",
+                                                                           num_examples=10 ** 15), stranger)),
     ]
     for i, (kind, make) in zip(itertools.count(), itertools.cycle(kinds)):
         yield kind, make(i)

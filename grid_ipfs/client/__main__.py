@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(FedAvg; every selected worker must answer; no norm screen)")
     s.add_argument("--max-norm-ratio", type=float, default=10.0,
                    help="refuse updates moving the model this many times further than the median update (0: off)")
+    s.add_argument("--max-examples", type=int, metavar="N",
+                   help="refuse workers claiming more than N training examples (FedAvg's weight) at join or in an "
+                        "update (default: none; each update is still bounded by its worker's join claim)")
     s.add_argument("--job", dest="job_id", help="job id (default: MODEL-STEM-RANDOM)")
     s.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("resume", help="continue a job from its chain after the client stopped")
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "submit":
         if args.rounds < 1 or args.min_workers < 1 or not 0 < args.fraction <= 1:
             parser.error("--rounds and --min-workers must be >= 1 and --fraction in (0, 1]")
+        if args.max_examples is not None and args.max_examples < 1:
+            parser.error("--max-examples must be >= 1")
         try:
             aggregation, params = _aggregation_options(args)
         except ValueError as exc:
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                            eval_data=args.eval_data, job_id=args.job_id, aggregation=aggregation,
                            aggregation_params=params, seed=args.seed, proximal_mu=args.proximal_mu,
                            accept=args.accept, miners=args.miners, proposal_timeout=args.proposal_timeout,
-                           secure_aggregation=aggregation in SECURE_RULES)
+                           secure_aggregation=aggregation in SECURE_RULES, max_examples=args.max_examples)
             result = client.submit(spec)
         else:
             result = client.resume(head=args.head, job_id=args.job_id, eval_data=args.eval_data,

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from .. import messages  # noqa: E402
-from ..aggregate import CONTEXT, AcceptRule, aggregate, parse_accept  # noqa: E402
+from ..aggregate import CONTEXT, AcceptRule, aggregate, check_params, parse_accept  # noqa: E402
 from ..chain import ChainError, ChainLog, decode_block  # noqa: E402
 from ..chain.verify import is_accepted  # noqa: E402
 from ..contest import ContestError, best, check_rival, pofl_record, score_key  # noqa: E402
@@ -26,8 +26,10 @@ from ..identity import Identity  # noqa: E402
 from ..ipfs import IPFSError, cid_str, parse_cid  # noqa: E402
 from ..ipfs.pubsub import PubsubMessage  # noqa: E402
 from ..ipfs.rpc import IPFSClient  # noqa: E402
+from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES  # noqa: E402
 from ..payloads import MAX_WEIGHTS_BYTES, PayloadError, weights_from_bytes, weights_to_bytes  # noqa: E402
 from ..secagg import mask_key_is_signed, masked_like  # noqa: E402
+from ..text import printable  # noqa: E402
 from .job import SECURE_RULES, ClientCallback, JobFailed, JobResult, JobSpec, RoundResult
 
 log = logging.getLogger("grid_ipfs.client")
@@ -220,7 +222,7 @@ class Client:
             for cb in self.callbacks:
                 cb.on_job_failed(job.message, exc)
             try:  # tell the workers, so they stop following the job (best effort: we are failing anyway)
-                reason = f"failed: {' '.join(str(exc).split()) or type(exc).__name__}"[:200]
+                reason = printable(f"failed: {' '.join(str(exc).split()) or type(exc).__name__}", 200)
                 self._publish(messages.Done(job=job.message.job, head=job.result.head, reason=reason))
             except Exception:  # noqa: BLE001 - the original error is what the caller needs
                 log.debug("could not announce the failure of job %s", job.message.job, exc_info=True)
@@ -368,6 +370,8 @@ class Client:
                                                   first_attempt=first_attempt):
                     in_flight = {s for _, s in pending.values()}
                     reason = self._check_update(update, sender, expected, collected, refused)
+                    if reason is None:
+                        reason = self._check_claim(job, update, sender)
                     if reason is None and sender in in_flight:
                         reason = "replay: second update from this worker for this round"
                     if reason is not None:
@@ -565,7 +569,7 @@ class Client:
         job.endorse_messages.setdefault(cid_str(parse_cid(endorse.head)), {})[sender] = bytes(data)
         if endorse.verdict != "accepted":
             log.warning("round %d: miner %s disputes block %s: %s", endorse.round, sender[:12], endorse.head,
-                        endorse.verdict)
+                        printable(endorse.verdict))
 
     def _next_seq(self, job: _Job) -> int:
         head = job.chain.head
@@ -588,14 +592,30 @@ class Client:
             return "refused: this worker's update for this round was already refused"
         return None
 
+    @staticmethod
+    def _check_claim(job: _Job, update: messages.Update, sender: str) -> str | None:
+        """FedAvg weighs an update by its `num_examples`: a worker cannot raise it past what it claimed
+        when it joined, nor past the owner's `max_examples` (which also refused larger joins)."""
+        joined = job.workers.get(sender)
+        if joined is not None and update.num_examples > joined.num_examples:
+            return (f"inflated: num_examples {update.num_examples} is more than the {joined.num_examples} "
+                    "claimed at join")
+        ceiling = job.spec.max_examples
+        if ceiling is not None and update.num_examples > ceiling:
+            return f"inflated: num_examples {update.num_examples} is over the job's max_examples {ceiling}"
+        return None
+
     def _reject(self, r: int | None, sender: str, reason: str) -> None:
         self.dropped["rejected update"] = self.dropped.get("rejected update", 0) + 1
-        log.warning("round %s: rejected update from %s: %s", r if r is not None else "?", sender[:12], reason)
+        log.warning("round %s: rejected update from %s: %s", r if r is not None else "?", sender[:12],
+                    printable(reason, 300))
 
     def _drain(self, job: _Job, timeout: float, round_: messages.Round | None = None,
                first_attempt: int = 1) -> list[tuple[messages.Update, str]]:
         """Handle what arrived on the job topic within `timeout`; return the updates for `round_` (from
-        attempt `first_attempt` on: earlier attempts belong to a rejected try of the round)."""
+        attempt `first_attempt` on: earlier attempts belong to a rejected try of the round). No message
+        ends the job: whatever decoding one raises is a `malformed` drop, whatever handling it raises a
+        `failed` drop, each one log line (only JobFailed, KeyboardInterrupt and the like pass)."""
         updates = []
         end = time.monotonic() + timeout
         while True:
@@ -605,31 +625,48 @@ class Client:
                 return updates
             try:
                 envelope = messages.decode(raw.data)
-            except messages.MessageError as exc:
+            except Exception as exc:  # noqa: BLE001 - MessageError, or anything decode failed to foresee
                 self._drop("malformed", f"from peer {raw.sender[-8:]}: {exc}")
                 continue
-            msg, sender = envelope.message, envelope.sender
-            if getattr(msg, "job", None) != job.message.job:
-                self._drop("other job", f"{type(msg).__name__} for job {getattr(msg, 'job', '?')}")
-            elif isinstance(msg, messages.Join):
-                self._joined(job, msg, sender, round_)
-            elif isinstance(msg, messages.Update):
-                if round_ is None or msg.round != round_.round or msg.attempt < first_attempt:
-                    self._drop("late", f"update for round {msg.round} (attempt {msg.attempt}) from {sender[:12]}")
-                else:
-                    updates.append((msg, sender))
+            try:
+                if self._handle(job, envelope, raw.data, round_, first_attempt):
+                    updates.append((envelope.message, envelope.sender))
                     end = time.monotonic()  # hand it over now; anything else already queued comes along
-            elif isinstance(msg, messages.Proposal):
-                job.proposals.append((msg, sender))
-            elif isinstance(msg, messages.Endorse):
-                self._endorsed(job, msg, sender, raw.data)
-            elif sender != self.identity.id:
-                self._drop("not from a worker", f"{msg.TYPE} message from {sender[:12]}")
-            # our own round/head/done messages come back to us: nothing to do
+            except JobFailed:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a peer may cost a log line, never the job
+                self._drop("failed", f"{envelope.message.TYPE} from {envelope.sender[:12]}: handling it raised "
+                                     f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+
+    def _handle(self, job: _Job, envelope: messages.Envelope, data: bytes, round_: messages.Round | None,
+                first_attempt: int) -> bool:
+        """Act on one verified message of the job topic; True for an update of `round_` to collect."""
+        msg, sender = envelope.message, envelope.sender
+        if getattr(msg, "job", None) != job.message.job:
+            self._drop("other job", f"{type(msg).__name__} for job {getattr(msg, 'job', '?')}")
+        elif isinstance(msg, messages.Join):
+            self._joined(job, msg, sender, round_)
+        elif isinstance(msg, messages.Update):
+            if round_ is None or msg.round != round_.round or msg.attempt < first_attempt:
+                self._drop("late", f"update for round {msg.round} (attempt {msg.attempt}) from {sender[:12]}")
+            else:
+                return True
+        elif isinstance(msg, messages.Proposal):
+            job.proposals.append((msg, sender))
+        elif isinstance(msg, messages.Endorse):
+            self._endorsed(job, msg, sender, data)
+        elif sender != self.identity.id:
+            self._drop("not from a worker", f"{msg.TYPE} message from {sender[:12]}")
+        # our own round/head/done messages come back to us: nothing to do
+        return False
 
     def _joined(self, job: _Job, join: messages.Join, sender: str, round_: messages.Round | None) -> None:
         if self.allowed_workers is not None and sender not in self.allowed_workers:
             self._drop("not allowed", f"join from {sender[:12]} ({join.name})")
+            return
+        if job.spec.max_examples is not None and join.num_examples > job.spec.max_examples:
+            self._drop("too many examples", f"join from {sender[:12]} ({join.name}) claims {join.num_examples} "
+                                            f"examples, over the job's max_examples {job.spec.max_examples}")
             return
         if job.spec.secure_aggregation and join.mask_key is None:
             self._drop("no mask key", f"join from {sender[:12]} ({join.name}) without a key for secure aggregation")
@@ -649,7 +686,7 @@ class Client:
 
     def _drop(self, kind: str, detail: str) -> None:
         self.dropped[kind] = self.dropped.get(kind, 0) + 1
-        log.info("dropped a message (%s): %s", kind, detail)
+        log.info("dropped a message (%s): %s", kind, printable(detail, 300))
 
     def _publish(self, message) -> bool:
         topic = self.jobs_topic if isinstance(message, messages.Job) else messages.topic_of(message)
@@ -703,8 +740,16 @@ def _check_spec(spec: JobSpec, weights: list, eval_xy) -> AcceptRule | None:
     """Fail before anything is published: the rule and its params must work (tried on the initial
     weights), and an acceptance rule on the client's evaluation needs the eval data. Returns the parsed
     acceptance rule."""
+    for name in ("rounds", "epochs", "batch_size"):  # what the job message carries: the same bounds as decode
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+            raise JobFailed(f"{name} must be an integer in 1..{MAX_COUNT}, got {value!r}")
+    if spec.max_examples is not None and (isinstance(spec.max_examples, bool) or not isinstance(spec.max_examples, int)
+                                          or not 1 <= spec.max_examples <= MAX_NUM_EXAMPLES):
+        raise JobFailed(f"max_examples must be an integer in 1..{MAX_NUM_EXAMPLES} or None, got {spec.max_examples!r}")
     trial = masked_like(weights) if spec.aggregation in SECURE_RULES else weights
     try:
+        check_params(spec.aggregation, spec.aggregation_params)  # the range check chain verify applies too
         aggregate(spec.aggregation, [(trial, 1)] * max(1, spec.min_workers), reference=weights, round=1, seq=1,
                   **spec.aggregation_params)
     except (ValueError, TypeError) as exc:

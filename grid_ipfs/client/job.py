@@ -45,10 +45,16 @@ class JobSpec:
     """Seconds a round waits for the miners' proposals."""
     secure_aggregation: bool = False
     """Pairwise-masked updates (`grid_ipfs.secagg`): the client sees only each round's sum."""
+    max_examples: int | None = None
+    """Ceiling on a worker's `num_examples` (FedAvg's weight): larger joins are dropped and larger updates
+    refused. None: only each worker's own join claim bounds its updates (an update may never claim more
+    than its join did). No default number fits every federation, and a wrong one silently reweights
+    honest workers; an owner who knows the shard sizes sets it, everyone else relies on allow-lists and
+    robust rules."""
 
     _RECORDED = ("rounds", "min_workers", "fraction", "epochs", "batch_size", "round_timeout", "max_retries",
                  "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept", "miners",
-                 "proposal_timeout", "secure_aggregation")
+                 "proposal_timeout", "secure_aggregation", "max_examples")
 
     def config(self) -> dict:
         """The recorded settings; `proximal_mu`, `accept` and the miners' only when used (older chains
@@ -62,6 +68,8 @@ class JobSpec:
             del config["miners"], config["proposal_timeout"]
         if not self.secure_aggregation:
             del config["secure_aggregation"]
+        if self.max_examples is None:
+            del config["max_examples"]
         return config
 
     @classmethod
