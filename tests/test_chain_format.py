@@ -393,7 +393,9 @@ def test_broken_seq_continuity():
     skipped = put_raw(store, sign_block({**block, "seq": 3, "prev": cids[1]}, OWNER))
     report = verify_chain(store, skipped)
     assert not report.ok and report.first_bad == skipped
-    assert report.reason == "block 2 (seq 3): seq 3 follows seq 1"
+    assert report.reason == f"block {cid_str(skipped)} (0 below the head): seq 3 follows seq 1"
+    assert report.first_bad_seq == 3 and report.detail == "seq 3 follows seq 1"
+    assert report.blocks == 2  # found while walking: nothing below the break is fetched
     with pytest.raises(ChainError, match="has seq 1, expected 2"):
         list(walk(store, skipped))
 

@@ -486,7 +486,7 @@ def test_chain_verify_with_other_or_unfit_eval_data_fails(evaluated):
     proc = run_cli("grid_ipfs.chain", "verify", "--api", evaluated.api, evaluated.head, "--eval-data",
                    str(evaluated.root / "other.npz"))
     assert proc.returncode == 1
-    assert proc.stdout.startswith("FAILED at block ") and "block 0 (seq 0): recorded val_" in proc.stdout
+    assert proc.stdout.startswith("FAILED at block 0 (") and "): recorded val_" in proc.stdout
     assert "is it the client's eval data?" in proc.stdout, proc.stdout
     for path, message in ((evaluated.root / "wide.npz", "error: data x has feature shape (3,) but the model "
                                                          "expects (2,)"),

@@ -16,6 +16,10 @@
     privacy the DP-FedAvg privacy budget so far: epsilon at --delta (default 1e-5) after each noisy
             aggregate, user-level w.r.t. one worker (assumptions and caveats: grid_ipfs.privacy)
 
+Every command walks at most --max-blocks blocks (default 100000): a longer chain is refused at its
+head. verify prints `OK: ...` or exactly one line `FAILED at block <seq> (<cid>): <reason>`, whatever
+the chain holds (text from blocks is printed with control characters escaped).
+
 Exit codes: 0 ok, 1 the chain does not verify (the first bad block is named) or cannot be read (or
 export/plot fails; the reason is printed as one `error:` line), 2 usage, 130 interrupted.
 """
@@ -44,6 +48,7 @@ from ..ipfs.rpc import IPFSClient  # noqa: E402
 from ..payloads import PayloadError  # noqa: E402
 from . import ChainError, read_head, verify_chain, walk  # noqa: E402
 from .export import ExportError, check_request, export_model, load_genesis_model  # noqa: E402
+from .log import MAX_BLOCKS  # noqa: E402
 
 
 def _head(args) -> str:
@@ -61,8 +66,8 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "-"
 
 
-def show(client: IPFSClient, head: str, as_json: bool) -> int:
-    blocks = list(walk(client, head))[::-1]
+def show(client: IPFSClient, head: str, as_json: bool, max_blocks: int = MAX_BLOCKS) -> int:
+    blocks = list(walk(client, head, max_blocks=max_blocks))[::-1]
     if as_json:
         rows = [{"cid": cid_str(cid), "seq": b["seq"], "round": b["round"], "weights": cid_str(b["weights"]),
                  "workers": [u["worker"] for u in b["updates"]],
@@ -92,19 +97,20 @@ def show(client: IPFSClient, head: str, as_json: bool) -> int:
     return 0
 
 
-def plot(client: IPFSClient, head: str, output: Path, title: str | None) -> int:
+def plot(client: IPFSClient, head: str, output: Path, title: str | None, max_blocks: int = MAX_BLOCKS) -> int:
     from .plot import plot_chain
 
-    blocks = list(walk(client, head))[::-1]
+    blocks = list(walk(client, head, max_blocks=max_blocks))[::-1]
     panels = plot_chain(blocks, output, head=head, title=title)
     job, last = blocks[0][1]["job"], blocks[-1][1]["round"]
     drawn = "; ".join(f"{base}: {', '.join(keys)}" for base, keys in panels.items()) or "no metrics recorded"
-    print(f"wrote {output}: job {job}, rounds 0..{last} ({drawn})")
+    print(_line(f"wrote {output}: job {job}, rounds 0..{last} ({drawn})"))
     return 0
 
 
 def export(client: IPFSClient, head: str, args) -> int:
-    done = export_model(client, head, args.output, round=args.round, onnx=args.onnx, signer=args.signer)
+    done = export_model(client, head, args.output, round=args.round, onnx=args.onnx, signer=args.signer,
+                        max_blocks=args.max_blocks)
     if args.json:
         print(json.dumps(done.as_dict()))
     else:
@@ -113,7 +119,7 @@ def export(client: IPFSClient, head: str, args) -> int:
     return 0
 
 
-def evaluator(client: IPFSClient, head: str, eval_xy: tuple):
+def evaluator(client: IPFSClient, head: str, eval_xy: tuple, max_blocks: int = MAX_BLOCKS):
     """weights -> {"val_<metric>": value}: the job's model (genesis) evaluated on `eval_xy`, named as the
     client records its held-out metrics. None when the chain cannot be walked to its genesis: then
     `verify_chain` names the block that breaks it."""
@@ -121,7 +127,7 @@ def evaluator(client: IPFSClient, head: str, eval_xy: tuple):
     from ..training import evaluate
 
     try:
-        *_, (_, genesis) = walk(client, head)
+        *_, (_, genesis) = walk(client, head, max_blocks=max_blocks)
     except (ChainError, IPFSError):
         return None
     model = load_genesis_model(client, genesis)
@@ -160,9 +166,11 @@ def load_ext_check(spec: str):
 
 
 def verify(client: IPFSClient, head: str, recompute: bool, as_json: bool, signer: str | None = None,
-           eval_data: Path | None = None, eval_xy: tuple | None = None, check_ext=None) -> int:
-    evaluate = evaluator(client, head, eval_xy) if eval_xy is not None else None
-    report = verify_chain(client, head, recompute=recompute, signer=signer, evaluate=evaluate, check_ext=check_ext)
+           eval_data: Path | None = None, eval_xy: tuple | None = None, check_ext=None,
+           max_blocks: int = MAX_BLOCKS) -> int:
+    evaluate = evaluator(client, head, eval_xy, max_blocks) if eval_xy is not None else None
+    report = verify_chain(client, head, recompute=recompute, signer=signer, evaluate=evaluate, check_ext=check_ext,
+                          max_blocks=max_blocks)
     if as_json:
         print(json.dumps({"ok": report.ok, "blocks": report.blocks, "reason": report.reason,
                           "first_bad": cid_str(report.first_bad) if report.first_bad else None,
@@ -173,15 +181,17 @@ def verify(client: IPFSClient, head: str, recompute: bool, as_json: bool, signer
               + (f", metrics re-evaluated on {eval_data}" if evaluate is not None else "")
               + (f", custom fields checked by {check_ext.__name__}" if check_ext is not None else ""))
     else:
-        print(f"FAILED at block {cid_str(report.first_bad) if report.first_bad else '?'}: {report.reason}")
+        seq = "?" if report.first_bad_seq is None else report.first_bad_seq
+        cid = cid_str(report.first_bad) if report.first_bad else "?"
+        print(_line(f"FAILED at block {seq} ({cid}): {report.detail or report.reason}"))
     return 0 if report.ok else 1
 
 
-def privacy(client: IPFSClient, head: str, delta: float, as_json: bool) -> int:
+def privacy(client: IPFSClient, head: str, delta: float, as_json: bool, max_blocks: int = MAX_BLOCKS) -> int:
     from ..privacy import chain_epsilon
 
     try:
-        budget = chain_epsilon(walk(client, head), delta)
+        budget = chain_epsilon(walk(client, head, max_blocks=max_blocks), delta)
     except ValueError as exc:
         raise ChainError(str(exc)) from None
     if as_json:
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--api", required=True, help="any IPFS daemon's API multiaddr")
         p.add_argument("head", nargs="?", help="the chain head CID")
         p.add_argument("--head-file", help="read the head CID from this file instead")
+        p.add_argument("--max-blocks", type=int, default=MAX_BLOCKS, metavar="N",
+                       help=f"refuse a chain longer than N blocks (default {MAX_BLOCKS})")
         if name != "plot":
             p.add_argument("--json", action="store_true")
         if name == "verify":
@@ -250,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         head = cid_str(parse_cid(args.head)) if args.head else None  # a bad HEAD is named before any connection
+        if args.max_blocks < 1:
+            parser.error(f"--max-blocks must be >= 1, got {args.max_blocks}")
         if args.command in ("export", "verify") and args.signer is not None:
             parse_public_id(args.signer)
         if args.command == "export":
@@ -273,17 +287,17 @@ def main(argv: list[str] | None = None) -> int:
             client.wait_ready(timeout=5)  # an unreachable daemon is an error, not a failed verification
             head = head or _head(args)
             if args.command == "show":
-                return show(client, head, args.json)
+                return show(client, head, args.json, args.max_blocks)
             if args.command == "plot":
-                return plot(client, head, args.output, args.title)
+                return plot(client, head, args.output, args.title, args.max_blocks)
             if args.command == "export":
                 return export(client, head, args)
             if args.command == "privacy":
-                return privacy(client, head, args.delta, args.json)
+                return privacy(client, head, args.delta, args.json, args.max_blocks)
             return verify(client, head, not args.no_recompute, args.json, args.signer, args.eval_data, eval_xy,
-                          check_ext)
+                          check_ext, args.max_blocks)
     except (ChainError, IPFSError, ExportError, PayloadError, IdentityError, DataError, OSError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {_line(_one_line(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -292,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _line(text: str) -> str:
+    """One printable line (see `verify.printable`): what is printed may quote text from a peer's blocks."""
+    from .verify import printable
+
+    return printable(text)
 
 
 if __name__ == "__main__":

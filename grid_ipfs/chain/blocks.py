@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 from typing import Any
 
 import dag_cbor
@@ -40,7 +41,7 @@ from ..messages import valid_job_id
 __all__ = [
     "BLOCK_VERSION", "EXT_MAX_DEPTH", "GENESIS_AGGREGATION", "ChainError",
     "encode_block", "decode_block", "sign_block", "check_signature", "validate_block", "block_cid",
-    "normalise_ext", "ROUND_FIELDS",
+    "normalise_ext", "ROUND_FIELDS", "MAX_UPDATES", "MAX_CBOR_DEPTH", "check_cbor_depth",
 ]
 
 BLOCK_VERSION = 1
@@ -56,10 +57,29 @@ _OPTIONAL = {"prev", "config", "ext"}
 EXT_MAX_DEPTH = 16
 """How deeply lists and maps may nest inside `ext` (the ext map itself is level 1)."""
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+MAX_UPDATES = 10_000
+"""Most updates one block may record: an auditor fetches and parses each, so a block cannot ask for more."""
+MAX_CBOR_DEPTH = 64
+"""How deeply lists and maps may nest in any dag-cbor bytes decoded here (a block needs 4, plus ext's
+`EXT_MAX_DEPTH`). Checked before decoding: the dag-cbor decoder recurses once per level."""
 
 
 class ChainError(Exception):
     """A block or chain that is malformed, does not hash to its CID, or cannot be extended."""
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 60, 60, 40
+
+
+def _brief(value: object) -> str:
+    """A short repr of a value from a block for an error message: however long or deeply nested the
+    value, the message stays one short line (reprlib stops at `maxlevel`, so no recursion limit)."""
+    return _BRIEF.repr(value)
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, str) and is_public_id(value)  # a str first: never repr a peer's nested value
 
 
 def _is_int(value: object) -> bool:
@@ -71,9 +91,9 @@ def _check_metrics(where: str, metrics: object) -> None:
         raise ChainError(f"{where}: expected a map of floats")
     for key, value in metrics.items():
         if not isinstance(key, str) or not key:
-            raise ChainError(f"{where}: metric names must be non-empty strings, got {key!r}")
+            raise ChainError(f"{where}: metric names must be non-empty strings, got {_brief(key)}")
         if not isinstance(value, float) or not math.isfinite(value):
-            raise ChainError(f"{where}.{key}: expected a finite float, got {value!r}")
+            raise ChainError(f"{where}.{key}: expected a finite float, got {_brief(value)}")
 
 
 def _check_ext_value(where: str, value: object, depth: int) -> None:
@@ -85,7 +105,7 @@ def _check_ext_value(where: str, value: object, depth: int) -> None:
         return
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ChainError(f"{where}: expected a finite float, got {value!r}")
+            raise ChainError(f"{where}: expected a finite float, got {_brief(value)}")
         return
     if isinstance(value, (list, dict)) and depth >= EXT_MAX_DEPTH:
         raise ChainError(f"{where}: nested deeper than {EXT_MAX_DEPTH} levels")
@@ -105,7 +125,7 @@ def _check_ext_value(where: str, value: object, depth: int) -> None:
 def _check_ext_map(where: str, value: dict, depth: int) -> None:
     for key, item in value.items():
         if not isinstance(key, str) or not key:
-            raise ChainError(f"{where}: keys must be non-empty strings, got {key!r}")
+            raise ChainError(f"{where}: keys must be non-empty strings, got {_brief(key)}")
         _check_ext_value(f"{where}.{key}", item, depth)
 
 
@@ -132,21 +152,21 @@ def validate_block(block: object, *, signed: bool = True) -> None:
         raise ChainError(f"missing field {missing[0]}")
     extra = sorted(set(block) - _REQUIRED - _OPTIONAL)
     if extra:
-        raise ChainError(f"unexpected field {extra[0]!r}")
+        raise ChainError(f"unexpected field {_brief(extra[0])}")
     if "config" in block:
         if not genesis:
-            raise ChainError(f"config at seq {block['seq']}: the job's config lives in genesis only")
+            raise ChainError(f"config at seq {_brief(block['seq'])}: the job's config lives in genesis only")
         if not isinstance(block["config"], dict) or not all(isinstance(k, str) and k for k in block["config"]):
             raise ChainError("config: expected a map with non-empty string keys")
     if "ext" in block:
         _check_ext(block["ext"])
     if block["v"] != BLOCK_VERSION or not _is_int(block["v"]):
-        raise ChainError(f"unsupported block version {block['v']!r}")
+        raise ChainError(f"unsupported block version {_brief(block['v'])}")
     if not valid_job_id(block["job"]):
-        raise ChainError(f"bad job id {block['job']!r}")
+        raise ChainError(f"bad job id {_brief(block['job'])}")
     for key in ("seq", "round"):
         if not _is_int(block[key]) or block[key] < 0:
-            raise ChainError(f"{key}: expected an integer >= 0, got {block[key]!r}")
+            raise ChainError(f"{key}: expected an integer >= 0, got {_brief(block[key])}")
     if genesis and "prev" in block:
         raise ChainError("genesis (seq 0) has a prev link")
     if genesis != (block["round"] == 0):
@@ -161,31 +181,34 @@ def validate_block(block: object, *, signed: bool = True) -> None:
             or not isinstance(aggregation["params"], dict)):
         raise ChainError("aggregation: expected {name: str, params: map}")
     if genesis != (aggregation["name"] == GENESIS_AGGREGATION):
-        raise ChainError(f"aggregation {aggregation['name']!r} at seq {block['seq']}: "
+        raise ChainError(f"aggregation {_brief(aggregation['name'])} at seq {block['seq']}: "
                          f"{GENESIS_AGGREGATION!r} is for genesis only")
 
     updates = block["updates"]
     if not isinstance(updates, list) or genesis != (not updates):
         raise ChainError("updates: expected a list, empty in genesis only")
+    if len(updates) > MAX_UPDATES:
+        raise ChainError(f"updates: {len(updates)} updates, more than {MAX_UPDATES}")
     for i, update in enumerate(updates):
         where = f"updates[{i}]"
         if not isinstance(update, dict) or set(update) != _UPDATE_KEYS:
             raise ChainError(f"{where}: expected exactly {sorted(_UPDATE_KEYS)}")
-        if not is_public_id(update["worker"]):
-            raise ChainError(f"{where}.worker: not a public id: {update['worker']!r}")
+        if not _is_id(update["worker"]):
+            raise ChainError(f"{where}.worker: not a public id: {_brief(update['worker'])}")
         if i and not updates[i - 1]["worker"] < update["worker"]:
             raise ChainError(f"{where}: updates must be sorted by worker id, each worker once")
         if not isinstance(update["weights"], CID):
             raise ChainError(f"{where}.weights: expected an IPLD link")
         if not _is_int(update["num_examples"]) or update["num_examples"] < 1:
-            raise ChainError(f"{where}.num_examples: expected an integer >= 1, got {update['num_examples']!r}")
+            raise ChainError(f"{where}.num_examples: expected an integer >= 1, "
+                             f"got {_brief(update['num_examples'])}")
         _check_metrics(f"{where}.metrics", update["metrics"])
 
     _check_metrics("metrics", block["metrics"])
     if not isinstance(block["time"], float) or not math.isfinite(block["time"]):
-        raise ChainError(f"time: expected a finite float, got {block['time']!r}")
-    if not is_public_id(block["signer"]):
-        raise ChainError(f"signer: not a public id: {block['signer']!r}")
+        raise ChainError(f"time: expected a finite float, got {_brief(block['time'])}")
+    if not _is_id(block["signer"]):
+        raise ChainError(f"signer: not a public id: {_brief(block['signer'])}")
     if signed and not (isinstance(block["sig"], bytes) and len(block["sig"]) == 64):
         raise ChainError("sig: expected 64 bytes")
 
@@ -198,8 +221,16 @@ def block_cid(data: bytes) -> CID:
 def encode_block(block: dict) -> tuple[bytes, CID]:
     """Validate a signed block and return its dag-cbor bytes and CID."""
     validate_block(block)
-    data = dag_cbor.encode(block)
+    data = _encode(block)
     return data, block_cid(data)
+
+
+def _encode(block: dict) -> bytes:
+    """dag-cbor bytes of a block; ChainError for a value dag-cbor cannot hold (e.g. a param beyond 64 bits)."""
+    try:
+        return dag_cbor.encode(block)
+    except Exception as exc:  # dag_cbor raises its own errors, ValueError and TypeError by value
+        raise ChainError(f"not encodable as dag-cbor: {(str(exc) or type(exc).__name__).splitlines()[-1]}") from None
 
 
 def decode_block(data: bytes, cid: str | CID | None = None) -> dict:
@@ -213,6 +244,7 @@ def decode_block(data: bytes, cid: str | CID | None = None) -> dict:
             ok = False
         if not ok:
             raise ChainError(f"block {cid_str(cid)}: bytes do not hash to its CID")
+    check_cbor_depth(data)
     try:
         block = dag_cbor.decode(data)
     except Exception as exc:  # untrusted bytes: any decoder failure (CBOR errors, bad CID bytes) is ours
@@ -223,9 +255,44 @@ def decode_block(data: bytes, cid: str | CID | None = None) -> dict:
     return block
 
 
+def check_cbor_depth(data: bytes, max_depth: int = MAX_CBOR_DEPTH) -> None:
+    """Raise ChainError when the CBOR items in `data` nest lists and maps deeper than `max_depth`.
+
+    A scan of the item heads with an explicit stack (no recursion, no values built), run before
+    `dag_cbor.decode`, whose recursion would otherwise be bounded only by Python's recursion limit.
+    Malformed bytes are left to the decoder, which names the problem; this only measures nesting.
+    """
+    pending = [1]  # per open level: how many items are still to be read in it
+    pos, end = 0, len(data)
+    while pending:
+        if not pending[-1]:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        if pos >= end:
+            return
+        major, info = data[pos] >> 5, data[pos] & 0x1F
+        pos += 1
+        if info < 24:
+            arg = info
+        elif info <= 27:
+            size = 1 << (info - 24)
+            arg, pos = int.from_bytes(data[pos:pos + size], "big"), pos + size
+        else:
+            return  # indefinite lengths and reserved values: not dag-cbor, the decoder refuses them
+        if major in (2, 3):  # byte and text strings: skip the payload
+            pos += arg
+        elif major in (4, 5):  # list, map: a new level of `arg` items (twice that for a map)
+            if len(pending) > max_depth:
+                raise ChainError(f"not canonical dag-cbor: nested deeper than {max_depth} levels")
+            pending.append(arg * (2 if major == 5 else 1))
+        elif major == 6:  # a tag (42: a CID) applies to the one item after it
+            pending[-1] += 1
+
+
 def _float(where: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ChainError(f"{where}: expected a number, got {value!r}")
+        raise ChainError(f"{where}: expected a number, got {_brief(value)}")
     try:
         return float(value)
     except OverflowError:
@@ -307,7 +374,7 @@ def sign_block(fields: dict, identity: Identity) -> dict:
     block["v"] = BLOCK_VERSION
     block["signer"] = identity.id
     validate_block(block, signed=False)
-    block["sig"] = identity.sign(dag_cbor.encode(block))
+    block["sig"] = identity.sign(_encode(block))
     return block
 
 

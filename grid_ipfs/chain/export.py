@@ -21,7 +21,7 @@ from multiformats import CID
 
 from ..ipfs.cids import cid_str
 from .blocks import ChainError, check_signature
-from .log import BlockStore, walk
+from .log import MAX_BLOCKS, BlockStore, walk
 
 __all__ = ["ExportError", "Exported", "ONNX_MISSING", "check_request", "onnx_available", "select_block",
            "load_genesis_model", "load_global_model", "export_model"]
@@ -109,7 +109,8 @@ def load_global_model(store: BlockStore, genesis: dict, block: dict, *, timeout:
 
 
 def export_model(store: BlockStore, head: str | CID, path: str | os.PathLike, *, round: int | None = None,
-                 onnx: bool = False, signer: str | None = None, opset: int = DEFAULT_OPSET) -> Exported:
+                 onnx: bool = False, signer: str | None = None, opset: int = DEFAULT_OPSET,
+                 max_blocks: int = MAX_BLOCKS) -> Exported:
     """Write the global model of `round` (default: the head's) of the chain at `head` to `path`.
 
     Raises ExportError (bad request: missing round, output path, tf2onnx), ChainError (a block that
@@ -119,7 +120,7 @@ def export_model(store: BlockStore, head: str | CID, path: str | os.PathLike, *,
     path = Path(path)
     check_request(path, onnx)  # before any fetch: nothing to wait for if the answer is no
 
-    blocks = list(walk(store, head))
+    blocks = list(walk(store, head, max_blocks=max_blocks))
     for cid, block in blocks:
         if signer is not None and block["signer"] != signer:
             raise ChainError(f"block {cid_str(cid)} (round {block['round']}) is signed by {block['signer']}, "

@@ -20,7 +20,11 @@ from ..identity import Identity
 from ..ipfs.cids import InvalidCID, cid_str, parse_cid, same_cid, same_data
 from .blocks import ChainError, decode_block, encode_block, sign_block
 
-__all__ = ["BlockStore", "ChainLog", "walk", "read_head", "write_head", "store_block"]
+__all__ = ["BlockStore", "ChainLog", "MAX_BLOCKS", "walk", "read_head", "write_head", "store_block"]
+
+MAX_BLOCKS = 100_000
+"""Longest chain `walk` and `verify_chain` read by default (a round a minute for ten weeks): a head from
+a stranger cannot send an auditor's tools on an endless walk."""
 
 
 class BlockStore(Protocol):
@@ -61,16 +65,22 @@ def write_head(head_file: str | os.PathLike, cid: str | CID) -> None:
     os.replace(tmp, path)
 
 
-def walk(store: BlockStore, head: str | CID) -> Iterator[tuple[CID, dict]]:
+def walk(store: BlockStore, head: str | CID, *, max_blocks: int = MAX_BLOCKS) -> Iterator[tuple[CID, dict]]:
     """Yield (cid, block) from `head` back to genesis, each block checked against its CID and layout.
 
     Stops with ChainError when a block's seq is not one less than its successor's: a chain that skips
-    or repeats is not a log anyone should read as history. Use `verify_chain` for a full audit.
+    or repeats is not a log anyone should read as history. Because seq falls by exactly one per step
+    down to genesis at 0, the head's seq tells the chain's length before anything else is fetched: a
+    head at seq `max_blocks` or more is refused at once, and no walk goes on for ever (nor in a cycle).
+    Use `verify_chain` for a full audit.
     """
     cid: CID | None = parse_cid(head)
     expected: int | None = None
     while cid is not None:
         block = decode_block(store.block_get(cid), cid)
+        if expected is None and block["seq"] >= max_blocks:
+            raise ChainError(f"block {cid_str(cid)} has seq {block['seq']}: the chain is longer than "
+                             f"the {max_blocks} blocks allowed (max_blocks)")
         if expected is not None and block["seq"] != expected:
             raise ChainError(f"block {cid_str(cid)} has seq {block['seq']}, expected {expected}")
         yield cid, block

@@ -10,6 +10,10 @@ come first, then accuracy-like ones, then anything else numeric. Bookkeeping cou
 
 `plot_chain(blocks, path)` takes decoded blocks (genesis first), so it needs no daemon; it draws with
 matplotlib's Agg canvas directly (no pyplot, no display, no global backend switch).
+
+Metric names come from whoever wrote the blocks, so every text the figure draws is plain text: no
+mathtext (`$\\frac{`), no LaTeX, control characters escaped, names cut at `MAX_LABEL` characters; and at
+most `MAX_PANELS` panels are drawn (a block may hold thousands of metric names).
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["SOURCES", "BOOKKEEPING", "metric_kind", "collect_series", "plot_chain"]
+__all__ = ["SOURCES", "BOOKKEEPING", "MAX_LABEL", "MAX_PANELS", "metric_kind", "collect_series", "plot_chain"]
+
+MAX_PANELS = 24
+"""Most metric panels one figure draws (in panel order); the title says how many were left out."""
+MAX_LABEL = 60
+"""Longest metric name drawn as is; longer ones are cut with an ellipsis."""
 
 SOURCES = (
     ("", "train (workers)", "-", "o"),
@@ -56,6 +65,19 @@ def _split(key: str) -> tuple[str, str]:
         if prefix and key.startswith(prefix) and len(key) > len(prefix):
             return prefix, key[len(prefix):]
     return "", key
+
+
+def _plain_text(text: str, limit: int = MAX_LABEL) -> str:
+    """A peer's text safe to draw: control characters escaped, cut to `limit` characters."""
+    text = "".join(repr(ch)[1:-1] if not ch.isprintable() else ch for ch in str(text))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _as_plain(*artists) -> None:
+    """Render these text artists literally: a `$` in a metric name is a dollar sign, not mathtext."""
+    for artist in artists:
+        artist.set_parse_math(False)
+        artist.set_usetex(False)
 
 
 def _number(value: object) -> float | None:
@@ -123,6 +145,8 @@ def plot_chain(blocks: Iterable, path: str | os.PathLike, *, head: str | None = 
     head = head if head is not None else pair_head
     series = collect_series(blocks)
     panels = _ordered(series)
+    left_out = len(panels) - MAX_PANELS
+    panels = panels[:MAX_PANELS]
 
     job = next((b.get("job") for b in blocks if isinstance(b.get("job"), str)), None)
     rounds = [b["round"] for b in blocks if isinstance(b.get("round"), int)]
@@ -132,20 +156,24 @@ def plot_chain(blocks: Iterable, path: str | os.PathLike, *, head: str | None = 
             title += f" · head {head[:12]}…"
         if rounds:
             title += f" · rounds {min(rounds)}–{max(rounds)}"
+        if left_out > 0:
+            title += f" · {left_out} more metrics not drawn"
+    title = _plain_text(title, limit=200)
 
     ncols = 1 if len(panels) <= 1 else 2
     nrows = max(1, math.ceil(len(panels) / ncols))
     fig = Figure(figsize=(6.0 * ncols, 3.6 * nrows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
-    fig.suptitle(title)
+    _as_plain(fig.suptitle(title))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     drawn: dict[str, list[str]] = {}
     if not panels:
-        axes[0].text(0.5, 0.5, "no metrics recorded in this chain", ha="center", va="center",
-                     transform=axes[0].transAxes)
+        _as_plain(axes[0].text(0.5, 0.5, "no metrics recorded in this chain", ha="center", va="center",
+                               transform=axes[0].transAxes))
         axes[0].set_axis_off()
     for ax, base in zip(axes, panels):
         kind = metric_kind(base)
+        name = _plain_text(base)
         drawn[base] = []
         values = []
         for prefix, label, style, marker in SOURCES:
@@ -154,13 +182,11 @@ def plot_chain(blocks: Iterable, path: str | os.PathLike, *, head: str | None = 
                 continue
             xs, ys = zip(*points)
             values.extend(ys)
-            ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, label=f"{prefix}{base} · {label}")
+            ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, label=f"{prefix}{name} · {label}")
             drawn[base].append(prefix + base)
-        ax.set_title(base + ("" if kind == "other" else f"  ({kind}-like: "
-                                                        f"{'lower' if kind == 'loss' else 'higher'} is better)"),
-                     fontsize=10)
-        ax.set_xlabel("round")
-        ax.set_ylabel(base)
+        _as_plain(ax.set_title(name + ("" if kind == "other" else f"  ({kind}-like: "
+                                      f"{'lower' if kind == 'loss' else 'higher'} is better)"), fontsize=10),
+                  ax.set_xlabel("round"), ax.set_ylabel(name))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if rounds:  # every panel spans the whole chain, so rounds line up across panels
             ax.set_xlim(min(rounds) - 0.3, max(rounds) + 0.3)
@@ -169,7 +195,7 @@ def plot_chain(blocks: Iterable, path: str | os.PathLike, *, head: str | None = 
             ax.set_ylim(-0.02, 1.02)
         elif kind == "loss" and values and min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        _as_plain(*ax.legend(fontsize=8).get_texts())
     for ax in axes[len(panels) or 1:]:
         ax.set_visible(False)
     fig.savefig(Path(path), dpi=dpi)

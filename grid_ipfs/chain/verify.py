@@ -30,10 +30,20 @@ message about the previous block, at most one per miner.
 
 The report names the *oldest* bad block reachable from the head, because everything built on a bad
 block inherits the problem: the first failure is the one to investigate.
+
+Bounded for a stranger's chain: the walk from the head checks that seq falls by exactly one per step
+while it walks (the first break is named, nothing below it is fetched), and refuses a head whose seq
+says the chain is longer than `max_blocks`; a block records at most `MAX_UPDATES` updates; each linked
+object is fetched once per run (its parsed arrays are shared by every update that links it, and kept
+for later blocks within `OBJECT_CACHE_BYTES`); aggregation params are range-checked before any
+recomputation; and whatever a block holds, the verdict is a named block and a one-line reason, never
+an exception.
 """
 
 from __future__ import annotations
 
+import unicodedata
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -44,9 +54,12 @@ from .. import messages
 from ..ipfs.cids import cid_str, parse_cid, same_cid, same_data
 from ..ipfs.errors import IPFSError
 from .blocks import ROUND_FIELDS, ChainError, check_signature, decode_block
-from .log import BlockStore
+from .log import MAX_BLOCKS, BlockStore
 
-__all__ = ["BlockCheck", "ExtCheck", "VerifyReport", "is_accepted", "verify_chain"]
+__all__ = ["BlockCheck", "ExtCheck", "OBJECT_CACHE_BYTES", "VerifyReport", "is_accepted", "printable", "verify_chain"]
+
+OBJECT_CACHE_BYTES = 512 * 1024 * 1024
+"""How many bytes of parsed weights one verify run keeps for objects that later blocks link again."""
 
 ExtCheck = Callable[[dict, list], str | None]
 """`check_ext(block, weights)`: None when the block's custom fields are right, else the reason (weights read-only)."""
@@ -80,6 +93,10 @@ class VerifyReport:
     reason: str = ""
     checks: list[BlockCheck] = field(default_factory=list)
     """Per block, genesis first (or the oldest block reached, if the walk broke)."""
+    first_bad_seq: int | None = None
+    """The seq of `first_bad` (what its successor says it should be, if it could not be read)."""
+    detail: str = ""
+    """`reason` without its leading block label: `FAILED at block <seq> (<cid>): <detail>`."""
 
 
 class _Bad(Exception):
@@ -88,7 +105,8 @@ class _Bad(Exception):
 
 def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = True, recompute: bool = True,
                  signer: str | None = None, evaluate: Callable[[list], Mapping[str, float]] | None = None,
-                 eval_tolerance: float = 1e-4, check_ext: ExtCheck | None = None) -> VerifyReport:
+                 eval_tolerance: float = 1e-4, check_ext: ExtCheck | None = None,
+                 max_blocks: int = MAX_BLOCKS) -> VerifyReport:
     """Walk `head` -> genesis and check every block (see the module docstring).
 
     `signer`, if given, is the only id allowed to have signed blocks (e.g. the job owner's). Fetch
@@ -97,36 +115,106 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
     that the block also records must agree within `eval_tolerance`, and acceptance rules are decided on
     its values. `check_ext(block, weights)`, if given, re-checks each block's custom fields (`ext`,
     absent unless the writer added some): a returned string fails the block, and so does a KeyError,
-    IndexError, TypeError or ValueError raised while reading a block it did not expect.
+    IndexError, TypeError or ValueError raised while reading a block it did not expect. A chain longer
+    than `max_blocks` fails at its head without being walked. Nothing a chain holds makes this raise:
+    an unexpected error while checking a block is that block's verdict too.
     """
-    walked, broken = _walk(store, parse_cid(head))
+    walked, broken = _walk(store, parse_cid(head), max_blocks)
     chain = walked[::-1]  # oldest first, so the first failure found is the oldest one
     checks = [BlockCheck(cid, None if b is None else b["seq"], None if b is None else b["round"])
               for cid, b in chain]
-    failure: tuple[int, str] | None = None
-    if broken is not None:  # the oldest block reached could not be read: nothing older is checked
-        failure = (0, broken)
+    failure: tuple[int, str, str, int | None] | None = None
+    if broken is not None:  # the walk stopped at a block: nothing older is checked
+        position, label, detail, seq = broken
+        failure = (len(walked) - 1 - position, label, detail, seq)
     else:
-        context = _Context(check_objects, recompute, signer, evaluate, eval_tolerance, check_ext)
+        context = _Context(_Objects(store), check_objects, recompute, signer, evaluate, eval_tolerance, check_ext)
         for index, (_, block) in enumerate(chain):
             parent = chain[index - 1][1] if index else None
             try:
-                weights, metrics = _check_block(store, block, parent, context)
+                metrics = _check_block(block, parent, context)
             except _Bad as exc:
-                failure = (index, f"{_label(index, block)}: {exc}")
+                failure = (index, _label(index, block), str(exc), block["seq"])
+                break
+            except Exception as exc:  # noqa: BLE001 - a block that trips the verifier does not verify
+                failure = (index, _label(index, block), f"unexpected {type(exc).__name__}: {_one_line(exc)}",
+                           block["seq"])
                 break
             if is_accepted(block):
-                context.accepted, context.accepted_weights, context.accepted_metrics = block, weights, metrics
+                context.accepted, context.accepted_metrics = block, metrics
             checks[index].ok = True
     if failure is None:
         return VerifyReport(True, len(walked), checks=checks)
-    index, reason = failure
+    index, label, detail, seq = failure
+    detail = printable(detail)
+    reason = f"{label}: {detail}"
     checks[index].ok, checks[index].reason = False, reason
-    return VerifyReport(False, len(walked), checks[index].cid, reason, checks)
+    return VerifyReport(False, len(walked), checks[index].cid, reason, checks, seq, detail)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """`text` as one printable line. Reasons quote what blocks hold (metric names, rules, ext keys), and
+    a peer's text can hold newlines, terminal escapes or bidi controls: every control, format or
+    separator character but the space is escaped, and anything past `limit` characters is cut."""
+    text = "".join(repr(ch)[1:-1] if unicodedata.category(ch)[0] in "CZ" and ch != " " else ch for ch in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _Objects:
+    """The linked objects of one verify run, each fetched at most once.
+
+    Weights are parsed as soon as they arrive and only the arrays are kept (read-only, shared by every
+    update that links the same CID); they stay cached for later blocks while the cache holds at most
+    `budget` bytes (oldest dropped first). Objects only checked for retrievability leave just their
+    hash behind.
+    """
+
+    def __init__(self, store: BlockStore, budget: int = OBJECT_CACHE_BYTES):
+        self.store, self.budget = store, budget
+        self.seen: set[bytes] = set()
+        self.parsed: OrderedDict[bytes, list] = OrderedDict()
+        self.size = 0
+
+    def check(self, cid: CID, max_size: int, what: str) -> None:
+        """_Bad unless `cid` is retrievable within `max_size` bytes."""
+        if bytes(cid.digest) not in self.seen:
+            self._fetch(cid, max_size, what)
+
+    def weights(self, cid: CID, what: str, source: str | None = None) -> list:
+        """The arrays of weights file `cid`; _Bad when not retrievable, PayloadError when not weights."""
+        from ..payloads import MAX_WEIGHTS_BYTES, weights_from_bytes
+
+        key = bytes(cid.digest)
+        if key in self.parsed:
+            self.parsed.move_to_end(key)
+            return self.parsed[key]
+        arrays = weights_from_bytes(self._fetch(cid, MAX_WEIGHTS_BYTES, what), source=source or what)
+        for array in arrays:
+            array.flags.writeable = False
+        self.parsed[key] = arrays
+        self.size += sum(array.nbytes for array in arrays)
+        while self.size > self.budget and len(self.parsed) > 1:
+            _, dropped = self.parsed.popitem(last=False)
+            self.size -= sum(array.nbytes for array in dropped)
+        return arrays
+
+    def _fetch(self, cid: CID, max_size: int, what: str) -> bytes:
+        try:
+            data = self.store.cat(cid, max_size=max_size)
+        except IPFSError as exc:
+            raise _Bad(f"{what} {cid_str(cid)} not retrievable: {exc}") from None
+        self.seen.add(bytes(cid.digest))
+        return data
 
 
 @dataclass
 class _Context:
+    objects: _Objects
     check_objects: bool
     recompute: bool
     signer: str | None
@@ -136,7 +224,6 @@ class _Context:
     accepted: dict | None = None
     """The newest accepted block checked so far (genesis first): its weights are the reference of the
     next block, its metrics the baseline of an `improves:` rule."""
-    accepted_weights: bytes | None = None
     accepted_metrics: Mapping[str, float] | None = None
 
 
@@ -144,33 +231,50 @@ def _label(index: int, block: dict) -> str:
     return f"block {index} (seq {block['seq']})"
 
 
-def _walk(store: BlockStore, head: CID) -> tuple[list[tuple[CID, dict | None]], str | None]:
-    """Follow `prev` links to genesis. Returns the blocks head first and, if a block could not be
-    fetched or decoded (so its `prev` cannot be trusted), that block last (as None) and the reason."""
+_Broken = tuple[int, str, str, int | None]
+
+
+def _walk(store: BlockStore, head: CID, max_blocks: int) -> tuple[list[tuple[CID, dict | None]], _Broken | None]:
+    """Follow `prev` links to genesis, checking on the way that seq falls by exactly one per step.
+
+    Returns the blocks head first and, if the walk broke, (position in that list of the block to blame,
+    its label, the reason, its seq). A block that could not be fetched or decoded (so its `prev` cannot
+    be trusted) is last, as None; a seq break blames the newer block, whose prev does not fit its seq.
+    A head at seq `max_blocks` or more is refused before anything else is fetched.
+    """
     walked: list[tuple[CID, dict | None]] = []
     cid: CID | None = head
+    expected: int | None = None  # the seq the next block must have
     while cid is not None:
-        depth = f"block {cid_str(cid)} ({len(walked)} below the head)"
+        label = f"block {cid_str(cid)} ({len(walked)} below the head)"
         try:
             data = store.block_get(cid)
         except (IPFSError, ChainError) as exc:
             walked.append((cid, None))
-            return walked, f"{depth}: cannot be fetched: {exc}"
+            return walked, (len(walked) - 1, label, f"cannot be fetched: {_one_line(exc)}", expected)
         try:
             block = decode_block(data, cid)
-        except ChainError as exc:
+        except Exception as exc:  # noqa: BLE001 - decode_block raises ChainError; anything else is a verdict too
             walked.append((cid, None))
-            reason = str(exc).removeprefix(f"block {cid_str(cid)}: ")
-            return walked, f"{depth}: {reason}"
+            reason = (_one_line(exc) if isinstance(exc, ChainError)
+                      else f"unexpected {type(exc).__name__}: {_one_line(exc)}")
+            return walked, (len(walked) - 1, label, reason.removeprefix(f"block {cid_str(cid)}: "), expected)
         walked.append((cid, block))
+        if expected is None and block["seq"] >= max_blocks:
+            return walked, (0, label, f"seq {block['seq']}: the chain is longer than the {max_blocks} blocks "
+                                      "allowed (max_blocks)", block["seq"])
+        if expected is not None and block["seq"] != expected:
+            newer_cid, newer = walked[-2]
+            return walked, (len(walked) - 2, f"block {cid_str(newer_cid)} ({len(walked) - 2} below the head)",
+                            f"seq {newer['seq']} follows seq {block['seq']}", newer["seq"])
+        expected = block["seq"] - 1
         cid = block.get("prev")
     return walked, None
 
 
-def _check_block(store: BlockStore, block: dict, parent: dict | None,
-                 context: _Context) -> tuple[bytes | None, Mapping[str, float]]:
-    """Raise _Bad on the first failed check; return the block's weights bytes (when fetched) and the
-    metrics to judge it by (recorded, or re-evaluated with `context.evaluate`)."""
+def _check_block(block: dict, parent: dict | None, context: _Context) -> Mapping[str, float]:
+    """Raise _Bad on the first failed check; return the metrics to judge the block by (recorded, or
+    re-evaluated with `context.evaluate`)."""
     signer = context.signer
     if signer is not None and block["signer"] != signer:
         raise _Bad(f"signed by {block['signer']}, expected {signer}")
@@ -191,42 +295,38 @@ def _check_block(store: BlockStore, block: dict, parent: dict | None,
                        "which must be tried again first")
     from ..payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES
 
-    weights = None
+    objects = context.objects
+    wants_arrays = context.evaluate is not None or context.check_ext is not None
+    arrays = None
     if parent is None:  # genesis: nothing to recompute; the model is the same along the chain
         if context.check_objects:
-            _fetch(store, block["model"], MAX_MODEL_BYTES, "model")
-        if (context.check_objects or context.recompute or context.evaluate is not None
-                or context.check_ext is not None):
-            weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
-        arrays = _global_arrays(weights, context)
+            objects.check(block["model"], MAX_MODEL_BYTES, "model")
+        if context.recompute or wants_arrays:  # its weights are the reference of the rounds after it
+            arrays = _global_arrays(objects, block)
+        elif context.check_objects:
+            objects.check(block["weights"], MAX_WEIGHTS_BYTES, "weights")
         _check_custom(block, arrays, context)
-        return weights, _metrics(block, arrays, context)
-    arrays = None
+        return _metrics(block, arrays, context)
+    if context.recompute:
+        arrays = _recompute(block, context)
+    elif context.check_objects:
+        objects.check(block["weights"], MAX_WEIGHTS_BYTES, "weights")
+        for u in block["updates"]:
+            objects.check(u["weights"], MAX_WEIGHTS_BYTES, f"update from {u['worker']}")
     if context.check_objects or context.recompute:
-        weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
-        updates = [_fetch(store, u["weights"], MAX_WEIGHTS_BYTES, f"update from {u['worker']}")
-                   for u in block["updates"]]
-        if context.recompute:
-            arrays = _recompute(block, weights, updates, context.accepted_weights)
-        _check_pofl(store, block, parent)
-    elif context.evaluate is not None or context.check_ext is not None:
-        weights = _fetch(store, block["weights"], MAX_WEIGHTS_BYTES, "weights")
-    if arrays is None:
-        arrays = _global_arrays(weights, context)
+        _check_pofl(objects.store, block, parent)
+    if arrays is None and wants_arrays:
+        arrays = _global_arrays(objects, block)
     _check_custom(block, arrays, context)
     metrics = _metrics(block, arrays, context)
     _check_acceptance(block, metrics, context.accepted_metrics)
-    return weights, metrics
+    return metrics
 
 
-def _global_arrays(weights: bytes | None, context: _Context) -> list | None:
-    """The block's global weights as arrays, parsed once for the checks that read them (None if none does)."""
-    if weights is None or (context.check_ext is None and context.evaluate is None):
-        return None
-    from ..payloads import weights_from_bytes
-
+def _global_arrays(objects: _Objects, block: dict) -> list:
+    """The block's global weights as (read-only, cached) arrays."""
     try:
-        return weights_from_bytes(weights, source="global weights")
+        return objects.weights(block["weights"], "weights", source="global weights")
     except ValueError as exc:
         raise _Bad(str(exc)) from None
 
@@ -265,19 +365,35 @@ def _check_endorsements(store: BlockStore, block: dict, parent: dict | None, lin
         raise _Bad("ext.pofl.endorsements: expected a list of links")
     signers = set()
     for link in links:
-        try:
-            envelope = messages.decode(store.block_get(link))
-        except IPFSError as exc:
-            raise _Bad(f"ext.pofl: endorsement {cid_str(link)} not retrievable: {exc}") from None
-        except messages.MessageError as exc:
-            raise _Bad(f"ext.pofl: endorsement {cid_str(link)}: {exc.reason}") from None
+        envelope = _endorsement(store, link)
         endorse = envelope.message
         if (not isinstance(endorse, messages.Endorse) or parent is None or endorse.job != block["job"]
-                or endorse.round != parent["round"] or not same_data(parse_cid(endorse.head), block["prev"])):
+                or endorse.round != parent["round"] or not same_data(_head_link(endorse.head), block["prev"])):
             raise _Bad(f"ext.pofl: endorsement {cid_str(link)} is not an endorsement of the previous block")
         if envelope.sender in signers:
             raise _Bad(f"ext.pofl: two endorsements from {envelope.sender[:12]}")
         signers.add(envelope.sender)
+
+
+def _endorsement(store: BlockStore, link: CID) -> messages.Envelope:
+    """The signed message a link points at; any failure to fetch or decode it is _Bad, whatever it raised."""
+    try:
+        data = store.block_get(link)
+    except (IPFSError, ChainError) as exc:
+        raise _Bad(f"ext.pofl: endorsement {cid_str(link)} not retrievable: {_one_line(exc)}") from None
+    try:
+        return messages.decode(data)
+    except messages.MessageError as exc:
+        raise _Bad(f"ext.pofl: endorsement {cid_str(link)}: {exc.reason}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. RecursionError on deeply nested JSON: still one verdict
+        raise _Bad(f"ext.pofl: endorsement {cid_str(link)}: not a message ({type(exc).__name__})") from None
+
+
+def _head_link(head: object) -> CID | None:
+    try:
+        return parse_cid(head)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - a malformed head is simply not the previous block
+        return None
 
 
 def _check_custom(block: dict, arrays: list | None, context: _Context) -> None:
@@ -337,41 +453,43 @@ def _check_acceptance(block: dict, metrics: Mapping[str, float], baseline: Mappi
         raise _Bad(f"recorded as {'accepted' if recorded == 1.0 else 'rejected'}, but {why}")
 
 
-def _fetch(store: BlockStore, cid: CID, max_size: int, what: str) -> bytes:
+def _check_params(name: str, params: dict) -> None:
+    """The aggregation params range-checked (`aggregate.check_params`) before any arithmetic: a recorded
+    `scale_bits` of 2000 overflows a float, one of 2**63-1 would never finish."""
+    from ..aggregate import check_params
+
     try:
-        return store.cat(cid, max_size=max_size)
-    except IPFSError as exc:
-        raise _Bad(f"{what} {cid_str(cid)} not retrievable: {exc}") from None
+        check_params(name, params)
+    except (ValueError, TypeError) as exc:
+        raise _Bad(f"aggregation params: {_one_line(exc)}") from None
 
 
-def _recompute(block: dict, stored: bytes, updates: list[bytes], reference: bytes | None) -> list:
+def _recompute(block: dict, context: _Context) -> list:
     """Raise _Bad unless the block's weights are exactly the aggregate of its updates; return them parsed.
 
     Arrays are compared as raw bytes (dtype, shape and every bit), not with a tolerance: aggregation is
     deterministic, so any difference means the recorded updates are not what produced these weights.
-    `reference` is the newest accepted block's weights, for the rules that need them.
+    The rules that need a reference get the newest accepted block's weights.
     """
     from ..aggregate import aggregate, needs_reference
-    from ..payloads import weights_from_bytes
 
     name, params = block["aggregation"]["name"], block["aggregation"]["params"]
+    objects = context.objects
+    actual = _global_arrays(objects, block)
+    _check_params(name, params)
     try:
-        results = [(weights_from_bytes(data, source=f"update from {u['worker']}"), u["num_examples"])
-                   for u, data in zip(block["updates"], updates, strict=True)]
+        results = [(objects.weights(u["weights"], f"update from {u['worker']}"), u["num_examples"])
+                   for u in block["updates"]]
         previous = None
         if needs_reference(name):
-            if reference is None:
+            if context.accepted is None:
                 raise ValueError("the previous global weights could not be read")
-            previous = weights_from_bytes(reference, source="previous global weights")
+            previous = objects.weights(context.accepted["weights"], "previous global weights")
         expected = aggregate(name, results, reference=previous, round=block["round"], seq=block["seq"], **params)
     except (ValueError, TypeError) as exc:  # PayloadError is a ValueError; so are the rules' own errors
         raise _Bad(f"cannot recompute {name}: {exc}") from None
-    try:
-        actual = weights_from_bytes(stored, source="global weights")
-    except ValueError as exc:
-        raise _Bad(str(exc)) from None
     if not (len(actual) == len(expected) and all(_identical(a, e) for a, e in zip(actual, expected))):
-        raise _Bad(f"weights differ from {name} of its {len(updates)} updates")
+        raise _Bad(f"weights differ from {name} of its {len(results)} updates")
     return actual
 
 
