@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL := 3
 export TF_ENABLE_ONEDNN_OPTS := 0
 
-.PHONY: setup lint test demo bench clean
+.PHONY: setup lint test fuzz demo bench clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -25,6 +25,10 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest
+
+# The fuzz targets of tests/test_fuzz.py with a long budget (make test runs them briefly).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_fuzz.py -q -p no:cacheprovider
 
 demo: setup
 	$(PY) -m grid_ipfs.demo

@@ -12,8 +12,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from grid_ipfs.ipfs.devnet import Devnet  # noqa: E402
+
+# Fuzz budgets (tests/test_fuzz.py): `make test` uses "ci", seconds per target; `make fuzz` uses "fuzz".
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=False)
+settings.register_profile("fuzz", max_examples=20_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
