@@ -9,8 +9,9 @@ answers `proposal`. When the owner appends the round's block, the miner checks i
 aggregate recomputes from the updates, the weights clear the rule on the miner's data) and publishes
 `endorse` with its verdict. A miner never trains; it holds no training data.
 
-Everything fetched is data: the model loads with Keras `safe_mode=True`, weights are safetensors that
-must match the model. A message that does not parse, verify or check out is dropped with one log line.
+Everything fetched is data: the model is vetted before Keras loads it (`grid_ipfs.vetting`), weights are
+safetensors that must match the model. A message that does not parse, verify or check out is dropped with
+one log line.
 """
 
 from __future__ import annotations

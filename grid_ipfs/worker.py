@@ -7,9 +7,10 @@ FedProx's proximal term when the job's config sets `proximal_mu`), adds the new 
 announces them in a signed `update`. `Worker.local_update` is the one step that turns global weights into
 the update sent: subclass it to simulate other behaviour (tests/byzantine_worker.py does).
 
-Everything fetched is data: models load with Keras `safe_mode=True`, weights are safetensors whose
-shapes and dtypes must match the model. A message that does not parse, validate or verify is dropped
-with one log line; it never stops the worker. SIGINT/SIGTERM stop it between steps.
+Everything fetched is data: models are vetted against an allow-list before Keras loads them
+(`grid_ipfs.vetting`), weights are safetensors whose shapes and dtypes must match the model. A message
+that does not parse, validate or verify is dropped with one log line; it never stops the worker.
+SIGINT/SIGTERM stop it between steps.
 
 With `--isolate` each job's model is loaded and trained in its own child process under rlimits
 (`grid_ipfs.sandbox`): a model that kills its child (memory, CPU, the round deadline, a crash) gets one

@@ -120,7 +120,9 @@ def test_a_worker_and_a_miner_survive_strangers_jobs_then_train_an_honest_one(tm
                               f"the worker and the miner to drop the {kind} message")
         for name, proc in procs.items():
             assert proc.poll() is None, f"the {name} died: {logs[name]()[-2000:]}"
-            assert peak_rss(proc.pid) < PEAK_RSS_BOUND, f"the {name} peaked at {peak_rss(proc.pid)} bytes"
+            peak = peak_rss(proc.pid)
+            print(f"\n{name}: peak RSS {peak / 2 ** 20:.0f} MiB after the hostile jobs")
+            assert peak < PEAK_RSS_BOUND, f"the {name} peaked at {peak} bytes"
             assert "Traceback" not in logs[name](), logs[name]()
         assert not Path("/tmp/grid-ipfs-pwned").exists()
 
