@@ -25,21 +25,26 @@ import json
 import math
 import re
 import zipfile
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from .limits import json_too_deep
 from .payloads import MAX_MODEL_BYTES, MAX_WEIGHTS_BYTES, PayloadError, _check_keras_archive, _check_size
 
 MiB = 1024 * 1024
 MAX_CONFIG_BYTES = 4 * MiB
 """Largest `config.json` accepted: ~2 KB per layer, so room for ~2000 layers."""
 MAX_METADATA_BYTES = 64 * 1024
-MAX_JSON_DEPTH = 64
-"""Deepest JSON nesting accepted in config.json; a real model nests about 10 deep."""
+MAX_CONFIG_DEPTH = 64
+"""Deepest JSON nesting accepted in config.json (a real model nests about 10 deep); not limits.MAX_JSON_DEPTH,
+which bounds pubsub messages."""
 MAX_LAYERS = 2000
+MAX_NODES = 10_000
+"""Most layer calls vetted in one config, counting each call of a shared layer or nested model."""
 MAX_NESTED_MODELS = 4
 MAX_NODES_PER_LAYER = 64
 MAX_RANK = 8
@@ -49,6 +54,8 @@ DEFAULT_MAX_PARAMS = MAX_WEIGHTS_BYTES // 4
 larger model could never take part in a round anyway."""
 DEFAULT_MAX_ACTIVATION = 4 * MiB
 """Most values one layer may output per example (16 MiB of float32): a 224x224x64 feature map fits."""
+MAX_TOTAL_ACTIVATION_FACTOR = 4
+"""All layers together may output at most this many times `Policy.max_activation` values per example."""
 MAX_H5_LINKS = 100_000
 MAX_H5_ATTRIBUTES = 32
 MAX_H5_ATTRIBUTE_BYTES = 64 * 1024
@@ -191,6 +198,7 @@ class Report:
 
     params: int = 0
     max_activation: int = 0
+    total_activation: int = 0
     layers: int = 0
     weight_values: int = 0
 
@@ -216,6 +224,9 @@ def vet_model(data: bytes, *, source: str = "model", policy: Policy | None = Non
                 raise PayloadError(source, f"expected a .keras archive with {missing[0]}")
             _read_json(archive, "metadata.json", MAX_METADATA_BYTES, source, _check_metadata)
             config = _read_json(archive, "config.json", MAX_CONFIG_BYTES, source, None)
+            reason = _shared_objects(config)  # before the vetter: it must vet what Keras will use
+            if reason:
+                raise ModelRefused(source, f"config.json: {reason}")
             report = Report()
             try:
                 _Vetter(policy, source, report).model(config)
@@ -243,32 +254,28 @@ def _read_json(archive: zipfile.ZipFile, name: str, limit: int, source: str,
     with archive.open(info) as member:
         raw = member.read(limit + 1)
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        raise ModelRefused(source, f"{name} nests deeper than {MAX_JSON_DEPTH} levels") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise PayloadError(source, f"{name} is not UTF-8 JSON ({' '.join(str(exc).split())[:200]})") from None
-    depth = _depth(doc)
-    if depth > MAX_JSON_DEPTH:
-        raise ModelRefused(source, f"{name} nests {depth} levels deep, more than {MAX_JSON_DEPTH}")
-
+    depth = json_too_deep(text, MAX_CONFIG_DEPTH)  # measured before parsing: the parser recurses per level
+    if depth is not None:
+        raise ModelRefused(source, f"{name} nests {depth} levels deep, more than {MAX_CONFIG_DEPTH}")
+    try:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:  # not reachable within MAX_CONFIG_DEPTH; kept so vetting never raises past here
+        raise ModelRefused(source, f"{name} nests deeper than {MAX_CONFIG_DEPTH} levels") from None
+    except _Bad as exc:
+        raise ModelRefused(source, f"{name}: {exc}") from None
+    except ValueError as exc:
+        raise PayloadError(source, f"{name} is not UTF-8 JSON ({' '.join(str(exc).split())[:200]})") from None
     if check is not None:
         check(doc, source)
     return doc
 
 
-def _depth(doc: Any) -> int:
-    """Nesting depth of parsed JSON, iteratively (a deep document must not blow our stack either)."""
-    deepest, stack = 0, [(doc, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            deepest = max(deepest, depth)
-            if depth > MAX_JSON_DEPTH:
-                return depth
-            children = value.values() if isinstance(value, dict) else value
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
+def _no_constant(name: str) -> Any:
+    """json's parse_constant hook: NaN and Infinity are not JSON, and no Keras setting needs them."""
+    raise _Bad(f"{name} is not a JSON number")
 
 
 def _anywhere(doc: Any) -> str | None:
@@ -285,6 +292,35 @@ def _anywhere(doc: Any) -> str | None:
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
+    return None
+
+
+def _shared_objects(doc: Any) -> str | None:
+    """Keras deserialises the first object carrying a `shared_object_id` and returns it for every later
+    object with that id, ignoring their configs, so a small layer vetted in one place could stand for a
+    big one built elsewhere. Every object sharing an id must therefore be identical (as canonical JSON,
+    so 1, 1.0 and true differ): then whichever one Keras builds is one the vetter checked."""
+    by_id: dict[int, list[dict]] = {}
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if _is_int(value.get("shared_object_id")):
+                by_id.setdefault(value["shared_object_id"], []).append(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    budget = 2 * MAX_CONFIG_BYTES
+    for ident, objects in by_id.items():
+        if len(objects) < 2:
+            continue
+        first = json.dumps(objects[0], sort_keys=True)
+        budget -= len(first) * len(objects)
+        if budget < 0:
+            return "shared objects too large to compare"
+        for other in objects[1:]:
+            if json.dumps(other, sort_keys=True) != first:
+                return f"objects sharing shared_object_id {ident} differ (Keras would build only the first)"
     return None
 
 
@@ -387,6 +423,8 @@ class _Vetter:
         self.source = source
         self.report = report
         self.nesting = 0
+        self.nodes = 0
+        self.shared = 0  # > 0 while re-vetting a nested model called again: its weights are counted already
 
     # -- errors
 
@@ -519,26 +557,45 @@ class _Vetter:
                 raise self.refuse(self.label(layer), f"expected 1 to {MAX_NODES_PER_LAYER} inbound nodes")
             for index, node in enumerate(nodes):
                 pending.append((name, index, self.node_refs(node, by_name, self.label(layer))))
-        while pending:  # each pass resolves at least one node, else the graph has a cycle or a dangling ref
-            waiting = []
-            for name, index, (structure, refs) in pending:
-                if all((ref[0], ref[1]) in produced for ref in refs):
-                    shapes = [produced[(ref[0], ref[1])] for ref in refs]
-                    (produced[(name, index)],) = self.layer(by_name[name], shapes, self.label(by_name[name]),
-                                                            node=index, listed=structure)
-                else:
-                    waiting.append((name, index, (structure, refs)))
-            if len(waiting) == len(pending):
-                name, index, _ = waiting[0]
-                raise self.refuse(self.label(by_name[name]), f"inbound node {index} refers to an output that "
-                                                             f"is never produced")
-            pending = waiting
+        self.resolve(pending, produced, by_name, where)
         result = []
         for name, node, _ in outputs:
             if (name, node) not in produced:
                 raise self.refuse(where, f"output {name!r} node {node} is never produced")
             result.append(produced[(name, node)])
         return result
+
+    def resolve(self, pending: list, produced: dict, by_name: dict, where: str) -> None:
+        """Vet every node once its inputs are known (Kahn's algorithm: linear in nodes and references, so
+        a graph listed backwards costs no more than one listed in order); refuse a cycle or dangling ref."""
+        self.nodes += len(pending)
+        if self.nodes > MAX_NODES:
+            raise self.refuse(where, f"more than {MAX_NODES} layer calls (inbound nodes) in the model")
+        waiters: dict[tuple[str, int], list[int]] = {}
+        missing: list[int] = []
+        ready: deque[int] = deque()
+        for i, (_, _, (_, refs)) in enumerate(pending):
+            keys = {(ref[0], ref[1]) for ref in refs} - produced.keys()
+            missing.append(len(keys))
+            for key in keys:
+                waiters.setdefault(key, []).append(i)
+            if not keys:
+                ready.append(i)
+        while ready:
+            i = ready.popleft()
+            name, index, (structure, refs) = pending[i]
+            shapes = [produced[(ref[0], ref[1])] for ref in refs]
+            (produced[(name, index)],) = self.layer(by_name[name], shapes, self.label(by_name[name]),
+                                                    node=index, listed=structure)
+            for j in waiters.pop((name, index), ()):
+                missing[j] -= 1
+                if not missing[j]:
+                    ready.append(j)
+        stuck = next((i for i, count in enumerate(missing) if count), None)
+        if stuck is not None:
+            name, index, _ = pending[stuck]
+            raise self.refuse(self.label(by_name[name]), f"inbound node {index} refers to an output that "
+                                                         f"is never produced")
 
     def history_list(self, value: Any, by_name: dict, where: str) -> list[tuple[str, int, int]]:
         """input_layers/output_layers: one [name, node, 0] triple, a list of them or a dict of them."""
@@ -602,7 +659,7 @@ class _Vetter:
     def layer(self, layer: dict, shapes: list[Shape], label: str, *, node: int,
               listed: bool = False) -> list[Shape]:
         """Vet one layer object called on `shapes`; account its parameters once and its outputs."""
-        self.report.layers += node == 0
+        self.report.layers += node == 0 and not self.shared
         if self.report.layers > MAX_LAYERS:
             raise self.refuse(label, f"more than {MAX_LAYERS} layers")
         class_name = layer.get("class_name")
@@ -614,11 +671,12 @@ class _Vetter:
         if nested:
             if layer.get("compile_config") is not None:
                 self.compile_config(layer["compile_config"])
-            params = self.report.params
-            outputs = self.container(layer, shapes, label)
-            if node > 0:  # a shared nested model holds its weights once
-                self.report.params = params
-            return self.account(outputs, 0, label)
+            self.shared += node > 0  # a shared nested model holds its weights once: vet only its shapes
+            try:
+                outputs = self.container(layer, shapes, label)
+            finally:
+                self.shared -= node > 0
+            return self.account(outputs, 0, label, inner=True)
         rule = self.check_class(layer, label)
         config = layer.get("config")
         if not isinstance(config, dict):
@@ -654,8 +712,10 @@ class _Vetter:
                                      f"not accepted")
         return rule
 
-    def account(self, outputs: list[Shape], params: int, label: str) -> list[Shape]:
-        self.report.params += params
+    def account(self, outputs: list[Shape], params: int, label: str, *, inner: bool = False) -> list[Shape]:
+        """Add a layer call's parameters and outputs; `inner`: a nested model's outputs, whose layers are
+        counted already."""
+        self.report.params += 0 if self.shared else params
         if self.report.params > self.policy.max_params:
             raise self.refuse(label, f"the model would hold more than {self.policy.max_params} parameters "
                                      f"(at least {self.report.params})")
@@ -668,6 +728,13 @@ class _Vetter:
                 raise self.refuse(label, f"outputs {size} values per example, more than "
                                          f"{self.policy.max_activation}")
             self.report.max_activation = max(self.report.max_activation, size)
+            if inner:
+                continue
+            self.report.total_activation += size  # training keeps every layer's outputs for the backward pass
+            if self.report.total_activation > MAX_TOTAL_ACTIVATION_FACTOR * self.policy.max_activation:
+                raise self.refuse(label, f"the layers output more than {MAX_TOTAL_ACTIVATION_FACTOR} x "
+                                         f"{self.policy.max_activation} values per example in all "
+                                         f"(at least {self.report.total_activation})")
         return outputs
 
     def build_config(self, layer: dict, shape_in, label: str) -> None:
@@ -786,6 +853,14 @@ class _Vetter:
                 self.dtype(item)
             else:
                 _scalar_config(key, item)
+        if kind == "metrics" and name == "AUC":
+            config = value["config"]
+            thresholds = config.get("thresholds")
+            count = len(thresholds) + 2 if isinstance(thresholds, list) else config.get("num_thresholds") or 200
+            labels = config.get("num_labels") or 1 if config.get("multi_label") else 1
+            if 4 * count * labels > MAX_AUC_CELLS:
+                raise _Bad(f"AUC with {count} thresholds and {labels} labels allocates {4 * count * labels} values, "
+                           f"more than {MAX_AUC_CELLS}")
 
     def function_ref(self, value: dict, kind: str, names: frozenset[str], modules: tuple[str, ...]) -> None:
         """`{"class_name": "function", ...}` only where a loss/metric/activation goes, naming one of ours."""
@@ -893,7 +968,9 @@ def _camel(name: str) -> str:
 
 
 _SCALAR_CAPS = {"num_thresholds": 10_000, "num_classes": 100_000, "k": 10_000, "gradient_accumulation_steps": 1024,
-                "ema_overwrite_frequency": 1_000_000}
+                "ema_overwrite_frequency": 1_000_000, "num_labels": 10_000}
+MAX_AUC_CELLS = 10 ** 7
+"""AUC(multi_label=True) allocates 4 * num_thresholds * num_labels floats at compile time: at most 160 MB."""
 """Integers that size an allocation or a loop inside an object: tighter bounds than the generic one."""
 
 
@@ -1270,6 +1347,10 @@ def _h5_object(obj, h5py) -> str | None:
         return f"has dtype {dtype}, not a plain number type"
     if obj.shape is None or len(obj.shape) > MAX_RANK:
         return "has no shape or too many dimensions"
+    if obj.maxshape != obj.shape:  # reading a value inflates a whole chunk: it may not outsize the data
+        return f"is resizable (maxshape {obj.maxshape}, shape {obj.shape})"
+    if obj.chunks is not None and any(c > max(d, 1) for c, d in zip(obj.chunks, obj.shape)):
+        return f"has chunks {obj.chunks} larger than its shape {obj.shape}"
     plist = obj.id.get_create_plist()
     for i in range(plist.get_nfilters()):
         code = plist.get_filter(i)[0]

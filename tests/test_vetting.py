@@ -524,3 +524,132 @@ def test_worker_and_miner_take_the_vetting_options(tmp_path):
     assert policy.max_params == 123 and "GRU" in policy.extra["layers"]
     args = miner.build_parser().parse_args(["--api", "A", "--eval-data", "d.npz", "--max-params", "7"])
     assert policy_from_args(args).max_params == 7
+
+
+# -- review fixes: shared objects, metric bombs, graph CPU, chunk bombs, total activations, JSON -----------
+
+
+def test_objects_sharing_an_id_must_be_identical(digits_blob):
+    def edit(config):  # Keras builds the first object with an id and reuses it for every later one
+        first, second = layers(config)[1], layers(config)[2]
+        first["shared_object_id"] = second["shared_object_id"] = 7
+    with pytest.raises(ModelRefused, match=r"objects sharing shared_object_id 7 differ"):
+        vet_model(edited(digits_blob, edit))
+
+
+def test_identical_objects_may_share_an_id(digits_blob):
+    def edit(config):
+        for layer in layers(config)[1:]:
+            layer["config"]["kernel_initializer"] = {"module": "keras.initializers", "class_name": "Zeros",
+                                                     "config": {}, "registered_name": None, "shared_object_id": 3}
+    assert vet_model(edited(digits_blob, edit)).params == 4810
+
+
+def _auc(**config) -> dict:
+    return {"module": "keras.metrics", "class_name": "AUC", "registered_name": None,
+            "config": {"name": "auc", "multi_label": True, **config}}
+
+
+@pytest.mark.parametrize("metric,reason", [
+    (_auc(num_thresholds=200, num_labels=10 ** 9), r"num_labels: 1000000000 is not a plain value"),
+    (_auc(num_thresholds=1000, num_labels=5000), r"AUC with 1000 thresholds and 5000 labels allocates 20000000"),
+    (_auc(thresholds=[0.5] * 1000, num_labels=5000), r"AUC with 1002 thresholds and 5000 labels"),
+])
+def test_a_metric_that_allocates_at_compile_time_is_refused(digits_blob, metric, reason):
+    def edit(config):
+        config["compile_config"]["metrics"] = [metric]
+    with pytest.raises(ModelRefused, match=f"compile_config: {reason}"):
+        vet_model(edited(digits_blob, edit))
+
+
+def test_a_modest_multi_label_auc_is_accepted(digits_blob):
+    def edit(config):
+        config["compile_config"]["metrics"] = [_auc(num_thresholds=200, num_labels=100)]
+    assert vet_model(edited(digits_blob, edit)).params == 4810
+
+
+def _chain(functional_blob: bytes, layer_count: int) -> bytes:
+    """A chain of `layer_count` * 64 calls of shared Dense(2) layers, listed backwards: call n is layer
+    n % layer_count, node n // layer_count, and consumes call n - 1."""
+    def edit(config):
+        model = layers(config)
+        template = next(layer for layer in model if layer["class_name"] == "Dense")
+        names = [f"d{k}" for k in range(layer_count)]
+
+        def ref(n):
+            history = ["x", 0, 0] if n < 0 else [names[n % layer_count], n // layer_count, 0]
+            return {"class_name": "__keras_tensor__",
+                    "config": {"shape": [None, 2], "dtype": "float32", "keras_history": history}}
+        chain = []
+        for k in reversed(range(layer_count)):
+            layer = copy.deepcopy(template)
+            layer["name"] = layer["config"]["name"] = names[k]
+            layer["config"]["units"] = 2
+            layer["build_config"] = {"input_shape": [None, 2]}
+            layer["inbound_nodes"] = [{"args": [ref(i * layer_count + k - 1)], "kwargs": {}} for i in range(64)]
+            chain.append(layer)
+        config["config"]["layers"] = [model[0]] + chain
+        config["config"]["output_layers"] = [[names[-1], 63, 0]]
+    return edited(functional_blob, edit)
+
+
+def test_a_long_graph_listed_backwards_is_vetted_in_linear_time(functional_blob):
+    import time
+    hostile = _chain(functional_blob, 64)  # 4096 calls
+    start = time.process_time()
+    with pytest.raises(ModelRefused, match=r"model.weights.h5 declares 3 layer values, the config implies 384 "):
+        vet_model(hostile)  # the whole graph vets; only the (unedited) weights disagree
+    assert time.process_time() - start < 1.0
+
+
+def test_too_many_layer_calls_are_refused(functional_blob):
+    with pytest.raises(ModelRefused, match=r"more than 10000 layer calls"):
+        vet_model(_chain(functional_blob, 160))
+
+
+def test_a_resizable_hdf5_dataset_with_a_huge_chunk_is_refused(digits_blob):
+    files = members(digits_blob)
+    out = io.BytesIO(files["model.weights.h5"])
+    with h5py.File(out, "r+") as handle:
+        found = []
+        handle.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
+        name = next(n for n in found if handle[n].ndim == 1)
+        values = handle[name][()]
+        del handle[name]  # the same values, but reading one inflates a 4 MiB chunk
+        handle.create_dataset(name, data=values, maxshape=(None,), chunks=(2 ** 20,), compression="gzip")
+    files["model.weights.h5"] = out.getvalue()
+    assert len(files["model.weights.h5"]) < 64 * 1024
+    with pytest.raises(ModelRefused, match=r"model.weights.h5: .* is resizable"):
+        vet_model(rezip(files))
+
+
+def test_the_sum_of_activations_is_capped():
+    model = keras.Sequential([keras.Input((8,))] + [keras.layers.ReLU() for _ in range(4)])
+    wide = [None, 4 * 1024 * 1024]  # each layer at the per-layer cap; training keeps all five
+
+    def edit(config):
+        layers(config)[0]["config"]["batch_shape"] = wide
+        for layer in layers(config)[1:]:
+            layer["build_config"] = {"input_shape": wide}
+        config["config"]["build_input_shape"] = config["build_config"]["input_shape"] = wide
+    with pytest.raises(ModelRefused, match=r"\(ReLU\): the layers output more than 4 x 4194304 values per example "
+                                           r"in all \(at least 20971520\)"):
+        vet_model(edited(model_to_bytes(model), edit))
+
+
+def test_a_nested_model_called_twice_counts_its_parameters_once_against_the_cap():
+    inner = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)], name="inner")
+    a, b = keras.Input((8,), name="a"), keras.Input((8,), name="b")
+    model = keras.Model([a, b], keras.layers.Add()([inner(a), inner(b)]))
+    assert model.count_params() == 36
+    assert vet_model(model_to_bytes(model), policy=load_policy(max_params=36)).params == 36
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_json_constants_that_are_not_json_are_refused(digits_blob, constant):
+    files = members(digits_blob)
+    config = json.loads(files["config.json"])
+    config["config"]["layers"][1]["config"]["units"] = "@@"
+    files["config.json"] = json.dumps(config).replace('"@@"', constant).encode()
+    with pytest.raises(ModelRefused, match=f"config.json: {constant} is not a JSON number"):
+        vet_model(rezip(files))
