@@ -43,8 +43,8 @@ from .peer import Peer, connect  # noqa: E402
 from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args  # noqa: E402
 from .sandbox import add_arguments as add_isolation_arguments  # noqa: E402
 from .text import printable  # noqa: E402
+from .vetting import Policy, policy_from_args  # noqa: E402
 from .vetting import add_arguments as add_vetting_arguments  # noqa: E402
-from .vetting import policy_from_args  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.miner")
 
@@ -79,8 +79,8 @@ class Miner(Peer):
     def __init__(self, client: IPFSClient, identity: Identity, x_val, y_val, *, name: str = "miner",
                  aggregation: str | None = None, params: dict | None = None,
                  jobs_topic: str = messages.JOBS_TOPIC, trusted_clients: set[str] | None = None,
-                 isolate: Limits | None = None, isolated_jobs: int = 4):
-        super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients)
+                 isolate: Limits | None = None, isolated_jobs: int = 4, policy: Policy | None = None):
+        super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients, policy=policy)
         self.isolate, self.isolated_jobs = isolate, isolated_jobs  # as in Worker
         self.name = name
         self.x_val, self.y_val = x_val, y_val
@@ -124,8 +124,8 @@ class Miner(Peer):
                 self.unsubscribe(messages.job_topic(message.job))
         except TrainerDied as exc:  # the job's isolated child is gone: stop following the job
             log.error("job %s: the isolated evaluator died: %s; refusing the job", message.job, exc)
-            self.refused.add(message.job)
             if message.job in self.jobs:
+                self.refused.add((self.jobs[message.job].job.owner, message.job))
                 _close_model(self.jobs.pop(message.job).model)
                 self.unsubscribe(messages.job_topic(message.job))
         except (IPFSError, PayloadError, ChainError, ContestError) as exc:
@@ -135,7 +135,7 @@ class Miner(Peer):
                       printable(" ".join(str(exc).split()), 300))
 
     def follow(self, job: messages.Job, sender: str) -> None:
-        if job.job in self.jobs or job.job in self.refused:
+        if job.job in self.jobs or (job.owner, job.job) in self.refused:
             return
         model = self.job_model(job, sender, self.x_val, self.y_val, check=self._room)
         if model is None:
@@ -331,11 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         client, identity, trusted = connect(args.api, args.key, f"miner-{name}", args.trust_clients)
         miner = Miner(client, identity, x, y, name=name, aggregation=args.aggregation, params=params,
                       jobs_topic=args.topic, trusted_clients=trusted, isolate=limits_from_args(args),
-                      isolated_jobs=args.isolated_jobs)
+                      isolated_jobs=args.isolated_jobs, policy=policy)
     except (DataError, IPFSError, IdentityError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    miner.model_options["policy"] = policy
     miner.serve()
     log.info("%s stopped (%d proposals, endorsements %s, %d messages dropped)", name, miner.proposed,
              miner.endorsed or "none", miner.dropped)

@@ -55,6 +55,7 @@ MAX_MODEL_MEMBERS = 1000
 """Most members a `.keras` archive may hold (real ones hold three, plus any assets)."""
 
 WEIGHTS_FORMAT = "grid_ipfs.weights.v1"
+"""The `format` value in the safetensors metadata of every weights file this module writes."""
 
 MAX_TENSORS = 65_536
 """Most tensors a weights file may hold (Keras models have hundreds, the largest a few thousand)."""
@@ -63,7 +64,6 @@ MAX_WEIGHTS_HEADER_BYTES = 8 * MiB
 """Largest safetensors header accepted, checked before the header is parsed: parsing JSON in Python
 costs ~20 bytes of memory per byte. An honest header takes ~70 bytes per tensor, so this leaves room
 for `MAX_TENSORS` tensors of many dimensions."""
-"""The `format` value in the safetensors metadata of every weights file this module writes."""
 
 _MODEL_REQUIRED = ("config.json", "metadata.json")
 _WEIGHTS_MEMBER_PREFIX = "model.weights."  # model.weights.h5 (current Keras) or model.weights.npz (older)
@@ -285,8 +285,9 @@ def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
         raise PayloadError(source, f"{expected} (header is not JSON: {exc})") from exc
     if not isinstance(header, dict):
         raise PayloadError(source, f"{expected} (header is not a JSON object)")
-    if len(header) - ("__metadata__" in header) > MAX_TENSORS:
-        raise PayloadError(source, f"{expected} (it declares {len(header) - 1} tensors, more than {MAX_TENSORS})")
+    tensors = len(header) - ("__metadata__" in header)
+    if tensors > MAX_TENSORS:
+        raise PayloadError(source, f"{expected} (it declares {tensors} tensors, more than {MAX_TENSORS})")
     metadata = header.get("__metadata__") or {}
     return metadata if isinstance(metadata, dict) else {}
 

@@ -15,12 +15,16 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import messages
 from .identity import Identity
 from .ipfs.pubsub import PubsubMessage, Subscription
 from .ipfs.rpc import IPFSClient
 from .text import printable
+
+if TYPE_CHECKING:
+    from .vetting import Policy
 
 
 def connect(api: str, key: str | None, default_key: str, trust_clients: str | None
@@ -43,13 +47,16 @@ class Peer:
     """The verb for this role's part in a job, for log lines ("cannot join job J: ...")."""
 
     def __init__(self, client: IPFSClient, identity: Identity, *, jobs_topic: str = messages.JOBS_TOPIC,
-                 trusted_clients: set[str] | None = None):
+                 trusted_clients: set[str] | None = None, policy: Policy | None = None):
         self.client = client
         self.identity = identity
         self.jobs_topic = jobs_topic
         self.trusted_clients = trusted_clients
-        self.refused: set[str] = set()  # jobs this peer will not take part in (untrusted, unfit data, ...)
-        self.model_options: dict = {}  # keywords for payloads.model_from_bytes (see load_model)
+        # (owner, job id) of jobs this peer will not take part in (untrusted, unfit data, ...): by owner too,
+        # or a stranger announcing a bad job under an honest owner's job id would block that job for good
+        self.refused: set[tuple[str, str]] = set()
+        # keywords for payloads.model_from_bytes (see load_model); `policy` vets every job's model
+        self.model_options: dict = {"policy": policy}
         self.inbox: queue.Queue[PubsubMessage] = queue.Queue()
         self.dropped = 0
         """Messages refused at decode (malformed, oversize, too deep, bad signature, ...) or by a rule."""
@@ -118,7 +125,7 @@ class Peer:
         """The job's model (Keras safe mode) if this peer can take part in `job`, else None after one log
         line: the announcer must be its owner, on `trusted_clients` if set; `check()` (e.g. the job
         config) must not raise ValueError; and the data `x, y` must fit the model. A job refused for
-        any reason but the first is remembered in `refused` and never fetched again."""
+        any reason but the first is remembered in `refused` (by owner and job id) and never fetched again."""
         if job.owner != sender:
             self.log.warning("ignored job %s: announced by %s but owned by %s", job.job, sender[:12], job.owner[:12])
             return None
@@ -147,7 +154,7 @@ class Peer:
             except (DataError, ModelRefused) as exc:
                 reason = str(exc)
         self.log.warning("cannot %s job %s: %s", self.takes_part, job.job, reason)
-        self.refused.add(job.job)
+        self.refused.add((job.owner, job.job))
         return None
 
     def load_model(self, data: bytes, source: str):

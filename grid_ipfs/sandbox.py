@@ -52,7 +52,8 @@ STARTUP_CPU_SECONDS = 60
 """CPU allowed for the child's start-up (importing TensorFlow takes ~5 CPU seconds) before the first
 request's own budget begins."""
 
-_MEMORY_ERRORS = ("MemoryError", "ResourceExhaustedError", "bad_alloc")
+_MEMORY_ERRORS = ("MemoryError", "ResourceExhaustedError")
+"""Exception class names that mean out of memory (TensorFlow's C++ std::bad_alloc arrives as MemoryError)."""
 
 
 @dataclass(frozen=True)
@@ -178,18 +179,29 @@ class IsolatedModel:
             deadline, bound = time.time() + self.limits.cpu_seconds, f"{self.limits.cpu_seconds:g} s of {what}"
         else:
             bound = "the round deadline"
-        self._conn.send(request)
+        cap = time.time() + self.limits.cpu_seconds
+        if not deadline <= cap:  # a far (or NaN) round deadline from the owner: the CPU budget bounds the wait
+            deadline, bound = cap, f"{self.limits.cpu_seconds:g} s of {what}"
+        try:
+            self._conn.send(request)
+        except BaseException:  # a half-sent request: the child's reply would answer the next one
+            self._kill()
+            raise
         return self._answer(deadline + GRACE_SECONDS, what, bound)
 
     def _answer(self, deadline: float, what: str, bound: str) -> Any:
         """The child's answer to the pending request; TrainerDied when it is gone or past `deadline`."""
-        if not self._conn.poll(max(0.0, deadline - time.time())):
-            self._kill()
-            raise TrainerDied(f"killed by SIGKILL after exceeding {bound} while {what}")
         try:
-            status, value = self._conn.recv()
+            ready = self._conn.poll(max(0.0, deadline - time.time()))
+            status, value = self._conn.recv() if ready else (None, None)
         except (EOFError, OSError):
             raise TrainerDied(self._death()) from None
+        except BaseException:  # e.g. KeyboardInterrupt: an answer left in the pipe would answer the next request
+            self._kill()
+            raise
+        if not ready:
+            self._kill()
+            raise TrainerDied(f"killed by SIGKILL after exceeding {bound} while {what}")
         if status == "ok":
             return value
         if status == "memory":
@@ -283,7 +295,7 @@ def _child_main(conn, limits: Limits, model_bytes: bytes, source: str, load_kwar
         import keras  # noqa: F401  (under the limits, with STARTUP_CPU_SECONDS)
     except Exception as exc:  # noqa: BLE001  (e.g. a memory limit below what TensorFlow needs)
         text = f"cannot start Keras: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        conn.send(("memory" if any(m in text for m in _MEMORY_ERRORS) else "error", text))
+        conn.send(("memory" if _out_of_memory(exc) else "error", text))
         return
     _cpu_budget(limits.cpu_seconds)  # a fresh budget for the load itself
     loaded = _serve_one(conn, partial(_load, model_bytes, source, load_kwargs), reply=itemgetter(1))
@@ -314,7 +326,7 @@ def _serve_one(conn, work, reply=lambda result: result) -> Any:
         result = work()
     except Exception as exc:  # noqa: BLE001  (everything goes back to the parent as one line)
         text = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        if any(m in text for m in _MEMORY_ERRORS):  # also inside a PayloadError: a load that ran out
+        if _out_of_memory(exc):  # also inside a PayloadError: a load that ran out
             conn.send(("memory", text))
         elif isinstance(exc, PayloadError):
             conn.send(("payload", str(exc).removeprefix(f"{exc.source}: ")))
@@ -325,6 +337,18 @@ def _serve_one(conn, work, reply=lambda result: result) -> Any:
         return None
     conn.send(("ok", reply(result)))
     return result
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from or while handling, is of an out-of-memory type.
+    By type, not by text: a message can quote a peer's layer names, and "MemoryError" is a fine name."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(cls.__name__ in _MEMORY_ERRORS for cls in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _load(model_bytes: bytes, source: str, load_kwargs: dict) -> tuple:

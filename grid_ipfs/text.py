@@ -20,6 +20,12 @@ def _bad(char: str) -> bool:
     return unicodedata.category(char) in _UNPRINTABLE
 
 
+def _hidden(char: str) -> bool:
+    """What `printable` escapes: every other (C*) and separator (Z*) character but the space, so also
+    unassigned and private-use code points and look-alike spaces (no-break, em, ideographic)."""
+    return char != " " and unicodedata.category(char)[0] in "CZ"
+
+
 def control_character(text: str) -> str | None:
     """The first control or format character of `text` as an escape (e.g. `\\x1b`), or None."""
     for char in text:
@@ -29,11 +35,31 @@ def control_character(text: str) -> str | None:
 
 
 def printable(value: object, limit: int = 200) -> str:
-    """`value` as one line of plain text of at most `limit` characters (escapes included): control and
-    format characters escaped, the rest cut with "..." (a name or reason, never a paragraph)."""
-    text = value if isinstance(value, str) else str(value)
-    out = "".join(_escape(c) if _bad(c) else c for c in text[:limit + 1])
-    return out if len(out) <= limit else out[:max(0, limit - 3)] + "..."
+    """`value` as one line of plain text of at most `limit` characters (escapes included): control,
+    format and separator characters but the space escaped, the rest cut with "..." (a name or reason,
+    never a paragraph). The cut falls between characters, never inside an escape."""
+    text = value if isinstance(value, str) else _str(value)
+    pieces: list[str] = []
+    size = 0
+    for char in text:
+        piece = _escape(char) if _hidden(char) else char
+        if size + len(piece) > limit:
+            while pieces and size + 3 > limit:
+                size -= len(pieces.pop())
+            return "".join(pieces) + "..."
+        pieces.append(piece)
+        size += len(piece)
+    return "".join(pieces)
+
+
+def _str(value: object) -> str:
+    """str(value); for an int too long for str() (over 4300 digits: ValueError) its size instead."""
+    try:
+        return str(value)
+    except ValueError:
+        if isinstance(value, int):
+            return f"<an integer of {value.bit_length()} bits>"
+        raise
 
 
 def _escape(char: str) -> str:

@@ -44,8 +44,8 @@ from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args  # noq
 from .sandbox import add_arguments as add_isolation_arguments  # noqa: E402
 from .secagg import MaskKey, dp_share, mask_context, mask_update, sign_mask_key, unsigned_mask_keys  # noqa: E402
 from .text import printable  # noqa: E402
+from .vetting import Policy, policy_from_args  # noqa: E402
 from .vetting import add_arguments as add_vetting_arguments  # noqa: E402
-from .vetting import policy_from_args  # noqa: E402
 
 log = logging.getLogger("grid_ipfs.worker")
 
@@ -75,8 +75,9 @@ class Worker(Peer):
     def __init__(self, client: IPFSClient, identity: Identity, x, y, *, name: str = "worker",
                  val_split: float = 0.1, jobs_topic: str = messages.JOBS_TOPIC,
                  trusted_clients: set[str] | None = None, seed: int = 0, isolate: Limits | None = None,
-                 isolated_jobs: int = 4, max_epochs: int = MAX_EPOCHS, max_batch_size: int = MAX_BATCH_SIZE):
-        super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients)
+                 isolated_jobs: int = 4, max_epochs: int = MAX_EPOCHS, max_batch_size: int = MAX_BATCH_SIZE,
+                 policy: Policy | None = None):
+        super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients, policy=policy)
         self.name = name
         self.max_epochs, self.max_batch_size = max_epochs, max_batch_size
         """Ceilings on a job's local work per round (`--max-epochs`, `--max-batch-size`): a job over them
@@ -127,7 +128,7 @@ class Worker(Peer):
             if self.jobs[job.job].job.owner == sender:  # a re-announcement: the client may have restarted
                 self.publish(self._join_message(self.jobs[job.job]))
             return
-        if job.job in self.refused:
+        if (job.owner, job.job) in self.refused:
             return
         model = self.job_model(job, sender, self.x_train, self.y_train,
                                check=lambda: (proximal_mu(job.config), secure_dp(job.config),
@@ -242,9 +243,9 @@ class Worker(Peer):
     def refuse_isolated(self, job: str, exc: TrainerDied) -> None:
         """One line, and the job is over for this worker: never joined or fetched again."""
         log.error("job %s: the isolated trainer died: %s; refusing the job", job, exc)
-        self.refused.add(job)
         joined = self.jobs.pop(job, None)
         if joined is not None:
+            self.refused.add((joined.job.owner, job))
             _close_model(joined.model)
             self.unsubscribe(messages.job_topic(job))
 
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
         client, identity, trusted = connect(args.api, args.key, f"worker-{name}", args.trust_clients)
         kwargs = dict(name=name, val_split=args.val_split, jobs_topic=args.topic, trusted_clients=trusted,
                       seed=args.seed, isolate=limits_from_args(args), isolated_jobs=args.isolated_jobs,
-                      max_epochs=args.max_epochs, max_batch_size=args.max_batch_size)
+                      max_epochs=args.max_epochs, max_batch_size=args.max_batch_size, policy=policy)
         if make_worker is None:
             worker = Worker(client, identity, x, y, **kwargs)
         else:
@@ -338,7 +339,6 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
     except (DataError, IPFSError, IdentityError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    worker.model_options["policy"] = policy
     worker.serve()
     log.info("%s stopped (%d messages dropped, %d failed)", name, worker.dropped, worker.failed)
     return 0

@@ -25,6 +25,7 @@ from grid_ipfs.chain.blocks import MAX_CBOR_DEPTH, MAX_UPDATES, block_cid, valid
 from grid_ipfs.chain.plot import MAX_PANELS, plot_chain
 from grid_ipfs.identity import Identity
 from grid_ipfs.ipfs.cids import cid_str
+from grid_ipfs.limits import MAX_NUM_EXAMPLES
 from grid_ipfs.payloads import (
     MAX_TENSORS,
     MAX_WEIGHTS_HEADER_BYTES,
@@ -195,6 +196,35 @@ def test_a_deeply_nested_block_is_refused_before_decoding(depth):
     assert report.detail == f"not canonical dag-cbor: nested deeper than {MAX_CBOR_DEPTH} levels"
 
 
+def test_nested_tags_are_refused_before_decoding():
+    data = b"\xd8\x2a" * 3000 + b"\x00"  # on main: passed the scan, dag_cbor recursed into RecursionError
+    with pytest.raises(ChainError, match=f"^not canonical dag-cbor: nested deeper than {MAX_CBOR_DEPTH} levels$"):
+        decode_block(data)
+
+
+def test_a_tag_other_than_42_is_refused_before_decoding():
+    with pytest.raises(ChainError, match=r"^not canonical dag-cbor: tag 1 \(only 42, a CID, is allowed\)$"):
+        decode_block(b"\xc1\x00")
+
+
+def test_a_decoder_error_is_its_first_line_without_the_caret_drawing():
+    with pytest.raises(ChainError) as caught:
+        decode_block(b"\x1c")  # reserved additional info: dag_cbor explains it over several lines
+    reason = str(caught.value)
+    assert reason.startswith("not canonical dag-cbor: ") and "\n" not in reason and "^" not in reason, reason
+    assert "  " not in reason, reason
+
+
+def test_an_update_claiming_more_than_max_num_examples_is_refused():
+    store = MemoryStore()
+    _, cids = build_chain(store, rounds=1)
+    block = get_block(store, cids[1])
+    claim = {**block["updates"][0], "num_examples": MAX_NUM_EXAMPLES + 1}
+    with pytest.raises(ChainError, match=r"updates\[0\]\.num_examples: expected an integer from 1 to"):
+        validate_block({**block, "updates": [claim]})  # on main: accepted, unlike the same count in a message
+    validate_block({**block, "updates": [{**claim, "num_examples": MAX_NUM_EXAMPLES}]})
+
+
 def test_a_winning_candidate_link_to_nested_cbor_is_a_verdict():
     store = MemoryStore()
     bomb = store.block_put(b"\x81" * 50_000 + b"\x00")
@@ -245,6 +275,9 @@ def test_a_header_declaring_too_many_tensors_is_refused():
     header = ('{"__metadata__":{"format":"grid_ipfs.weights.v1"},' + entries + "}").encode()
     with pytest.raises(PayloadError, match=f"declares {MAX_TENSORS + 1} tensors, more than {MAX_TENSORS}"):
         weights_from_bytes(struct.pack("<Q", len(header)) + header, source="many")
+    bare = ("{" + entries + "}").encode()  # no __metadata__: on main the count said one tensor fewer
+    with pytest.raises(PayloadError, match=f"declares {MAX_TENSORS + 1} tensors, more than {MAX_TENSORS}"):
+        weights_from_bytes(struct.pack("<Q", len(bare)) + bare, source="many")
     with pytest.raises(ValueError, match=f"more than the {MAX_TENSORS}"):
         weights_to_bytes([np.zeros(1, np.float32)] * (MAX_TENSORS + 1))
 

@@ -219,9 +219,37 @@ def test_the_worker_refuses_jobs_over_its_ceilings_before_fetching_anything(capl
         job = messages.Job(job=f"big{config['epochs']}", model=CID, owner=OWNER.id, config=config)
         with caplog.at_level(logging.WARNING, logger="grid_ipfs.worker"):
             worker.join(job, OWNER.id)
-        assert job.job in worker.refused and reason in caplog.text
+        assert (OWNER.id, job.job) in worker.refused and reason in caplog.text
     args = build_parser().parse_args(["--api", "/ip4/127.0.0.1/tcp/1", "--data", "d.npz"])
     assert (args.max_epochs, args.max_batch_size) == (100, 65536)
+
+
+def test_a_strangers_refused_job_does_not_block_the_owners_job_of_the_same_id(caplog):
+    from grid_ipfs.worker import Worker
+
+    x, y = np.zeros((10, 2), np.float32), np.zeros(10, np.int64)
+    worker = Worker(None, Identity.generate(), x, y, max_epochs=5)  # no daemon: nothing fetched
+    stranger = Identity.generate()
+    bad = messages.Job(job="X", model=CID, owner=stranger.id, config={"epochs": 1000, "batch_size": 8, "rounds": 1})
+    worker.join(bad, stranger.id)
+    assert (stranger.id, "X") in worker.refused
+    caplog.clear()
+    honest = messages.Job(job="X", model=CID, owner=OWNER.id, config={"epochs": 1000, "batch_size": 8, "rounds": 1})
+    with caplog.at_level(logging.WARNING, logger="grid_ipfs.worker"):
+        worker.join(honest, OWNER.id)  # on main: skipped silently, "X" was refused already
+    assert (OWNER.id, "X") in worker.refused and "config.epochs 1000" in caplog.text
+
+
+def test_the_vetting_policy_is_a_constructor_keyword_of_worker_and_miner():
+    from grid_ipfs.miner import Miner
+    from grid_ipfs.vetting import load_policy
+    from grid_ipfs.worker import Worker
+
+    x, y = np.zeros((10, 2), np.float32), np.zeros(10, np.int64)
+    policy = load_policy()
+    for role in (Worker, Miner):  # no daemon: nothing fetched
+        assert role(None, Identity.generate(), x, y, policy=policy).model_options["policy"] is policy
+        assert role(None, Identity.generate(), x, y).model_options["policy"] is None
 
 
 # -- text from peers is data ----------------------------------------------------------------------------
@@ -244,7 +272,21 @@ def test_control_characters_in_metric_keys_and_verdicts_are_refused():
 def test_printable_escapes_and_bounds():
     assert printable("a\nb\x1b[31mc\u202e") == "a\\nb\\x1b[31mc\\u202e"
     assert printable("x" * 500, 20) == "x" * 17 + "..."
-    assert len(printable("\x00" * 100, 50)) == 50
+    assert printable("\x00" * 100, 50) == "\\x00" * 11 + "..."  # on main: cut inside the 13th escape ("\\x0")
+    assert printable("ab\x1bc", 6) == "ab..."  # on main: "ab\\x..."
+    assert printable("no\u00a0break\u3000wide\u2028line") == "no\\xa0break\\u3000wide\\u2028line"
+
+
+def test_printable_shows_an_integer_too_long_for_str():
+    huge = 10 ** 5000  # str() refuses ints over 4300 digits: on main, ValueError from the log line
+    assert printable(huge) == f"<an integer of {huge.bit_length()} bits>"
+    assert printable(-huge).startswith("<an integer of ")
+
+
+def test_the_chain_verifier_uses_the_one_escaper():
+    from grid_ipfs.chain import verify
+
+    assert not hasattr(verify, "printable") or verify.printable is printable
 
 
 def render(events) -> str:

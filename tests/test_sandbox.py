@@ -209,6 +209,107 @@ def test_a_child_past_its_cpu_limit_or_deadline_is_killed_and_reported_in_one_li
         assert model.evaluate(None)["loss"] > 0
 
 
+class _FakeConn:
+    """The parent's end of a pipe to a child that never answers: records what the parent waits for."""
+
+    def __init__(self, poll_raises: BaseException | None = None):
+        self.sent, self.waits, self.poll_raises, self.closed = [], [], poll_raises, False
+
+    def send(self, request):
+        self.sent.append(request)
+
+    def poll(self, timeout):
+        self.waits.append(timeout)
+        if self.poll_raises is not None:
+            raise self.poll_raises
+        return False
+
+    def close(self):
+        self.closed = True
+
+
+class _FakeProcess:
+    def __init__(self):
+        self.killed = False
+
+    def is_alive(self):
+        return not self.killed
+
+    def kill(self):
+        self.killed = True
+
+    def join(self, timeout=None):
+        pass
+
+    def close(self):
+        pass
+
+
+def _unspawned(conn: _FakeConn) -> tuple[IsolatedModel, _FakeProcess]:
+    """An IsolatedModel wired to fakes instead of a child process (no spawn, no TensorFlow import)."""
+    model = IsolatedModel.__new__(IsolatedModel)
+    process = _FakeProcess()
+    model.source, model.limits, model._process, model._conn = "fake", Limits(cpu_seconds=2), process, conn
+    return model, process
+
+
+@pytest.mark.parametrize("deadline", [1e18, float("inf"), float("nan")])
+def test_an_absurd_round_deadline_waits_at_most_the_cpu_budget(deadline):
+    conn = _FakeConn()
+    model, process = _unspawned(conn)
+    with pytest.raises(TrainerDied, match=r"^killed by SIGKILL after exceeding 2 s of evaluation while evaluation$"):
+        model._request(("evaluate", None, {}), deadline, "evaluation")  # on main: OverflowError, child left running
+    assert conn.sent and 0 < conn.waits[0] <= 2 + GRACE_SECONDS and process.killed
+
+
+def test_an_exception_while_waiting_kills_the_child_so_the_pipe_stays_in_step():
+    conn = _FakeConn(poll_raises=KeyboardInterrupt())
+    model, process = _unspawned(conn)
+    with pytest.raises(KeyboardInterrupt):
+        model._request(("evaluate", None, {}), time.time() + 1, "evaluation")
+    assert process.killed and conn.closed and model._conn is None  # the next request starts a fresh child
+
+
+class _Sent:
+    def __init__(self):
+        self.messages = []
+
+    def send(self, message):
+        self.messages.append(message)
+
+
+class ResourceExhaustedError(Exception):
+    """Named like TensorFlow's out-of-memory error."""
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (ValueError("layer 'MemoryError' has a bad_alloc shape"), "error"),  # on main: "memory", by the text
+    (ResourceExhaustedError("OOM when allocating"), "memory"),
+    (PayloadError("fake", "cannot load"), "payload"),
+])
+def test_the_child_classifies_failures_by_exception_type(error, status):
+    from grid_ipfs.sandbox import _serve_one
+
+    def work():
+        raise error
+
+    conn = _Sent()
+    assert _serve_one(conn, work) is None
+    assert conn.messages[0][0] == status, conn.messages
+
+
+def test_a_load_that_ran_out_of_memory_inside_a_payload_error_is_memory():
+    from grid_ipfs.sandbox import _out_of_memory
+
+    try:
+        try:
+            raise ResourceExhaustedError("OOM")
+        except ResourceExhaustedError as exc:
+            raise PayloadError("fake", "cannot load") from exc
+    except PayloadError as wrapped:
+        assert _out_of_memory(wrapped)
+
+
 # -- on real daemons ------------------------------------------------------------------------------------
 
 

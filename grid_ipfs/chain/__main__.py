@@ -309,10 +309,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _line(text: str) -> str:
-    """One printable line (see `verify.printable`): what is printed may quote text from a peer's blocks."""
-    from .verify import printable
+    """One printable line (see `text.printable`): what is printed may quote text from a peer's blocks."""
+    from ..text import printable
+    from .verify import REASON_CHARS
 
-    return printable(text)
+    return printable(text, REASON_CHARS)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from multiformats import CID, multihash
 
 from ..identity import Identity, is_public_id, verify
 from ..ipfs.cids import InvalidCID, cid_str, parse_cid
+from ..limits import MAX_NUM_EXAMPLES
 from ..messages import valid_job_id
 
 __all__ = [
@@ -60,8 +61,9 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 MAX_UPDATES = 10_000
 """Most updates one block may record: an auditor fetches and parses each, so a block cannot ask for more."""
 MAX_CBOR_DEPTH = 64
-"""How deeply lists and maps may nest in any dag-cbor bytes decoded here (a block needs 4, plus ext's
+"""How deeply lists, maps and tags may nest in any dag-cbor bytes decoded here (a block needs 4, plus ext's
 `EXT_MAX_DEPTH`). Checked before decoding: the dag-cbor decoder recurses once per level."""
+_CID_TAG = 42  # the one CBOR tag dag-cbor allows: a CID
 
 
 class ChainError(Exception):
@@ -199,8 +201,8 @@ def validate_block(block: object, *, signed: bool = True) -> None:
             raise ChainError(f"{where}: updates must be sorted by worker id, each worker once")
         if not isinstance(update["weights"], CID):
             raise ChainError(f"{where}.weights: expected an IPLD link")
-        if not _is_int(update["num_examples"]) or update["num_examples"] < 1:
-            raise ChainError(f"{where}.num_examples: expected an integer >= 1, "
+        if not _is_int(update["num_examples"]) or not 1 <= update["num_examples"] <= MAX_NUM_EXAMPLES:
+            raise ChainError(f"{where}.num_examples: expected an integer from 1 to {MAX_NUM_EXAMPLES}, "
                              f"got {_brief(update['num_examples'])}")
         _check_metrics(f"{where}.metrics", update["metrics"])
 
@@ -230,7 +232,7 @@ def _encode(block: dict) -> bytes:
     try:
         return dag_cbor.encode(block)
     except Exception as exc:  # dag_cbor raises its own errors, ValueError and TypeError by value
-        raise ChainError(f"not encodable as dag-cbor: {(str(exc) or type(exc).__name__).splitlines()[-1]}") from None
+        raise ChainError(f"not encodable as dag-cbor: {_first_line(exc)}") from None
 
 
 def decode_block(data: bytes, cid: str | CID | None = None) -> dict:
@@ -248,15 +250,23 @@ def decode_block(data: bytes, cid: str | CID | None = None) -> dict:
     try:
         block = dag_cbor.decode(data)
     except Exception as exc:  # untrusted bytes: any decoder failure (CBOR errors, bad CID bytes) is ours
-        raise ChainError(f"not canonical dag-cbor: {(str(exc) or type(exc).__name__).splitlines()[-1]}") from None
+        raise ChainError(f"not canonical dag-cbor: {_first_line(exc)}") from None
     validate_block(block)
     if dag_cbor.encode(block) != data:  # belt and braces: the decoder should refuse non-canonical input
         raise ChainError("not canonical dag-cbor: re-encoding differs")
     return block
 
 
+def _first_line(exc: BaseException) -> str:
+    """A decoder error as one line: its first line, whitespace collapsed (dag_cbor messages go on to
+    draw a caret under the offending bytes, which means nothing in a log line)."""
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+
+
 def check_cbor_depth(data: bytes, max_depth: int = MAX_CBOR_DEPTH) -> None:
-    """Raise ChainError when the CBOR items in `data` nest lists and maps deeper than `max_depth`.
+    """Raise ChainError when the CBOR items in `data` nest lists, maps and tags deeper than `max_depth`,
+    or carry a tag other than 42 (the only tag dag-cbor allows).
 
     A scan of the item heads with an explicit stack (no recursion, no values built), run before
     `dag_cbor.decode`, whose recursion would otherwise be bounded only by Python's recursion limit.
@@ -286,8 +296,12 @@ def check_cbor_depth(data: bytes, max_depth: int = MAX_CBOR_DEPTH) -> None:
             if len(pending) > max_depth:
                 raise ChainError(f"not canonical dag-cbor: nested deeper than {max_depth} levels")
             pending.append(arg * (2 if major == 5 else 1))
-        elif major == 6:  # a tag (42: a CID) applies to the one item after it
-            pending[-1] += 1
+        elif major == 6:  # a tag applies to the one item after it: a level, or tags would nest unseen
+            if arg != _CID_TAG:
+                raise ChainError(f"not canonical dag-cbor: tag {_brief(arg)} (only {_CID_TAG}, a CID, is allowed)")
+            if len(pending) > max_depth:
+                raise ChainError(f"not canonical dag-cbor: nested deeper than {max_depth} levels")
+            pending.append(1)
 
 
 def _float(where: str, value: object) -> float:

@@ -42,7 +42,6 @@ an exception.
 
 from __future__ import annotations
 
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,13 +52,17 @@ from multiformats import CID
 from .. import messages
 from ..ipfs.cids import cid_str, parse_cid, same_cid, same_data
 from ..ipfs.errors import IPFSError
+from ..text import printable
 from .blocks import ROUND_FIELDS, ChainError, check_signature, decode_block
 from .log import MAX_BLOCKS, BlockStore
 
-__all__ = ["BlockCheck", "ExtCheck", "OBJECT_CACHE_BYTES", "VerifyReport", "is_accepted", "printable", "verify_chain"]
+__all__ = ["BlockCheck", "ExtCheck", "OBJECT_CACHE_BYTES", "VerifyReport", "is_accepted", "verify_chain"]
 
 OBJECT_CACHE_BYTES = 512 * 1024 * 1024
 """How many bytes of parsed weights one verify run keeps for objects that later blocks link again."""
+
+REASON_CHARS = 2000
+"""Longest reason a verdict prints (escapes included): a reason quotes what a block holds."""
 
 ExtCheck = Callable[[dict, list], str | None]
 """`check_ext(block, weights)`: None when the block's custom fields are right, else the reason (weights read-only)."""
@@ -146,7 +149,7 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
     if failure is None:
         return VerifyReport(True, len(walked), checks=checks)
     index, label, detail, seq = failure
-    detail = printable(detail)
+    detail = printable(detail, REASON_CHARS)  # reasons quote what blocks hold: a peer's text
     reason = f"{label}: {detail}"
     checks[index].ok, checks[index].reason = False, reason
     return VerifyReport(False, len(walked), checks[index].cid, reason, checks, seq, detail)
@@ -155,14 +158,6 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def printable(text: str, limit: int = 2000) -> str:
-    """`text` as one printable line. Reasons quote what blocks hold (metric names, rules, ext keys), and
-    a peer's text can hold newlines, terminal escapes or bidi controls: every control, format or
-    separator character but the space is escaped, and anything past `limit` characters is cut."""
-    text = "".join(repr(ch)[1:-1] if unicodedata.category(ch)[0] in "CZ" and ch != " " else ch for ch in text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class _Objects:
