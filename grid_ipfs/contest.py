@@ -76,6 +76,15 @@ def check_rival(data: bytes, cid: str, candidate: Mapping, results: Sequence[tup
     return block, weights
 
 
+def check_rival_fields(block: Mapping) -> None:
+    """ContestError for a rival carrying fields of its own (`ext`, `config`; `rival_block` writes neither):
+    the owner's head links every candidate, so a rival's own links would ride along into the owner's pin
+    (a large DAG to download, or a CID nobody has to stall on)."""
+    extra = sorted({"ext", "config"} & set(block))
+    if extra:
+        raise ContestError(f"a rival block carries {extra[0]}: it holds only the round, its weights, rule and metrics")
+
+
 def score_key(rule: AcceptRule | None) -> tuple[str, bool]:
     """(metric, lower_is_better) that ranks candidates: the acceptance rule's metric, else val_loss."""
     if rule is None:

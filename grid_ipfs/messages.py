@@ -141,6 +141,13 @@ def _cid(name: str, value: object) -> str:
     return value  # type: ignore[return-value]
 
 
+def _optional(check: Callable[[str, object], Any]) -> Callable[[str, object], Any]:
+    """None (the field is absent), or a value passing `check`."""
+    def optional(name: str, value: object) -> Any:
+        return None if value is None else check(name, value)
+    return optional
+
+
 def _public_id(name: str, value: object) -> str:
     if not is_public_id(value):
         raise MessageError(f"{name}: not a public id: {_short(value)}")
@@ -322,7 +329,7 @@ class Round(_Message):
     _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "weights": _cid, "deadline": _float,
                                "selected": _selected, "attempt": _int(1),
                                "mask_keys": _per_worker("mask keys", _mask_key),
-                               "mask_sigs": _per_worker("mask signatures", _mask_sig)}
+                               "mask_sigs": _per_worker("mask signatures", _mask_sig), "head": _optional(_cid)}
     job: str
     round: int
     weights: str
@@ -331,6 +338,10 @@ class Round(_Message):
     attempt: int = 1
     mask_keys: dict[str, str] | None = None
     mask_sigs: dict[str, str] | None = None
+    head: str | None = None
+    """The chain block this round extends (the newest block, which the round's block will name as
+    `prev`). Workers sign their update against it and refuse a head that does not descend from the
+    last one they signed against; a round without it gets no update from them."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -345,7 +356,8 @@ class Update(_Message):
 
     TYPE: ClassVar[str] = "update"
     _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "weights": _cid, "num_examples": _num_examples,
-                               "metrics": _metrics, "eval_metrics": _metrics, "attempt": _int(1)}
+                               "metrics": _metrics, "eval_metrics": _metrics, "attempt": _int(1),
+                               "head": _optional(_cid), "base": _optional(_cid)}
     job: str
     round: int
     weights: str
@@ -353,6 +365,12 @@ class Update(_Message):
     metrics: dict[str, float]
     eval_metrics: dict[str, float]
     attempt: int = 1
+    head: str | None = None
+    """The chain head the round named (the block the round's block will link as `prev`)."""
+    base: str | None = None
+    """The global weights trained from (the round's `weights`). With `head`, it ties the signature to
+    one history: the owner stores this message byte for byte and links it from the block that counts the
+    update (`grid_ipfs.chain.contributions`), so a replay under another head or job does not verify."""
 
 
 @dataclass(frozen=True)

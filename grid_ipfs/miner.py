@@ -30,6 +30,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from . import messages  # noqa: E402
 from .aggregate import AGGREGATIONS, AcceptRule, aggregate, parse_accept  # noqa: E402
 from .chain.blocks import ChainError, decode_block  # noqa: E402
+from .chain.contributions import check_block  # noqa: E402
 from .chain.log import store_block  # noqa: E402
 from .contest import ContestError, check_rival, rival_block  # noqa: E402
 from .data import DataError, load_shard  # noqa: E402
@@ -157,6 +158,9 @@ class Miner(Peer):
         if candidate["round"] != propose.round:
             raise ContestError(f"candidate {propose.candidate} is for round {candidate['round']}, "
                                f"not {propose.round}")
+        unproven = check_block(self.client, candidate, propose.reference)
+        if unproven is not None:  # our signature must not vouch for updates their workers never sent
+            raise ContestError(f"candidate {propose.candidate}: {unproven}")
         like = followed.model.get_weights()
         reference = self._weights(propose.reference, like)
         results = [(self._weights(cid_str(u["weights"]), like), u["num_examples"]) for u in candidate["updates"]]

@@ -34,7 +34,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from . import messages  # noqa: E402
 from .data import DataError, load_shard, train_val_split  # noqa: E402
-from .identity import Identity, IdentityError  # noqa: E402
+from .identity import Identity, IdentityError, default_key_path  # noqa: E402
 from .ipfs import IPFSError  # noqa: E402
 from .ipfs.pubsub import PubsubMessage  # noqa: E402
 from .ipfs.rpc import IPFSClient  # noqa: E402
@@ -51,6 +51,11 @@ log = logging.getLogger("grid_ipfs.worker")
 
 MAX_EPOCHS = 100
 """Default `--max-epochs`: local epochs per round a worker agrees to (FedAvg jobs use 1-20)."""
+HEAD_TIMEOUT = 30.0
+"""Seconds to fetch a round's head block and walk from it to the last head we signed against."""
+MAX_HISTORY_STEPS = 1000
+"""Most blocks a round's head may lie above the last head we signed against (rounds we were not
+selected for, retries): a longer walk is refused, so an owner cannot buy long walks with round messages."""
 MAX_BATCH_SIZE = 65536
 """Default `--max-batch-size`: a batch's activations are what a round holds in memory at once."""
 
@@ -64,6 +69,8 @@ class JoinedJob:
     done_rounds: set[tuple[int, int, float]] = field(default_factory=set)
     """(round, attempt, deadline) of the round messages already answered: pubsub may deliver a message
     twice, and a resumed client announces the same round again with a new deadline."""
+    witness: object = None
+    """The job's `chain.witness.Witness`, opened at the first round."""
 
 
 class Worker(Peer):
@@ -76,9 +83,12 @@ class Worker(Peer):
                  val_split: float = 0.1, jobs_topic: str = messages.JOBS_TOPIC,
                  trusted_clients: set[str] | None = None, seed: int = 0, isolate: Limits | None = None,
                  isolated_jobs: int = 4, max_epochs: int = MAX_EPOCHS, max_batch_size: int = MAX_BATCH_SIZE,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, witness_dir: Path | None = None):
         super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients, policy=policy)
         self.name = name
+        self.witness_dir = witness_dir
+        """Where the heads we signed against are recorded, one file per job (None: in memory only), so a
+        restarted worker still refuses a rolled-back or forked history."""
         self.max_epochs, self.max_batch_size = max_epochs, max_batch_size
         """Ceilings on a job's local work per round (`--max-epochs`, `--max-batch-size`): a job over them
         is refused at join, before its model is fetched."""
@@ -159,6 +169,9 @@ class Worker(Peer):
                         round_.round, round_.job)
             return
         joined.done_rounds.add(key)
+        head_seq = self.check_history(joined, round_)
+        if head_seq is None:
+            return
         if joined.mask_key is not None:
             # Masking against a key the owner made up would let the owner remove our mask: every key
             # must carry its worker's own signature.
@@ -189,12 +202,69 @@ class Worker(Peer):
             new_weights = mask_update(new_weights, weight, joined.mask_key, self.identity.id,
                                       round_.mask_keys, mask_context(round_.job, round_.round, round_.attempt))
         cid = self.client.add(weights_to_bytes(new_weights))
+        self.witness_signed(joined, round_, head_seq, str(cid))  # on disk before the signature leaves
         self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
                                      num_examples=len(self.x_train), metrics=metrics,
-                                     eval_metrics=eval_metrics, attempt=round_.attempt))
+                                     eval_metrics=eval_metrics, attempt=round_.attempt, head=round_.head,
+                                     base=round_.weights))
         log.info("job %s round %d: %d examples, loss %.4f, accuracy %s, %.1fs", round_.job, round_.round,
                  len(self.x_train), metrics.get("loss", float("nan")),
                  f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a", time.monotonic() - started)
+
+    # -- history: what our signatures extend ---------------------------------------------------------
+
+    def check_history(self, joined: JoinedJob, round_: messages.Round) -> int | None:
+        """The seq of the round's head if we may sign against it, else None after one log line.
+
+        Our update names the head, so the signature ties us to one history: the head must be a block of
+        this job signed by its owner, recording (when accepted) the round's base weights, and it must
+        descend from the last head we signed against for this job (no rollback, no fork under our
+        signature: `grid_ipfs.chain.witness`)."""
+        from .chain import ChainError, check_signature, decode_block
+        from .chain.verify import is_accepted
+        from .chain.witness import check_extends
+        from .ipfs import same_cid
+
+        where = f"round {round_.round} of {round_.job}"
+        deadline = time.monotonic() + HEAD_TIMEOUT  # the head and the walk down to our last one, in all
+        if round_.head is None:
+            log.warning("skipped %s: it names no chain head to sign our update against", where)
+            return None
+        try:
+            head = decode_block(self.client.block_get(round_.head, timeout=HEAD_TIMEOUT), round_.head)
+        except (IPFSError, ChainError) as exc:
+            log.warning("skipped %s: its head %s: %s", where, round_.head, printable(str(exc), 300))
+            return None
+        owner = joined.job.owner
+        reason = None
+        if head["job"] != round_.job or head["signer"] != owner or not check_signature(head):
+            reason = f"its head {round_.head} is not a block of this job signed by its owner"
+        elif is_accepted(head) and not same_cid(head["weights"], round_.weights):
+            reason = f"its base weights {round_.weights} are not those of its head {round_.head}"
+        else:
+            reason = check_extends(self.client, self.witness(joined).last(), round_.head, head,
+                                   max_steps=MAX_HISTORY_STEPS, deadline=deadline)
+        if reason is not None:
+            log.warning("refused %s: %s", where, printable(reason, 400))
+            return None
+        return head["seq"]
+
+    def witness(self, joined: JoinedJob):
+        """The record of what we signed in `joined`'s job: a file under `witness_dir`, or in memory."""
+        from .chain.witness import Witness
+
+        if joined.witness is None:
+            joined.witness = (Witness.for_job(self.witness_dir, joined.job.owner, joined.job.job)
+                              if self.witness_dir is not None else _RememberedWitness())
+        return joined.witness
+
+    def witness_signed(self, joined: JoinedJob, round_: messages.Round, head_seq: int, update: str) -> None:
+        from .chain.witness import WitnessRecord
+
+        self.witness(joined).record(WitnessRecord(
+            job=round_.job, owner=joined.job.owner, worker=self.identity.id, round=round_.round,
+            attempt=round_.attempt, head=round_.head, seq=head_seq, base=round_.weights, update=update,
+            time=time.time()))
 
     def _join_message(self, joined: JoinedJob) -> messages.Join:
         job, mask = joined.job.job, joined.mask_key
@@ -255,6 +325,20 @@ class Worker(Peer):
             _close_model(joined.model)
 
 
+class _RememberedWitness:
+    """A witness kept in memory only (`Worker(witness_dir=None)`: tests, throwaway runs): the same
+    refusals while the process lives, nothing to show after it."""
+
+    def __init__(self) -> None:
+        self.kept: list = []
+
+    def last(self):
+        return max(reversed(self.kept), key=lambda record: record.seq, default=None)
+
+    def record(self, record) -> None:
+        self.kept.append(record)
+
+
 def _close_model(model: object) -> None:
     """Stop an isolated job's child (in-process Keras models need nothing)."""
     if isinstance(model, IsolatedModel):
@@ -302,6 +386,10 @@ def build_parser(prog: str = "python -m grid_ipfs.worker") -> argparse.ArgumentP
     parser.add_argument("--val-split", type=float, default=0.1, help="fraction held out for federated evaluation")
     parser.add_argument("--key", default=None, help="Ed25519 key file (default ~/.grid_ipfs/worker-NAME.key)")
     parser.add_argument("--trust-clients", default=None, help="join only jobs signed by the keys in this file")
+    parser.add_argument("--witness-dir", type=Path, default=None, metavar="DIR",
+                        help="record here the chain heads this worker signed updates against, a file per job "
+                             "(default: beside the key file, KEY.witness/); `chain verify --witness FILE` "
+                             "checks a chain against one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-epochs", type=_positive_int, default=MAX_EPOCHS, metavar="N",
                         help=f"refuse jobs asking for more local epochs per round (default {MAX_EPOCHS})")
@@ -329,7 +417,10 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
         x, y = load_shard(args.data)
         policy = policy_from_args(args)
         client, identity, trusted = connect(args.api, args.key, f"worker-{name}", args.trust_clients)
+        witness_dir = args.witness_dir or (Path(args.key) if args.key else default_key_path(f"worker-{name}")
+                                           ).with_suffix(".witness")
         kwargs = dict(name=name, val_split=args.val_split, jobs_topic=args.topic, trusted_clients=trusted,
+                      witness_dir=witness_dir,
                       seed=args.seed, isolate=limits_from_args(args), isolated_jobs=args.isolated_jobs,
                       max_epochs=args.max_epochs, max_batch_size=args.max_batch_size, policy=policy)
         if make_worker is None:

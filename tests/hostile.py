@@ -3,8 +3,10 @@
 It publishes what anyone on an open pubsub network can: garbage, messages of the wrong version or
 type or with wrong field types, oversized messages, forged signatures, JSON nested 60000 deep, a signed
 job whose config nests 1000 deep, a 400-digit num_examples, control characters in a name and in a metric
-key, and validly signed messages from keys the job never saw (joins, one with a rich-markup name and a
-10^15 claim, updates pointing at CIDs nobody has, rounds and heads pretending to be the owner's). Prints
+key, a chain head that is not a CID, and validly signed messages from keys the job never saw (joins, one
+with a rich-markup name and a 10^15 claim, updates pointing at CIDs nobody has, one of them signed
+against a head and base weights nobody has, rounds and heads pretending to be the owner's, one naming a
+chain head nobody has). Prints
 one JSON line with how many of each kind it published. `DROPPED_AS` says how the client counts each kind.
 """
 
@@ -31,10 +33,11 @@ def _nobody_has(i: int) -> str:
 DROPPED_AS = {
     **dict.fromkeys(["not json", "not an object", "wrong version", "unknown type", "wrong field types",
                      "oversized", "forged signature", "deep nesting", "deep signed config", "huge num_examples",
-                     "control characters in a name", "control characters in a metric key"], "malformed"),
+                     "control characters in a name", "control characters in a metric key", "head not a CID"],
+                    "malformed"),
     **dict.fromkeys(["stranger's join", "stranger's markup join"], "not allowed"),
-    **dict.fromkeys(["stranger's round", "stranger's head"], "not from a worker"),
-    "stranger's update": "late or rejected update",
+    **dict.fromkeys(["stranger's round", "stranger's head", "stranger's round naming a head"], "not from a worker"),
+    **dict.fromkeys(["stranger's update", "stranger's bound update"], "late or rejected update"),
 }
 """How a client with an allow-list counts each kind it receives (in `JobResult.dropped`)."""
 
@@ -107,6 +110,15 @@ def hostile_messages(job: str, victim: str | None):
                                                                   "eval_metrics": {}}, stranger)),
         ("stranger's markup join", lambda i: messages.encode(messages.Join(job=job, name=f"[/x][bold]sybil{i}",
                                                                            num_examples=10 ** 15), stranger)),
+        ("stranger's bound update", lambda i: messages.encode(messages.Update(
+            job=job, round=1 + i % 5, weights=_nobody_has(i), num_examples=10, metrics={"loss": 0.0},
+            eval_metrics={}, head=_nobody_has(i + 1), base=_nobody_has(i + 2)), stranger)),
+        ("stranger's round naming a head", lambda i: messages.encode(messages.Round(
+            job=job, round=1 + i % 5, weights=_nobody_has(i), deadline=time.time() + 60, selected=None,
+            head=_nobody_has(i + 1)), stranger)),
+        ("head not a CID", lambda i: _signed({**base, "type": "update", "round": 1, "weights": _nobody_has(i),
+                                              "num_examples": 10, "metrics": {}, "eval_metrics": {},
+                                              "head": "bafy-not-a-cid\n", "base": _nobody_has(i)}, stranger)),
     ]
     for i, (kind, make) in zip(itertools.count(), itertools.cycle(kinds)):
         yield kind, make(i)

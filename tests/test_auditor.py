@@ -36,7 +36,16 @@ from grid_ipfs.payloads import (
 )
 
 from .cli import run_cli
-from .test_chain_format import OWNER, MemoryStore, build_chain, genesis_fields, get_block, put_raw, round_fields
+from .test_chain_format import (
+    OWNER,
+    MemoryStore,
+    build_chain,
+    genesis_fields,
+    get_block,
+    put_raw,
+    round_fields,
+    signed_update,
+)
 
 
 class CountingStore(MemoryStore):
@@ -133,13 +142,16 @@ def test_sixty_updates_linking_one_file_fetch_and_hold_it_once():
     weights = [rng.standard_normal((512, 1024)).astype(np.float32)]  # a 2 MiB update
     genesis = genesis_fields(store, rng)
     log = ChainLog(store, None)
-    log.append(genesis, OWNER)
+    first = log.append(genesis, OWNER)
     shared = store.add(weights_to_bytes(weights))
-    workers = sorted(Identity.generate().id for _ in range(60))
+    workers = sorted((Identity.generate() for _ in range(60)), key=lambda w: w.id)
     total = aggregate("fedavg", [(weights, 10)] * 60)
     head = log.append({**genesis, "round": 1, "weights": store.add(weights_to_bytes(total)),
                        "aggregation": {"name": "fedavg", "params": {}},
-                       "updates": [{"worker": w, "weights": shared, "num_examples": 10, "metrics": {}}
+                       "updates": [{"worker": w.id, "weights": shared, "num_examples": 10, "metrics": {},
+                                    "message": signed_update(store, w, job=genesis["job"], round_=1, head=first,
+                                                             base=genesis["weights"], weights=shared,
+                                                             num_examples=10, metrics={})}
                                    for w in workers]}, OWNER)
     store.cats.clear()
     tracemalloc.start()
@@ -171,7 +183,7 @@ def _pofl_round(store: MemoryStore, ext: dict) -> CID:
     """A 2-round chain plus a third, correctly aggregated round that records `ext`."""
     log, cids = build_chain(store, rounds=2)
     genesis = get_block(store, cids[0])
-    return log.append({**round_fields(store, np.random.default_rng(0), genesis, 3), "ext": ext}, OWNER)
+    return log.append({**round_fields(store, np.random.default_rng(0), genesis, 3, log), "ext": ext}, OWNER)
 
 
 def test_an_endorsement_linking_deeply_nested_json_is_a_one_line_verdict():
@@ -242,12 +254,14 @@ def test_an_absurd_scale_bits_is_refused_before_recomputing(bits):
     rng = np.random.default_rng(2)
     log = ChainLog(store, None)
     genesis = genesis_fields(store, rng)
-    log.append(genesis, OWNER)
-    masked = [rng.integers(0, 1 << 63, size=(3, 2), dtype=np.uint64)]
+    first = log.append(genesis, OWNER)
+    masked = store.add(weights_to_bytes([rng.integers(0, 1 << 63, size=(3, 2), dtype=np.uint64)]))
+    message = signed_update(store, OWNER, job=genesis["job"], round_=1, head=first, base=genesis["weights"],
+                            weights=masked, num_examples=5, metrics={})
     head = log.append({**genesis, "round": 1, "weights": genesis["weights"],
                        "aggregation": {"name": "secure-fedavg", "params": {"scale_bits": bits}},
-                       "updates": [{"worker": OWNER.id, "weights": store.add(weights_to_bytes(masked)),
-                                    "num_examples": 5, "metrics": {}}]}, OWNER)
+                       "updates": [{"worker": OWNER.id, "weights": masked, "num_examples": 5, "metrics": {},
+                                    "message": message}]}, OWNER)
     started = time.monotonic()
     report = verify_chain(store, head)  # on main: OverflowError (2000), or no end (2**63-1)
     assert time.monotonic() - started < 5
@@ -385,7 +399,7 @@ def test_cli_verify_prints_one_failed_line_for_malformed_chains(make_devnet):
         genesis = get_block(client, cids[0])
         log = ChainLog(client, None)
         log._head = cids[-1]
-        endorsed = log.append({**round_fields(client, rng, genesis, 2),
+        endorsed = log.append({**round_fields(client, rng, genesis, 2, log),
                                "ext": {"pofl": {"candidates": [], "endorsements": [nested]}}}, OWNER)
         block = get_block(client, cids[1])
         liar = client.block_put(dag_cbor.encode(sign_block({**block, "seq": 5, "round": 5}, OWNER)))

@@ -31,7 +31,7 @@ from grid_ipfs.payloads import weights_to_bytes  # noqa: E402
 
 from .byzantine_worker import parse_attack  # noqa: E402
 from .cli import run_cli  # noqa: E402
-from .test_chain_format import MemoryStore  # noqa: E402
+from .test_chain_format import MemoryStore, signed_update  # noqa: E402
 from .waiting import wait_for  # noqa: E402
 
 OWNER = Identity.generate()
@@ -185,6 +185,7 @@ def build_chain(store, tries: list[dict], *, rule: str | None = "val_accuracy>=0
                        OWNER)]
     model = store.add(b"a .keras file")
     accepted_weights, previous_weights = start, start
+    base = store.add(weights_to_bytes(start))  # what the round announces: the last accepted global weights
     for seq, spec in enumerate(tries, start=1):
         results = [(_weights(rng), int(rng.integers(10, 100))) for _ in WORKERS]
         reference = previous_weights if spec.get("reference") == "previous" else accepted_weights
@@ -197,15 +198,19 @@ def build_chain(store, tries: list[dict], *, rule: str | None = "val_accuracy>=0
             metrics["accepted"] = spec.get("accepted", 1.0 if ok else 0.0)
             block_params["accept"] = rule
         evaluations[weights_to_bytes(new)] = metrics
+        updates = []
+        for w, (u, n) in zip(WORKERS, results):
+            weights = store.add(weights_to_bytes(u))
+            updates.append({"worker": w.id, "weights": weights, "num_examples": n, "metrics": {},
+                            "message": signed_update(store, w, job="beyond", round_=spec["round"], head=log.head,
+                                                     base=base, weights=weights, num_examples=n, metrics={})})
         cids.append(log.append({
             "job": "beyond", "round": spec["round"], "model": model,
             "weights": store.add(weights_to_bytes(new)), "aggregation": {"name": name, "params": block_params},
-            "updates": [{"worker": w.id, "weights": store.add(weights_to_bytes(u)), "num_examples": n, "metrics": {}}
-                        for w, (u, n) in zip(WORKERS, results)],
-            "metrics": metrics}, OWNER))
+            "updates": updates, "metrics": metrics}, OWNER))
         previous_weights = new
         if metrics.get("accepted", 1.0) != 0.0:
-            accepted_weights = new
+            accepted_weights, base = new, store.add(weights_to_bytes(new))
     return log, cids, evaluations
 
 
@@ -412,7 +417,7 @@ def test_an_easy_acceptance_rule_passes_with_fedprox_and_verify_rechecks_it_on_t
                    str(grid.root / "test.npz"), "--signer", grid.owner.id, "--json", result.head)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout) == {"ok": True, "blocks": 3, "reason": "", "first_bad": None, "evaluated": True,
-                                       "ext_checked": False}
+                                       "ext_checked": False, "contributions_unproven": 0, "witness_records": 0}
     # the verifier's eval data must be the client's: other data gives other numbers, and verify says so
     other = grid.root / "other.npz"
     x, y, _, _ = data.digits()
@@ -598,6 +603,9 @@ def test_workers_refuse_to_mask_against_a_key_the_owner_swapped_in(grid):
         sub.wait_ready()
         model = ipfs.add((grid.root / "digits.keras").read_bytes())
         weights = str(ipfs.add(weights_to_bytes(zoo.digits_mlp(seed=0).get_weights())))
+        genesis = str(ChainLog(ipfs, None).append({"job": job_id, "round": 0, "model": model, "weights": weights,
+                                                   "aggregation": {"name": "init", "params": {}}, "updates": [],
+                                                   "metrics": {}}, grid.owner))  # the head workers sign against
         job = messages.encode(messages.Job(job_id, model, grid.owner.id, {"epochs": 1, "batch_size": 32,
                                                                           "rounds": 1, "secure_aggregation": True}),
                               grid.owner)
@@ -623,7 +631,8 @@ def test_workers_refuse_to_mask_against_a_key_the_owner_swapped_in(grid):
 
         def round_message(attempt: int, keys: dict) -> bytes:
             return messages.encode(messages.Round(job_id, 1, weights, time.time() + 120, [a, b], attempt=attempt,
-                                                  mask_keys=keys, mask_sigs={w: joins[w].mask_sig for w in (a, b)}),
+                                                  mask_keys=keys, mask_sigs={w: joins[w].mask_sig for w in (a, b)},
+                                                  head=genesis),
                                    grid.owner)
 
         genuine = {w: joins[w].mask_key for w in (a, b)}

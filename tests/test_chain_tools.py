@@ -224,6 +224,8 @@ def chain(tmp_path_factory):
     from grid_ipfs.ipfs.devnet import Devnet
     from grid_ipfs.payloads import model_to_bytes, weights_to_bytes
 
+    from .test_chain_format import signed_update
+
     root = tmp_path_factory.mktemp("chain_tools")
     net = Devnet.up(1, root / "devnet")
     try:
@@ -241,18 +243,24 @@ def chain(tmp_path_factory):
                                owner)]
             rng = np.random.default_rng(0)
             for r in (1, 2):
+                base = client.add(weights_to_bytes(weights))
                 updates = [([(w + 0.1 * rng.standard_normal(w.shape)).astype(w.dtype) for w in weights],
                             int(rng.integers(4, 40))) for _ in workers]
                 weights = fedavg(updates)
                 global_weights.append(weights)
+                entries = []
+                for worker, (w, n) in zip(workers, updates):
+                    sent, trained = client.add(weights_to_bytes(w)), {"loss": 0.7 - 0.1 * r, "accuracy": 0.5 + 0.1 * r}
+                    entries.append({"worker": worker.id, "weights": sent, "num_examples": n,
+                                    "metrics": {**trained, "eval_loss": 0.72 - 0.1 * r},
+                                    "message": signed_update(client, worker, job="xor-tools", round_=r, head=log.head,
+                                                             base=base, weights=sent, num_examples=n, metrics=trained,
+                                                             eval_metrics={"loss": 0.72 - 0.1 * r})})
                 cids.append(log.append({
                     "job": "xor-tools", "round": r, "model": model_cid,
                     "weights": client.add(weights_to_bytes(weights)),
                     "aggregation": {"name": "fedavg", "params": {}},
-                    "updates": [{"worker": worker.id, "weights": client.add(weights_to_bytes(w)), "num_examples": n,
-                                 "metrics": {"loss": 0.7 - 0.1 * r, "accuracy": 0.5 + 0.1 * r,
-                                             "eval_loss": 0.72 - 0.1 * r}}
-                                for worker, (w, n) in zip(workers, updates)],
+                    "updates": entries,
                     "metrics": {"loss": 0.7 - 0.1 * r, "accuracy": 0.5 + 0.1 * r, "eval_loss": 0.72 - 0.1 * r,
                                 "attempts": 1.0}}, owner))
         from types import SimpleNamespace
@@ -409,6 +417,8 @@ def evaluated(tmp_path_factory):
     from grid_ipfs.payloads import model_from_bytes, model_to_bytes, weights_to_bytes
     from grid_ipfs.training import evaluate
 
+    from .test_chain_format import signed_update
+
     root = tmp_path_factory.mktemp("chain_eval")
     eval_path = data.save_shard(root / "eval.npz", *xor_data(200, seed=0))
     data.save_shard(root / "other.npz", *xor_data(200, seed=1))
@@ -438,12 +448,16 @@ def evaluated(tmp_path_factory):
                     metrics = val(history[r])
                     if r == 2:
                         metrics["val_loss"] += shift
+                    sent = client.add(weights_to_bytes(history[r]))
+                    message = signed_update(client, worker, job=f"xor-eval-{name}", round_=r, head=log.head,
+                                            base=client.add(weights_to_bytes(history[r - 1])), weights=sent,
+                                            num_examples=10, metrics={})
                     cids[name].append(log.append({
                         "job": f"xor-eval-{name}", "round": r, "model": model_cid,
                         "weights": client.add(weights_to_bytes(history[r])),
                         "aggregation": {"name": "fedavg", "params": {}},
-                        "updates": [{"worker": worker.id, "weights": client.add(weights_to_bytes(history[r])),
-                                     "num_examples": 10, "metrics": {}}],
+                        "updates": [{"worker": worker.id, "weights": sent, "num_examples": 10, "metrics": {},
+                                     "message": message}],
                         "metrics": metrics}, owner))
                 heads[name] = cid_str(log.head)
         from types import SimpleNamespace
@@ -464,7 +478,7 @@ def test_chain_verify_with_eval_data_re_evaluates_every_block(evaluated):
                            f"{evaluated.eval}\n")
     proc = run_cli("grid_ipfs.chain", "verify", "--api", evaluated.api, evaluated.head, "--json")
     assert json.loads(proc.stdout) == {"ok": True, "blocks": 3, "reason": "", "first_bad": None, "evaluated": False,
-                                       "ext_checked": False}
+                                       "ext_checked": False, "contributions_unproven": 0, "witness_records": 0}
 
 
 @pytest.mark.integration

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from multiformats import CID, multihash
 
 from grid_ipfs.aggregate import aggregate, parse_accept
 from grid_ipfs.chain import ChainLog, decode_block, store_block
@@ -15,10 +16,20 @@ from grid_ipfs.identity import Identity
 from grid_ipfs.ipfs.cids import cid_str
 from grid_ipfs.payloads import weights_from_bytes, weights_to_bytes
 
-from .test_chain_format import MemoryStore
+from .test_chain_format import MemoryStore, signed_update
 
 OWNER, MINER = Identity.generate(), Identity.generate()
 WORKERS = sorted((Identity.generate() for _ in range(4)), key=lambda i: i.id)
+BY_ID = {w.id: w for w in WORKERS}
+
+
+def _entries(store, updates, *, round, head, base) -> list[dict]:
+    """Update entries for `updates` ((worker id, weights CID, num_examples), by worker), each linking its
+    worker's message signed for `round` of job "pofl" against `head` and base weights `base`."""
+    return [{"worker": wid, "weights": weights, "num_examples": n, "metrics": {},
+             "message": signed_update(store, BY_ID[wid], job="pofl", round_=round, head=head, base=base,
+                                      weights=weights, num_examples=n, metrics={})}
+            for wid, weights, n in updates]
 
 
 @pytest.fixture
@@ -30,16 +41,17 @@ def round_():
     reference = [rng.normal(size=(3, 2)).astype(np.float32), np.zeros(2, np.float32)]
     chain = ChainLog(store, None)
     model = store.add(b"a .keras file")
-    chain.append({"job": "pofl", "round": 0, "model": model, "weights": store.add(weights_to_bytes(reference)),
-                  "aggregation": {"name": "init", "params": {}}, "updates": [], "metrics": {}}, OWNER)
+    base = store.add(weights_to_bytes(reference))
+    genesis = chain.append({"job": "pofl", "round": 0, "model": model, "weights": base,
+                            "aggregation": {"name": "init", "params": {}}, "updates": [], "metrics": {}}, OWNER)
     results = [([w + rng.normal(scale=0.1, size=w.shape).astype(np.float32) for w in reference], 10 + i)
                for i in range(4)]
     results[3] = ([w * 20 for w in results[3][0]], results[3][1])
     own = aggregate("fedavg", results)
     fields = {"job": "pofl", "round": 1, "model": model, "weights": store.add(weights_to_bytes(own)),
               "aggregation": {"name": "fedavg", "params": {"accept": "val_accuracy>=0.5"}},
-              "updates": [{"worker": w.id, "weights": store.add(weights_to_bytes(u)), "num_examples": n,
-                           "metrics": {}} for w, (u, n) in zip(WORKERS, results)],
+              "updates": _entries(store, [(w.id, store.add(weights_to_bytes(u)), n)
+                                          for w, (u, n) in zip(WORKERS, results)], round=1, head=genesis, base=base),
               "metrics": {"val_accuracy": 0.2, "accepted": 0.0}}
     candidate_cid = chain.stage(fields, OWNER)
     assert chain.head != candidate_cid  # staged, not appended
@@ -173,6 +185,25 @@ def test_verify_checks_a_recorded_contest_against_its_winner(round_):
     assert not report.ok and "names no winner" in report.reason, report.reason
 
 
+def test_a_rival_with_fields_of_its_own_is_refused_and_cannot_win(round_):
+    """A rival's own `ext` would ride into the owner's recursive pin with whatever it links (a CID
+    nobody has stalls every later pin): the owner refuses it, and verify refuses it as a winner."""
+    from grid_ipfs.chain import verify_chain
+    from grid_ipfs.contest import check_rival_fields
+
+    store, candidate, results, reference, fetch = round_
+    nowhere = CID("base32", 1, "dag-pb", multihash.digest(b"a DAG nobody serves", "sha2-256"))
+    data, rival_cid = _rival(store, candidate, aggregate("median", results), ext={"bait": nowhere})
+    rival = decode_block(data, rival_cid)
+    check_rival(data, rival_cid, candidate, results, reference, fetch)  # its round and weights are fine...
+    with pytest.raises(ContestError, match="a rival block carries ext: it holds only the round"):
+        check_rival_fields(rival)  # ...but not its own fields
+    check_rival_fields(decode_block(*_rival(store, candidate, aggregate("median", results))))
+    report = verify_chain(store, _final(store, candidate, rival_cid, rival))
+    assert not report.ok and report.reason.endswith(f"winning candidate {rival_cid} carries fields of its own "
+                                                    "(ext or config)"), report.reason
+
+
 def _endorse(store, head, *, signer=MINER, round=1, verdict="accepted", job="pofl"):
     from grid_ipfs import messages
 
@@ -190,14 +221,16 @@ def test_verify_checks_the_endorsements_a_block_links(round_):
     rival = decode_block(data, rival_cid)
     first = _final(store, candidate, rival_cid, rival)
     other_miner = Identity.generate()
+    round_2 = _entries(store, [(u["worker"], u["weights"], u["num_examples"]) for u in candidate["updates"]],
+                       round=2, head=first, base=rival["weights"])  # the same updates, signed for round 2
 
     def second(endorsements, *, as_written=False):
         pofl = pofl_record(None, None, [rival_cid], endorsements) if not as_written else \
             {**pofl_record(None, None, [rival_cid]), "endorsements": endorsements}
         log = ChainLog(store, None)
         log._head = first
-        fields = {key: candidate[key] for key in ("job", "model", "updates")}
-        fields.update(round=2, weights=rival["weights"], aggregation=rival["aggregation"],
+        fields = {key: candidate[key] for key in ("job", "model")}
+        fields.update(round=2, weights=rival["weights"], aggregation=rival["aggregation"], updates=round_2,
                       metrics={"val_accuracy": 0.2, "accepted": 0.0},  # a rejected try: no winner to name
                       ext={"pofl": pofl})
         return verify_chain(store, log.append(fields, OWNER))

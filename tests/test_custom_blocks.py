@@ -21,6 +21,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import dag_cbor  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from multiformats import CID, multihash  # noqa: E402
 
 from grid_ipfs.chain import (  # noqa: E402
     ChainError,
@@ -44,6 +45,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 OWNER = Identity.generate()
 WORKER = Identity.generate()
 LINK = block_cid(b"some weights")
+MESSAGE = CID("base32", 1, "raw", multihash.digest(b"msg", "sha2-256"))
+"""Where a version 2 update entry's signed message would be (a raw block; layout tests never fetch it)."""
 
 
 def load_example():
@@ -65,7 +68,8 @@ def round_fields(**extra) -> dict:
     """The fields of a valid round-1 block (links need not resolve: only the layout is checked)."""
     return {"job": "job-1", "seq": 1, "round": 1, "prev": block_cid(b"genesis"), "model": block_cid(b"model"),
             "weights": LINK, "aggregation": {"name": "fedavg", "params": {}},
-            "updates": [{"worker": WORKER.id, "weights": LINK, "num_examples": 3, "metrics": {"loss": 0.5}}],
+            "updates": [{"worker": WORKER.id, "weights": LINK, "num_examples": 3, "metrics": {"loss": 0.5},
+                         "message": MESSAGE}],
             "metrics": {"loss": 0.5}, "time": 1.0, **extra}
 
 

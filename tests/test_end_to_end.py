@@ -129,11 +129,16 @@ def test_chain_verify_and_show_pass_from_another_node(grid, job):
 
 
 def test_a_forged_copy_with_one_flipped_update_is_named_by_verify(grid, job, reader):
-    """Re-sign a copy of the chain (a forger has their own key), flipping one weight of one update in
-    round 3: every block is validly signed, but round 3's aggregate no longer matches its updates."""
-    forger, copy = Identity.generate(), ChainLog(reader, None)
+    """A forger (their own key) re-signs the owner's blocks from round 3 on, on top of the genuine round 2,
+    flipping one weight of one update in round 3: every block is validly signed, but round 3's aggregate
+    no longer matches its updates. A copy re-signed from genesis on fails already at round 1: the
+    workers' signed updates name the genuine history."""
+    forger = Identity.generate()
     bad_round, forged = 3, None
-    for _, block in reversed(list(walk(reader, job["head"]))):
+    history = list(reversed(list(walk(reader, job["head"]))))
+    copy = ChainLog(reader, None)
+    copy._head = history[bad_round - 1][0]
+    for _, block in history[bad_round:]:
         fields = {k: v for k, v in block.items() if k not in ("seq", "prev", "signer", "sig", "v")}
         if block["round"] == bad_round:
             updates = [dict(u) for u in block["updates"]]
@@ -146,21 +151,33 @@ def test_a_forged_copy_with_one_flipped_update_is_named_by_verify(grid, job, rea
         if block["round"] == bad_round:
             forged = cid
 
-    report = verify_chain(reader, copy.head)
-    assert not report.ok
-    assert same_cid(report.first_bad, forged), report.reason
-    assert f"seq {bad_round}" in report.reason and "differ from fedavg" in report.reason, report.reason
+    for recompute in (True, False):  # the worker's own signed message names the forgery, before any recompute
+        report = verify_chain(reader, copy.head, recompute=recompute)
+        assert not report.ok and same_cid(report.first_bad, forged), report.reason
+        assert f"seq {bad_round}" in report.reason and \
+            f"update of {updates[1]['worker']}: its message sent weights" in report.reason, report.reason
 
     cli = run_cli("grid_ipfs.chain", "verify", "--api", grid.apis[1], cid_str(copy.head))
     assert cli.returncode == 1
     assert cid_str(forged) in cli.stdout, cli.stdout
-    # The original still verifies, and pinning the owner's key exposes the copy at its genesis.
+
+    whole = ChainLog(reader, None)
+    for _, block in history:
+        whole.append({k: v for k, v in block.items() if k not in ("seq", "prev", "signer", "sig", "v")}, forger)
+    blocks = [c for c, _ in walk(reader, whole.head)][::-1]
+    report = verify_chain(reader, whole.head)
+    assert not report.ok and same_cid(report.first_bad, blocks[1]), report.reason
+    assert (f"its message extends head {cid_str(history[0][0])}, not this block's prev {cid_str(blocks[0])}"
+            in report.reason), report.reason
+    # The original still verifies, and pinning the owner's key exposes either copy at its first forged block.
     client_id = Identity.load_or_create(grid.root / "client.key").id
     assert verify_chain(reader, job["head"], signer=client_id, check_objects=False).ok
-    owner_only = run_cli("grid_ipfs.chain", "verify", "--api", grid.apis[1], cid_str(copy.head), "--signer", client_id)
+    owner_only = run_cli("grid_ipfs.chain", "verify", "--api", grid.apis[1], cid_str(whole.head), "--signer", client_id)
     assert owner_only.returncode == 1 and "signed by" in owner_only.stdout, owner_only.stdout
-    pinned = verify_chain(reader, copy.head, signer=client_id, check_objects=False, recompute=False)
+    pinned = verify_chain(reader, whole.head, signer=client_id, check_objects=False, recompute=False)
     assert not pinned.ok and "signed by" in pinned.reason and pinned.checks[0].ok is False
+    pinned = verify_chain(reader, copy.head, signer=client_id, check_objects=False, recompute=False)
+    assert not pinned.ok and same_cid(pinned.first_bad, forged) and "signed by" in pinned.reason
 
 
 def test_client_exits_non_zero_when_too_few_workers_join(grid):

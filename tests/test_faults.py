@@ -207,7 +207,8 @@ def _append_blocks(api: str, head_file: str, who: int, count: int) -> None:
             log.append({"job": genesis["job"], "round": head["round"] + 1, "model": cid_str(genesis["model"]),
                         "weights": cid_str(genesis["weights"]), "aggregation": {"name": "fedavg", "params": {}},
                         "updates": [{"worker": identity.id, "weights": cid_str(genesis["weights"]), "num_examples": 1,
-                                     "metrics": {"who": float(who), "i": float(i)}}],
+                                     "metrics": {"who": float(who), "i": float(i)},
+                                     "message": ipfs.block_put(f"update {who} {i}".encode(), codec="raw")}],
                         "metrics": {}}, identity)
 
 
@@ -243,7 +244,7 @@ def test_two_processes_appending_to_one_head_file_lose_no_block(tmp_path):
 
 
 def test_job_completes_under_a_flood_of_hostile_messages(grid_factory):
-    """1000 hostile messages during a 4-round job (tests/hostile.py: 17 kinds, deep JSON, huge numbers and
+    """1000 hostile messages during a 4-round job (tests/hostile.py: 20 kinds, deep JSON, huge numbers and
     control characters included): it completes, both workers stay up, every message is dropped and counted."""
     client_identity = Identity.generate()
     grid = grid_factory(workers=2, nodes=2)

@@ -393,9 +393,9 @@ def test_the_clients_drain_survives_a_message_whose_handling_raises():
     job = _client_job()
     round_ = messages.Round(job="j", round=1, weights=CID, deadline=time.time() + 60, selected=None)
     update = messages.Update(job="j", round=1, weights=CID, num_examples=3, metrics={}, eval_metrics={})
-    for data in (b"[" * 60_000, messages.encode(messages.Join(job="j", name="boom", num_examples=3), WORKER),
-                 messages.encode(update, WORKER)):
+    signed = messages.encode(update, WORKER)
+    for data in (b"[" * 60_000, messages.encode(messages.Join(job="j", name="boom", num_examples=3), WORKER), signed):
         client.inbox.put(_raw(data))
     updates = client._drain(job, 5.0, round_=round_)
-    assert updates == [(update, WORKER.id)]
+    assert updates == [(update, WORKER.id, signed)]  # with its bytes as published: the block links them
     assert client.dropped == {"malformed": 1, "failed": 1}

@@ -37,6 +37,8 @@ def samples():
         Round("job-1", 1, CID_A, 1.7e9, [OTHER.id, ME.id], attempt=2),
         Round("job-1", 2, CID_V0, 1700000000.5, None),
         Update("job-1", 1, CID_A, 120, {"loss": 0.5, "accuracy": 0.75}, {"val_loss": 0.6}),
+        Round("job-1", 2, CID_A, 1.7e9, None, head=CID_V0),
+        Update("job-1", 2, CID_A, 120, {"loss": 0.5}, {}, attempt=2, head=CID_V0, base=CID_A),
         Head("job-1", 0, CID_A, CID_V0),
         Done("job-1", CID_A),
         Done("job.2_x", CID_A, reason="stopped by owner"),
@@ -234,6 +236,29 @@ def test_constructing_an_invalid_message_fails_early():
         Round("j", 1, "nope", 1.0, None)
     with pytest.raises(MessageError, match="deadline: non-finite number inf"):
         Round("j", 1, CID_A, float("inf"), None)
+
+
+@pytest.mark.parametrize("field", ["head", "base"])
+def test_a_bad_head_or_base_cid_is_refused_naming_the_field(field):
+    with pytest.raises(MessageError, match=f"^{field}: not a valid CID"):
+        Update("j", 1, CID_A, 5, {}, {}, **{field: "nope"})
+    with pytest.raises(MessageError, match=f"^{field}: .*whitespace"):
+        Update("j", 1, CID_A, 5, {}, {}, **{field: f" {CID_A}"})
+    assert reason_of(signed(update_obj(**{field: "nope"}))).startswith(f"{field}: not a valid CID")
+    assert reason_of(signed(update_obj(**{field: 7}))).startswith(f"{field}: ")
+    if field == "head":
+        with pytest.raises(MessageError, match="^head: not a valid CID"):
+            Round("j", 1, CID_A, 1.0, None, head="nope")
+        obj = json.loads(encode(Round("j", 1, CID_A, 1.0, None), ME))
+        assert reason_of(signed({**obj, "head": "nope"})).startswith("head: not a valid CID")
+
+
+def test_head_and_base_are_optional_and_absent_from_the_wire_when_unset():
+    assert b'"head"' not in encode(Round("j", 1, CID_A, 1.0, None), ME)
+    assert b'"head"' not in encode(Update("j", 1, CID_A, 5, {}, {}), ME)
+    assert b'"base"' not in encode(Update("j", 1, CID_A, 5, {}, {}), ME)
+    bound = decode(encode(Update("j", 1, CID_A, 5, {}, {}, head=CID.decode(CID_V0), base=CID_A), ME)).message
+    assert (bound.head, bound.base) == (CID_V0, CID_A)  # CID objects stored as text, as for weights
 
 
 def test_numpy_numbers_become_plain_json_numbers():

@@ -221,6 +221,8 @@ def test_privacy_cli_on_a_chain_without_noise_and_bad_deltas(dp_job):
     from grid_ipfs.ipfs.cids import cid_str
     from grid_ipfs.payloads import weights_to_bytes
 
+    from .test_chain_format import signed_update
+
     owner = Identity.generate()
     with dp_job.grid.client(0) as ipfs:
         genesis = next(b for _, b in walk(ipfs, dp_job.head) if b["seq"] == 0)
@@ -230,7 +232,9 @@ def test_privacy_cli_on_a_chain_without_noise_and_bad_deltas(dp_job):
                     "aggregation": {"name": "init", "params": {}}, "updates": [], "metrics": {}}, owner)
         log.append({"job": "plain", "round": 1, "model": genesis["model"], "weights": weights,
                     "aggregation": {"name": "fedavg", "params": {}},
-                    "updates": [{"worker": owner.id, "weights": weights, "num_examples": 1, "metrics": {}}],
+                    "updates": [{"worker": owner.id, "weights": weights, "num_examples": 1, "metrics": {},
+                                 "message": signed_update(ipfs, owner, job="plain", round_=1, head=log.head,
+                                                          base=weights, weights=weights, num_examples=1, metrics={})}],
                     "metrics": {}}, owner)
         head = cid_str(log.head)
     proc = run_cli("grid_ipfs.chain", "privacy", "--api", dp_job.grid.apis[1], head)
@@ -252,4 +256,5 @@ def test_chain_verify_re_evaluates_the_real_dp_chain_on_the_clients_eval_data(dp
                    str(dp_job.root / "test.npz"), "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout) == {"ok": True, "blocks": ROUNDS + 1, "reason": "", "first_bad": None,
-                                       "evaluated": True, "ext_checked": False}
+                                       "evaluated": True, "ext_checked": False, "contributions_unproven": 0,
+                                       "witness_records": 0}

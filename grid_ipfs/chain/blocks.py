@@ -5,7 +5,7 @@ the model and the initial weights. Links are CIDs encoded as dag-cbor tag 42, so
 the history (`ipfs dag get HEAD/prev/prev/round`) and a recursive pin of the head keeps all of it.
 
     v, job, seq, round, prev (absent in genesis), model, weights,
-    aggregation {name, params}, updates [{worker, weights, num_examples, metrics}] sorted by worker,
+    aggregation {name, params}, updates [{worker, weights, num_examples, metrics, message}] sorted by worker,
     metrics {str: float}, time, signer, sig, and in genesis only an optional config {str: value}
     (the job's training settings: epochs, batch size, rounds, ... so `client resume` and auditors
     know what was asked of the workers), and in any block an optional ext {str: value}
@@ -17,6 +17,11 @@ data: ints (signed 64-bit), finite floats, strings, bytes, bools, IPLD links (CI
 maps (non-empty string keys) of those, nested at most `EXT_MAX_DEPTH` levels. null is refused (omit the
 key) and so is an empty ext (omit the field), so every value has one encoding. It is signed like
 every other field: changing it breaks the signature.
+
+Versions: `v` 2 (written since signed contributions) links from each update entry the worker's signed
+`update` message (`message`, a raw block holding the message exactly as published; see
+`contributions`), so the entry can be checked against the worker's own words. Version 1 entries have
+no `message`: such blocks still decode and verify, their contributions reported as unproven.
 
 `sig` is the signer's Ed25519 signature over the dag-cbor encoding of the block without `sig`.
 dag-cbor is canonical (one encoding per value), so a block's CID can be recomputed from its fields by
@@ -42,10 +47,12 @@ from ..messages import valid_job_id
 __all__ = [
     "BLOCK_VERSION", "EXT_MAX_DEPTH", "GENESIS_AGGREGATION", "ChainError",
     "encode_block", "decode_block", "sign_block", "check_signature", "validate_block", "block_cid",
-    "normalise_ext", "ROUND_FIELDS", "MAX_UPDATES", "MAX_CBOR_DEPTH", "check_cbor_depth",
+    "normalise_ext", "READABLE_VERSIONS", "ROUND_FIELDS", "MAX_UPDATES", "MAX_CBOR_DEPTH", "check_cbor_depth",
 ]
 
-BLOCK_VERSION = 1
+BLOCK_VERSION = 2
+"""The version `sign_block` writes. `decode_block` reads `READABLE_VERSIONS`."""
+READABLE_VERSIONS = (1, 2)
 ROUND_FIELDS = ("job", "round", "seq", "prev", "model", "updates")
 """The fields that fix which round of which chain a block aggregates, and over which updates: rival
 blocks of the same round (competing aggregators, `grid_ipfs.contest`) share them."""
@@ -53,7 +60,8 @@ GENESIS_AGGREGATION = "init"
 
 _REQUIRED = {"v", "job", "seq", "round", "model", "weights", "aggregation", "updates", "metrics", "time",
              "signer", "sig"}
-_UPDATE_KEYS = {"worker", "weights", "num_examples", "metrics"}
+_UPDATE_KEYS = {1: {"worker", "weights", "num_examples", "metrics"},
+                2: {"worker", "weights", "num_examples", "metrics", "message"}}
 _OPTIONAL = {"prev", "config", "ext"}
 EXT_MAX_DEPTH = 16
 """How deeply lists and maps may nest inside `ext` (the ext map itself is level 1)."""
@@ -162,7 +170,7 @@ def validate_block(block: object, *, signed: bool = True) -> None:
             raise ChainError("config: expected a map with non-empty string keys")
     if "ext" in block:
         _check_ext(block["ext"])
-    if block["v"] != BLOCK_VERSION or not _is_int(block["v"]):
+    if not _is_int(block["v"]) or block["v"] not in READABLE_VERSIONS:
         raise ChainError(f"unsupported block version {_brief(block['v'])}")
     if not valid_job_id(block["job"]):
         raise ChainError(f"bad job id {_brief(block['job'])}")
@@ -191,16 +199,19 @@ def validate_block(block: object, *, signed: bool = True) -> None:
         raise ChainError("updates: expected a list, empty in genesis only")
     if len(updates) > MAX_UPDATES:
         raise ChainError(f"updates: {len(updates)} updates, more than {MAX_UPDATES}")
+    keys = _UPDATE_KEYS[block["v"]]
     for i, update in enumerate(updates):
         where = f"updates[{i}]"
-        if not isinstance(update, dict) or set(update) != _UPDATE_KEYS:
-            raise ChainError(f"{where}: expected exactly {sorted(_UPDATE_KEYS)}")
+        if not isinstance(update, dict) or set(update) != keys:
+            raise ChainError(f"{where}: expected exactly {sorted(keys)} (block version {block['v']})")
         if not _is_id(update["worker"]):
             raise ChainError(f"{where}.worker: not a public id: {_brief(update['worker'])}")
         if i and not updates[i - 1]["worker"] < update["worker"]:
             raise ChainError(f"{where}: updates must be sorted by worker id, each worker once")
         if not isinstance(update["weights"], CID):
             raise ChainError(f"{where}.weights: expected an IPLD link")
+        if "message" in update and not (isinstance(update["message"], CID) and update["message"].codec.name == "raw"):
+            raise ChainError(f"{where}.message: expected an IPLD link to a raw block (the signed update message)")
         if not _is_int(update["num_examples"]) or not 1 <= update["num_examples"] <= MAX_NUM_EXAMPLES:
             raise ChainError(f"{where}.num_examples: expected an integer from 1 to {MAX_NUM_EXAMPLES}, "
                              f"got {_brief(update['num_examples'])}")
@@ -367,8 +378,9 @@ def _normalise(fields: dict) -> dict[str, Any]:
             if not isinstance(u, dict):
                 raise ChainError(f"updates[{i}]: expected a map")
             u = dict(u)
-            if "weights" in u:
-                u["weights"] = _link(f"updates[{i}].weights", u["weights"])
+            for key in ("weights", "message"):
+                if key in u:
+                    u[key] = _link(f"updates[{i}].{key}", u[key])
             if isinstance(u.get("num_examples"), numbers.Integral) and not isinstance(u["num_examples"], bool):
                 u["num_examples"] = int(u["num_examples"])  # numpy ints from len(x) arithmetic
             if isinstance(u.get("metrics"), dict):

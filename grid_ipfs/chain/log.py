@@ -104,23 +104,25 @@ class ChainLog:
         """The newest block, or None for an empty chain."""
         return read_head(self.head_file) if self.head_file is not None else self._head
 
-    def append(self, fields: dict, identity: Identity) -> CID:
+    def append(self, fields: dict, identity: Identity, *, extends: str | CID | None = None) -> CID:
         """Sign `fields` as the next block on the current head, store it, advance the head; return its CID.
 
         `seq` and `prev` are set here (genesis when the chain is empty), `time` defaults to now. The
-        block's job and model must match the head's: one chain, one job, one architecture.
+        block's job and model must match the head's: one chain, one job, one architecture. With
+        `extends`, ChainError unless the head is still that block: a round's workers signed their
+        updates against the head it announced, so its block must link exactly that one as `prev`.
         """
         if "seq" in fields or "prev" in fields:
             raise ChainError("append sets seq and prev itself; do not pass them")
         if self.head_file is None:
-            return self._append(fields, identity)
+            return self._append(fields, identity, extends)
         from filelock import FileLock
 
         self.head_file.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{self.head_file}.lock"):
-            return self._append(fields, identity)
+            return self._append(fields, identity, extends)
 
-    def stage(self, fields: dict, identity: Identity) -> CID:
+    def stage(self, fields: dict, identity: Identity, *, extends: str | CID | None = None) -> CID:
         """Sign and store `fields` as the next block on the current head, without advancing the head.
 
         A staged block is a candidate others can fetch and build on (see `grid_ipfs.contest`); it joins
@@ -128,19 +130,23 @@ class ChainLog:
         """
         if "seq" in fields or "prev" in fields:
             raise ChainError("stage sets seq and prev itself; do not pass them")
-        return store_block(self.store, self._next(fields), identity)
+        return store_block(self.store, self._next(fields, extends), identity)
 
-    def _append(self, fields: dict, identity: Identity) -> CID:
-        cid = store_block(self.store, self._next(fields), identity)
+    def _append(self, fields: dict, identity: Identity, extends: str | CID | None) -> CID:
+        cid = store_block(self.store, self._next(fields, extends), identity)
         if self.head_file is None:
             self._head = cid
         else:
             write_head(self.head_file, cid)
         return cid
 
-    def _next(self, fields: dict) -> dict:
+    def _next(self, fields: dict, extends: str | CID | None = None) -> dict:
         """`fields` with `seq`, `prev` (and a default `time`) for the block after the current head."""
         head = self.head
+        if extends is not None and (head is None or not same_cid(head, extends)):
+            where = f"head file {self.head_file}" if self.head_file is not None else "this log"
+            raise ChainError(f"the chain moved: the block was to extend {cid_str(extends)}, but {where} names "
+                             f"{cid_str(head) if head is not None else 'no head'} (another writer?)")
         block = {"time": time.time(), **fields}
         if head is None:
             block["seq"] = 0

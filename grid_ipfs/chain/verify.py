@@ -15,6 +15,13 @@ client's evaluation data, which the chain does not hold: pass `evaluate` (weight
 `python -m grid_ipfs.client verify --eval-data FILE`) to re-evaluate every block's global weights,
 compare with the recorded values (`eval_tolerance`), and decide the rules on the verifier's numbers.
 
+Signed contributions (block version 2, `contributions`): every update entry links the worker's own
+signed `update` message; it must be validly signed by the entry's worker and say the same job, round,
+weights, `num_examples` and metrics, name the block's `prev` as its head and the previous accepted
+global weights as its base. A version 1 block (written before this existed) verifies without that
+check, and the report counts it in `unproven`; a version 1 block after a version 2 one fails (a
+writer must not drop the proof by writing the old format).
+
 Custom block fields: a block's optional `ext` map (see `blocks`) is checked for layout and covered
 by the signature like everything else; what it *means* is the application's. Pass `check_ext(block,
 weights) -> reason or None` to re-check it: it is called for every block, genesis first, with the
@@ -100,6 +107,9 @@ class VerifyReport:
     """The seq of `first_bad` (what its successor says it should be, if it could not be read)."""
     detail: str = ""
     """`reason` without its leading block label: `FAILED at block <seq> (<cid>): <detail>`."""
+    unproven: int = 0
+    """Blocks after genesis whose updates carry no signed messages (block version 1): what they credit
+    to which worker rests on their signer's word alone."""
 
 
 class _Bad(Exception):
@@ -109,7 +119,7 @@ class _Bad(Exception):
 def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = True, recompute: bool = True,
                  signer: str | None = None, evaluate: Callable[[list], Mapping[str, float]] | None = None,
                  eval_tolerance: float = 1e-4, check_ext: ExtCheck | None = None,
-                 max_blocks: int = MAX_BLOCKS) -> VerifyReport:
+                 max_blocks: int = MAX_BLOCKS, require_proof: bool = False) -> VerifyReport:
     """Walk `head` -> genesis and check every block (see the module docstring).
 
     `signer`, if given, is the only id allowed to have signed blocks (e.g. the job owner's). Fetch
@@ -119,8 +129,10 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
     its values. `check_ext(block, weights)`, if given, re-checks each block's custom fields (`ext`,
     absent unless the writer added some): a returned string fails the block, and so does a KeyError,
     IndexError, TypeError or ValueError raised while reading a block it did not expect. A chain longer
-    than `max_blocks` fails at its head without being walked. Nothing a chain holds makes this raise:
-    an unexpected error while checking a block is that block's verdict too.
+    than `max_blocks` fails at its head without being walked. With `require_proof`, a block after
+    genesis whose updates carry no signed messages (version 1) fails instead of counting as unproven.
+    Nothing a chain holds makes this raise: an unexpected error while checking a block is that block's
+    verdict too.
     """
     walked, broken = _walk(store, parse_cid(head), max_blocks)
     chain = walked[::-1]  # oldest first, so the first failure found is the oldest one
@@ -131,7 +143,8 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
         position, label, detail, seq = broken
         failure = (len(walked) - 1 - position, label, detail, seq)
     else:
-        context = _Context(_Objects(store), check_objects, recompute, signer, evaluate, eval_tolerance, check_ext)
+        context = _Context(_Objects(store), check_objects, recompute, signer, evaluate, eval_tolerance, check_ext,
+                           require_proof)
         for index, (_, block) in enumerate(chain):
             parent = chain[index - 1][1] if index else None
             try:
@@ -146,13 +159,14 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
             if is_accepted(block):
                 context.accepted, context.accepted_metrics = block, metrics
             checks[index].ok = True
+    unproven = sum(1 for _, b in chain if b is not None and b["v"] < 2 and b["seq"] > 0)
     if failure is None:
-        return VerifyReport(True, len(walked), checks=checks)
+        return VerifyReport(True, len(walked), checks=checks, unproven=unproven)
     index, label, detail, seq = failure
     detail = printable(detail, REASON_CHARS)  # reasons quote what blocks hold: a peer's text
     reason = f"{label}: {detail}"
     checks[index].ok, checks[index].reason = False, reason
-    return VerifyReport(False, len(walked), checks[index].cid, reason, checks, seq, detail)
+    return VerifyReport(False, len(walked), checks[index].cid, reason, checks, seq, detail, unproven)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -216,6 +230,7 @@ class _Context:
     evaluate: Callable[[list], Mapping[str, float]] | None
     eval_tolerance: float
     check_ext: ExtCheck | None = None
+    require_proof: bool = False
     accepted: dict | None = None
     """The newest accepted block checked so far (genesis first): its weights are the reference of the
     next block, its metrics the baseline of an `improves:` rule."""
@@ -285,6 +300,12 @@ def _check_block(block: dict, parent: dict | None, context: _Context) -> Mapping
             raise _Bad(f"job {block['job']!r} differs from the previous block's {parent['job']!r}")
         if not same_cid(block["model"], parent["model"]):
             raise _Bad("model differs from the previous block's")
+        if block["v"] < 2 and context.require_proof:
+            raise _Bad(f"block version {block['v']}: its updates carry no signed messages (contributions "
+                       "unproven, and proof is required)")
+        if block["v"] < parent["v"]:
+            raise _Bad(f"block version {block['v']} follows version {parent['v']}: a chain does not drop "
+                       "its workers' signed updates")
         if not is_accepted(parent) and block["round"] != parent["round"]:
             raise _Bad(f"round {block['round']} follows a rejected try of round {parent['round']}, "
                        "which must be tried again first")
@@ -302,6 +323,8 @@ def _check_block(block: dict, parent: dict | None, context: _Context) -> Mapping
             objects.check(block["weights"], MAX_WEIGHTS_BYTES, "weights")
         _check_custom(block, arrays, context)
         return _metrics(block, arrays, context)
+    if context.check_objects or context.recompute:  # first: small messages, and the most precise verdict
+        _check_contributions(objects.store, block, context.accepted)
     if context.recompute:
         arrays = _recompute(block, context)
     elif context.check_objects:
@@ -326,6 +349,18 @@ def _global_arrays(objects: _Objects, block: dict) -> list:
         raise _Bad(str(exc)) from None
 
 
+def _check_contributions(store: BlockStore, block: dict, accepted: dict | None) -> None:
+    """Each update entry says what its worker's signed message says (`contributions.check_block`),
+    with the newest accepted block's weights before this one as the base."""
+    from .contributions import check_block
+
+    if accepted is None:  # genesis is always accepted and checked first: belt and braces
+        raise _Bad("no previous accepted block to take the base weights from")
+    reason = check_block(store, block, accepted["weights"])
+    if reason is not None:
+        raise _Bad(reason)
+
+
 def _check_pofl(store: BlockStore, block: dict, parent: dict | None) -> None:
     """A block that records a contest (`ext.pofl`) is what its winning candidate proposed, and the
     endorsements it links are genuine signed `endorse` messages about the previous block."""
@@ -348,6 +383,8 @@ def _check_pofl(store: BlockStore, block: dict, parent: dict | None) -> None:
         raise _Bad(f"ext.pofl: winning candidate {cid_str(winning)}: {exc}") from None
     if rival["signer"] != pofl.get("winner") or not check_signature(rival):
         raise _Bad(f"ext.pofl: winning candidate {cid_str(winning)} is not validly signed by the named winner")
+    if "ext" in rival or "config" in rival:
+        raise _Bad(f"ext.pofl: winning candidate {cid_str(winning)} carries fields of its own (ext or config)")
     for key in (*ROUND_FIELDS, "weights", "aggregation"):
         if not same_data(rival.get(key), block.get(key)):
             raise _Bad(f"ext.pofl: {key} differs from the winning candidate {cid_str(winning)}")

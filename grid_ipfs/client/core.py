@@ -20,10 +20,11 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from .. import messages  # noqa: E402
 from ..aggregate import CONTEXT, AcceptRule, aggregate, check_params, parse_accept  # noqa: E402
 from ..chain import ChainError, ChainLog, decode_block  # noqa: E402
+from ..chain.contributions import message_cid, update_entry  # noqa: E402
 from ..chain.verify import is_accepted  # noqa: E402
-from ..contest import ContestError, best, check_rival, pofl_record, score_key  # noqa: E402
+from ..contest import ContestError, best, check_rival, check_rival_fields, pofl_record, score_key  # noqa: E402
 from ..identity import Identity  # noqa: E402
-from ..ipfs import IPFSError, cid_str, parse_cid  # noqa: E402
+from ..ipfs import IPFSError, cid_str, parse_cid, same_cid  # noqa: E402
 from ..ipfs.pubsub import PubsubMessage  # noqa: E402
 from ..ipfs.rpc import IPFSClient  # noqa: E402
 from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES  # noqa: E402
@@ -38,6 +39,7 @@ REANNOUNCE_EVERY = 2.0  # seconds between job re-announcements while waiting for
 JOIN_GRACE = 1.0  # seconds without a new join before round 1 starts, once --min-workers have joined
 FETCH_TIMEOUT = 30.0  # seconds to fetch one update's weights before the update is rejected
 FETCH_THREADS = 4  # concurrent update downloads per round
+PIN_TIMEOUT = 120.0  # seconds for the recursive pin of a new head (local objects only: it is a walk, not a fetch)
 
 
 @dataclass
@@ -45,6 +47,8 @@ class _Collected:
     worker: str
     update: messages.Update
     weights: list
+    message: bytes
+    """The update message exactly as the worker signed and published it: the block links it."""
 
 
 @dataclass
@@ -98,6 +102,10 @@ class _Job:
     """round -> {miner id: verdict} as endorsements arrive."""
     endorse_messages: dict = field(default_factory=dict)
     """block CID -> {miner id: its signed endorse message, as published}: what the next block links."""
+    extends: str | None = None
+    """The head the current round's announcements name: its workers sign against it, its block links it."""
+    pinned: str | None = None
+    """The head this node pins recursively: every block, model, weights and message the chain links."""
 
 
 class Client:
@@ -145,6 +153,7 @@ class Client:
         result = JobResult(job_id, model_cid, cid_str(genesis), weights_cid)
         job = _Job(self._job_message(job_id, model_cid, spec), spec, chain, model, weights, result, eval_xy,
                    accept=accept, baseline=genesis_metrics)
+        self._pin(job, cid_str(genesis))
         return self._run(job, first_round=1)
 
     def resume(self, *, head: str | None = None, job_id: str | None = None, eval_data: Path | None = None,
@@ -191,6 +200,7 @@ class Client:
         log.info("resuming job %s after round %d of %d (head %s)", job_id, kept["round"], spec.rounds, head)
         job = _Job(self._job_message(job_id, model_cid, spec), spec, chain, model, weights, result, eval_xy,
                    accept=accept, baseline=dict(kept["metrics"]))
+        self._pin(job, result.head)
         return self._run(job, first_round=kept["round"] + 1)
 
     def _job_message(self, job_id: str, model_cid: str, spec: JobSpec) -> messages.Job:
@@ -291,6 +301,7 @@ class Client:
         refused: dict[str, str] = {}  # worker -> reason its update was refused this round
         first = after_attempt + 1
         secure = spec.secure_aggregation
+        job.extends = cid_str(job.chain.head)
         for attempt in range(first, first + spec.max_retries + 1):
             self._publish(job.message)  # late joiners and restarted workers learn about the job
             if attempt == first:
@@ -306,7 +317,7 @@ class Client:
                 selected = sorted(job.workers)  # a fixed set: every one masks against all the others
             round_msg = messages.Round(job=job.message.job, round=r, weights=job.result.weights,
                                        deadline=time.time() + spec.round_timeout, selected=selected,
-                                       attempt=attempt,
+                                       attempt=attempt, head=job.extends,
                                        mask_keys={w: job.workers[w].mask_key for w in selected} if secure else None,
                                        mask_sigs={w: job.workers[w].mask_sig for w in selected} if secure else None)
             self._publish(round_msg)
@@ -340,7 +351,7 @@ class Client:
         length grow with the number of workers. Results are handled here, in this thread, in arrival
         order of completion; the aggregation order is fixed later (sorted by worker id).
         """
-        pending: dict[Future, tuple[messages.Update, str]] = {}
+        pending: dict[Future, tuple[messages.Update, str, bytes]] = {}
 
         like = masked_like(job.weights) if job.spec.secure_aggregation else job.weights
 
@@ -349,7 +360,7 @@ class Client:
             return weights_from_bytes(data, source=f"update {update.weights} from {sender[:12]}", like=like)
 
         def settle(future: Future) -> None:
-            update, sender = pending.pop(future)
+            update, sender, data = pending.pop(future)
             try:
                 fetched, reason = future.result(), None
             except (IPFSError, PayloadError) as exc:
@@ -358,7 +369,7 @@ class Client:
                 refused.setdefault(sender, reason)
                 self._reject(round_msg.round, sender, reason)
                 return
-            collected[sender] = _Collected(sender, update, fetched)
+            collected[sender] = _Collected(sender, update, fetched, data)
             for cb in self.callbacks:
                 cb.on_update(round_msg.round, sender, len(collected), len(expected))
 
@@ -366,10 +377,12 @@ class Client:
             while time.time() < round_msg.deadline:
                 if not pending and expected <= (set(collected) | set(refused)):
                     break
-                for update, sender in self._drain(job, 0.05 if pending else 0.2, round_=round_msg,
-                                                  first_attempt=first_attempt):
-                    in_flight = {s for _, s in pending.values()}
+                for update, sender, data in self._drain(job, 0.05 if pending else 0.2, round_=round_msg,
+                                                        first_attempt=first_attempt):
+                    in_flight = {s for _, s, _ in pending.values()}
                     reason = self._check_update(update, sender, expected, collected, refused)
+                    if reason is None:
+                        reason = _check_history(update, round_msg)
                     if reason is None:
                         reason = self._check_claim(job, update, sender)
                     if reason is None and sender in in_flight:
@@ -379,7 +392,7 @@ class Client:
                             refused.setdefault(sender, reason)
                         self._reject(round_msg.round, sender, reason)
                         continue
-                    pending[pool.submit(fetch, update, sender)] = (update, sender)
+                    pending[pool.submit(fetch, update, sender)] = (update, sender, data)
                 for future in [f for f in pending if f.done()]:
                     settle(future)
             wait(list(pending))  # arrived before the deadline: each fetch finishes within its own timeout
@@ -408,7 +421,8 @@ class Client:
         spec = job.spec
         ordered = [collected[w] for w in sorted(collected)]  # deterministic order: verify recomputes this
         contextual = bool(CONTEXT.get(spec.aggregation))
-        seq = self._next_seq(job) if contextual else 0
+        extends = job.extends  # what every collected update names as its head (_check_history)
+        seq = self._seq_of(extends) + 1 if contextual else 0
         # dp-fedavg needs the previous accepted global weights and the block's round and seq (its noise
         # seed); chain verify supplies the same from the chain
         new_weights = aggregate(spec.aggregation, [(c.weights, c.update.num_examples) for c in ordered],
@@ -431,8 +445,7 @@ class Client:
                 raise JobFailed(f"round {r} of job {job.message.job}: {exc}") from None
             metrics["accepted"] = 1.0 if accepted else 0.0
             params["accept"] = str(job.accept)
-        updates = [{"worker": c.worker, "weights": c.update.weights, "num_examples": c.update.num_examples,
-                    "metrics": {**c.update.metrics, **{f"eval_{k}": v for k, v in c.update.eval_metrics.items()}}}
+        updates = [update_entry(messages.Envelope(c.update, c.worker), self._put_message(c.message))
                    for c in ordered]
         name, contest = spec.aggregation, None
         if spec.miners:  # our aggregate becomes a candidate that the miners' rivals may beat
@@ -449,11 +462,12 @@ class Client:
             if "pofl" in block.get("ext", {}):
                 raise JobFailed(f"round {r}: block field ext.pofl is the contest's record; a callback set it too")
             block["ext"] = {**block.get("ext", {}), "pofl": contest.pofl}
-        head = cid_str(job.chain.append(block, self.identity))
-        if contextual and self._seq_of(head) != seq:
-            raise JobFailed(f"the chain of job {job.message.job} advanced while round {r} was aggregated (another "
-                            f"writer on {job.chain.head_file}?): block {head} does not match its {spec.aggregation} "
-                            "seed; stop the other writer")
+        try:
+            head = cid_str(job.chain.append(block, self.identity, extends=extends))
+        except ChainError as exc:
+            raise JobFailed(f"round {r} of job {job.message.job}: {exc}; its workers signed their updates against "
+                            f"{cid_str(extends)}: stop the other writer") from None
+        self._pin(job, head)
         outcome = RoundResult(r, new_cid, head, len(ordered), metrics, time.monotonic() - started, attempts,
                               rejected, accepted, try_)
         if contest is not None:
@@ -470,7 +484,10 @@ class Client:
         """Proof of federated learning (`grid_ipfs.contest`): stage `fields` as the round's candidate, ask
         the miners for rivals, check and evaluate each on our data; the best that clears the rule wins."""
         spec = job.spec
-        candidate_cid = cid_str(job.chain.stage(fields, self.identity))
+        try:
+            candidate_cid = cid_str(job.chain.stage(fields, self.identity, extends=job.extends))
+        except ChainError as exc:
+            raise JobFailed(f"round {r} of job {job.message.job}: {exc}: stop the other writer") from None
         candidate = decode_block(self.ipfs.block_get(candidate_cid), candidate_cid)
         propose = messages.Propose(job=job.message.job, round=r, candidate=candidate_cid,
                                    reference=job.result.weights, deadline=time.time() + spec.proposal_timeout)
@@ -508,6 +525,7 @@ class Client:
                                 source=f"weights {cid}", like=like))
                         if rival["signer"] != sender:
                             raise ContestError(f"block signed by {rival['signer'][:12]}, not by its proposer")
+                        check_rival_fields(rival)
                         if own["name"] == "dp-fedavg" and rival["aggregation"]["name"] != own["name"]:
                             raise ContestError("this job's privacy needs dp-fedavg; the rival uses "
                                                f"{rival['aggregation']['name']}")
@@ -559,7 +577,14 @@ class Client:
         bytes exactly as signed, so anyone can check them): the block about to be appended links them."""
         head = job.chain.head
         signed = job.endorse_messages.get(cid_str(parse_cid(head)), {}) if head is not None else {}
-        return [self.ipfs.block_put(signed[miner], codec="raw") for miner in sorted(signed)]
+        return [self._put_message(signed[miner]) for miner in sorted(signed)]
+
+    def _put_message(self, data: bytes):
+        """Store a signed message as published, as a raw block (so a block can link it); its CID."""
+        cid = self.ipfs.block_put(data, codec="raw")
+        if not same_cid(cid, message_cid(data)):
+            raise JobFailed(f"the daemon stored a message as {cid_str(cid)}, not {cid_str(message_cid(data))}")
+        return cid
 
     def _endorsed(self, job: _Job, endorse: messages.Endorse, sender: str, data: bytes) -> None:
         if self.allowed_miners is not None and sender not in self.allowed_miners:
@@ -571,9 +596,22 @@ class Client:
             log.warning("round %d: miner %s disputes block %s: %s", endorse.round, sender[:12], endorse.head,
                         printable(endorse.verdict))
 
-    def _next_seq(self, job: _Job) -> int:
-        head = job.chain.head
-        return 0 if head is None else self._seq_of(head) + 1
+    def _pin(self, job: _Job, head: str) -> None:
+        """Hold a recursive pin on `head` instead of the previous one: the owner's node then keeps the whole
+        history (every block and what it links, the workers' updates included) through garbage
+        collection, whoever else goes offline. A failed pin costs a warning; the next head tries again."""
+        try:
+            self.ipfs.pin_update(job.pinned, head, timeout=PIN_TIMEOUT)
+        except IPFSError as exc:
+            # e.g. the old pin is gone (unpinned by hand, or a timed-out update that the daemon finished):
+            # pin the new head on its own, or every later move would fail the same way
+            log.warning("job %s: could not move the pin to head %s (%s); pinning it afresh", job.message.job, head, exc)
+            try:
+                self.ipfs.pin_add(head, timeout=PIN_TIMEOUT)
+            except IPFSError as again:
+                log.warning("job %s: could not pin head %s (the previous pin stays): %s", job.message.job, head, again)
+                return
+        job.pinned = head
 
     def _seq_of(self, cid) -> int:
         return decode_block(self.ipfs.block_get(cid), cid)["seq"]
@@ -611,9 +649,10 @@ class Client:
                     printable(reason, 300))
 
     def _drain(self, job: _Job, timeout: float, round_: messages.Round | None = None,
-               first_attempt: int = 1) -> list[tuple[messages.Update, str]]:
+               first_attempt: int = 1) -> list[tuple[messages.Update, str, bytes]]:
         """Handle what arrived on the job topic within `timeout`; return the updates for `round_` (from
-        attempt `first_attempt` on: earlier attempts belong to a rejected try of the round). No message
+        attempt `first_attempt` on: earlier attempts belong to a rejected try of the round) with their
+        sender and bytes as published. No message
         ends the job: whatever decoding one raises is a `malformed` drop, whatever handling it raises a
         `failed` drop, each one log line (only JobFailed, KeyboardInterrupt and the like pass)."""
         updates = []
@@ -630,7 +669,7 @@ class Client:
                 continue
             try:
                 if self._handle(job, envelope, raw.data, round_, first_attempt):
-                    updates.append((envelope.message, envelope.sender))
+                    updates.append((envelope.message, envelope.sender, bytes(raw.data)))
                     end = time.monotonic()  # hand it over now; anything else already queued comes along
             except JobFailed:
                 raise
@@ -774,6 +813,16 @@ def _check_spec(spec: JobSpec, weights: list, eval_xy) -> AcceptRule | None:
     if rule.metric.startswith("val_") and eval_xy is None:
         raise JobFailed(f"acceptance rule {rule} is about the client's evaluation: pass --eval-data")
     return rule
+
+
+def _check_history(update: messages.Update, round_msg: messages.Round) -> str | None:
+    """An update counts only if it is signed against the round's head and base weights: the block will
+    link the message, and `chain verify` holds the block to what it says."""
+    if update.head is None or update.base is None:
+        return "unbound: the update names no chain head or base weights"
+    if not same_cid(update.head, round_msg.head) or not same_cid(update.base, round_msg.weights):
+        return f"stale: the update extends head {update.head} from {update.base}, not this round's head"
+    return None
 
 
 def _select(workers: list[str], fraction: float, minimum: int, rng: random.Random) -> list[str] | None:

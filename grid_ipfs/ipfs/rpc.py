@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dag_cbor
@@ -131,8 +134,9 @@ class IPFSClient:
             raise DaemonError(endpoint, response.status_code, f"answer is not JSON: {text[:200]!r}") from None
 
     def _stream(self, endpoint: str, *, params: dict, max_size: int | None,
-                timeout: float | None, what: str) -> bytes:
-        """Read a streamed body with a total deadline and a size cap that stops reading early."""
+                timeout: float | None, what: str, sink: Callable[[bytes], object] | None = None) -> bytes:
+        """Read a streamed body with a total deadline and a size cap that stops reading early.
+        With `sink`, each chunk goes to it instead of memory (and b"" is returned)."""
         deadline = time.monotonic() + timeout if timeout else None
         chunks: list[bytes] = []
         size = 0
@@ -152,7 +156,10 @@ class IPFSClient:
                         raise TooLarge(what, max_size)
                     if deadline is not None and time.monotonic() > deadline:
                         raise IPFSTimeout(f"{what}: not complete after {timeout}s")
-                    chunks.append(chunk)
+                    if sink is None:
+                        chunks.append(chunk)
+                    else:
+                        sink(chunk)
                 # Kubo reports errors that happen mid-stream in a trailer.
                 if response.headers.get("X-Stream-Error"):
                     raise DaemonError(endpoint, 200, response.headers["X-Stream-Error"])
@@ -218,6 +225,28 @@ class IPFSClient:
     def pin_rm(self, cid: str | CID, *, recursive: bool = True) -> None:
         self._json("pin/rm", params={"arg": str(parse_cid(cid)), "recursive": _flag(recursive)})
 
+    def pin_update(self, old: str | CID | None, new: str | CID, *, timeout: float | None = None) -> None:
+        """Move a recursive pin from `old` (None: there is none yet) to `new`, which holds all of it and more.
+
+        Kubo diffs the two DAGs (`pin/update`) and so only walks what is new. js-ipfs has no `pin/update`:
+        there `new` is pinned first (a full walk of its DAG) and `old` unpinned after, so nothing
+        reachable from either is unpinned in between.
+        """
+        new = parse_cid(new)
+        if old is None:
+            self.pin_add(new, timeout=timeout)
+        elif self.flavour == "js-ipfs":
+            self.pin_add(new, timeout=timeout)
+            if parse_cid(old).digest != new.digest:
+                self.pin_rm(old)
+        else:
+            self._json("pin/update", params={"arg": [str(parse_cid(old)), str(new)], "unpin": "true"},
+                       timeout=timeout)
+
+    def repo_gc(self, *, timeout: float | None = 120.0) -> None:
+        """Delete every block not pinned (and not in MFS): what a node forgets when nobody pins it."""
+        self._request("repo/gc", params={}, timeout=timeout)
+
     def pin_ls(self, cid: str | CID | None = None, *, type: str = "all") -> dict[str, str]:
         """Map of pinned CID (text as the daemon prints it) -> pin type."""
         params: dict[str, str] = {"type": type}
@@ -279,6 +308,59 @@ class IPFSClient:
             return json.loads(text)
         except ValueError:
             return text
+
+    def dag_export(self, cid: str | CID, path: str | os.PathLike, *, timeout: float | None = None,
+                   max_size: int | None = None) -> int:
+        """Write the whole DAG under `cid` as a CARv1 file (root `cid`) to `path`; returns its size.
+
+        Streamed to a temp file beside `path` and renamed at the end, so a failure (a block nobody
+        has, `timeout` seconds in all passed, `max_size` bytes passed) leaves no file behind. Both
+        daemons take `arg` (js-ipfs renames it to `root`).
+        """
+        cid = parse_cid(cid)
+        path = Path(path)
+        params = {"arg": str(cid)}
+        if timeout:
+            params["timeout"] = f"{int(timeout * 1000)}ms"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                self._stream("dag/export", params=params, max_size=max_size, timeout=timeout,
+                             what=f"dag export {cid}", sink=f.write)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size
+
+    def dag_import(self, path: str | os.PathLike, *, timeout: float | None = None) -> list[CID]:
+        """Load a CAR file's blocks into the daemon and pin its roots recursively; returns the roots.
+
+        Kubo and js-ipfs both answer one JSON line per root, `{"Root": {"Cid": {"/": CID},
+        "PinErrorMsg": ""}}` (Kubo may add a `Stats` line); a root that could not be pinned, because
+        the CAR lacks part of its DAG, is a DaemonError naming it.
+        """
+        path = Path(path)
+        with open(path, "rb") as f:
+            response = self._request("dag/import", params={"pin-roots": "true"}, timeout=timeout,
+                                     files={"file": (path.name, f, "application/vnd.ipld.car")})
+        roots: list[CID] = []
+        for line in response.text.splitlines():
+            try:
+                root = json.loads(line).get("Root") if line.strip() else None
+            except (ValueError, AttributeError):
+                raise DaemonError("dag/import", response.status_code, f"answer is not JSON: {line[:200]!r}") from None
+            if not isinstance(root, dict):
+                continue
+            cid = root.get("Cid")
+            cid = parse_cid(cid.get("/", "") if isinstance(cid, dict) else cid)
+            if root.get("PinErrorMsg"):
+                raise DaemonError("dag/import", response.status_code,
+                                  f"root {cid} not pinned: {root['PinErrorMsg']}")
+            roots.append(cid)
+        return roots
 
     # -- swarm --------------------------------------------------------------------------------------
 
