@@ -5,7 +5,8 @@ one history, then signs a second block at the same seq (a fork) and announces ro
 on an older head (a rollback). The worker signs the first two rounds against the heads they name, records
 them in its witness file, and refuses every round of the other history with one log line. `chain compare`
 prints the two owner-signed blocks as the proof, and `chain verify --witness` holds each history to what
-the worker recorded.
+the worker recorded. The worker's genuine signed updates, replayed by the owner into the other history or
+into another job, fail verify naming the update.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from grid_ipfs import data, messages, zoo
-from grid_ipfs.chain import ChainLog
+from grid_ipfs.chain import ChainLog, verify_chain
 from grid_ipfs.chain.contributions import update_entry
 from grid_ipfs.identity import Identity
 from grid_ipfs.ipfs import cid_str, parse_cid
@@ -137,6 +138,21 @@ def play_the_owner(grid, ipfs, owner: Owner) -> None:
     assert "equivocation" in compared.stdout and heads[1] in compared.stdout and fork1 in compared.stdout
     same = run_cli("grid_ipfs.chain", "compare", "--api", api, heads[-1], heads[1])
     assert same.returncode == 0, same.stdout + same.stderr
+
+    # The worker's signed updates cannot be replayed into another history or another job.
+    replayed = owner.block(forked, 2, [entries[2]], owner.weights)  # signed against heads[1], not fork1
+    report = verify_chain(ipfs, replayed, recompute=False)
+    assert not report.ok and f"its message extends head {heads[1]}, not this block's prev {fork1}" in report.reason
+    other = ChainLog(ipfs, None)
+    other_genesis = cid_str(other.append({"job": "other-job", "round": 0, "model": owner.model,
+                                          "weights": owner.weights, "aggregation": {"name": "init", "params": {}},
+                                          "updates": [], "metrics": {}}, owner.identity))
+    elsewhere = cid_str(other.append({"job": "other-job", "round": 1, "model": owner.model, "weights": owner.weights,
+                                      "aggregation": {"name": "fedavg", "params": {}}, "updates": [entries[1]],
+                                      "metrics": {}}, owner.identity))
+    report = verify_chain(ipfs, elsewhere, recompute=False)
+    assert not report.ok and "its message is for round 1 of job 'fork-job', not round 1 of 'other-job'" in \
+        report.reason, (other_genesis, report.reason)
 
     witness = str(witness_files[0])
     ok = run_cli("grid_ipfs.chain", "verify", "--api", api, "--no-recompute", "--witness", witness, heads[-1])
