@@ -168,7 +168,8 @@ class Miner(Peer):
         followed.rounds[propose.round] = state
 
         name = self.aggregation or candidate["aggregation"]["name"]
-        params = self.params if self.aggregation else dict(candidate["aggregation"]["params"])
+        # a copy either way: the job's rule goes into this round's params, never into the miner's own
+        params = dict(self.params if self.aggregation else candidate["aggregation"]["params"])
         rule = _rule(candidate)
         if rule is not None:
             params["accept"] = str(rule)

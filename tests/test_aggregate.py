@@ -52,11 +52,20 @@ def test_fedavg_returns_first_results_dtypes():
     assert [w.dtype for w in out] == [np.float32, np.float32]
 
 
-def test_fedavg_is_bit_identical_across_runs():
+def test_fedavg_is_the_exact_weighted_mean_rounded_to_float32_bit_for_bit():
+    """`chain verify` recomputes every aggregate and compares bytes: FedAvg must be exactly the float64
+    weighted mean cast to float32. The expected values are computed apart: each coordinate's sum of
+    n * w exactly (math.fsum; each product is exact in float64), one division, one cast."""
+    import math
+
     rng = np.random.default_rng(2)
     results = [(make_weights(rng), int(n)) for n in rng.integers(1, 1000, size=7)]
-    first, second = fedavg(results), fedavg(results)
-    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second))
+    total = sum(n for _, n in results)
+    for tensor, got in enumerate(fedavg(results)):
+        columns = [w[tensor].astype(np.float64).ravel() * n for w, n in results]
+        expected = np.array([math.fsum(col[i] for col in columns) / total for i in range(columns[0].size)])
+        expected = expected.astype(np.float32).reshape(results[0][0][tensor].shape)
+        assert got.dtype == np.float32 and got.tobytes() == expected.tobytes(), tensor
 
 
 def test_running_fedavg_streams_and_counts():
@@ -107,8 +116,12 @@ def test_median_and_krum_resist_a_scaled_outlier_where_fedavg_does_not():
 
 
 def test_median_is_coordinatewise_and_ignores_num_examples():
-    results = [([np.array([1.0, 9.0])], 1), ([np.array([2.0, 8.0])], 1000), ([np.array([3.0, 7.0])], 1)]
+    # the heavy update is an extreme: a median weighted by examples would answer [1, 9], the plain one [2, 8]
+    results = [([np.array([1.0, 9.0])], 1000), ([np.array([2.0, 7.0])], 1), ([np.array([3.0, 8.0])], 1)]
     np.testing.assert_array_equal(median(results)[0], [2.0, 8.0])
+    # an even count: the mean of the two middle values, whatever the weights
+    results.append(([np.array([4.0, 6.0])], 1000))
+    np.testing.assert_array_equal(median(results)[0], [2.5, 7.5])
 
 
 def test_trimmed_mean_drops_extremes_per_coordinate():

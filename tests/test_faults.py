@@ -8,6 +8,7 @@ Rounds use short deadlines so the fault paths run in seconds; nothing here asser
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import signal
 import subprocess
@@ -243,9 +244,10 @@ def test_two_processes_appending_to_one_head_file_lose_no_block(tmp_path):
         assert writers == sorted((float(w), float(i)) for w in (1, 2) for i in range(6))
 
 
-def test_job_completes_under_a_flood_of_hostile_messages(grid_factory):
+def test_job_completes_under_a_flood_of_hostile_messages(grid_factory, caplog):
     """1000 hostile messages during a 4-round job (tests/hostile.py: 20 kinds, deep JSON, huge numbers and
     control characters included): it completes, both workers stay up, every message is dropped and counted."""
+    caplog.set_level(logging.INFO, logger="grid_ipfs.client")
     client_identity = Identity.generate()
     grid = grid_factory(workers=2, nodes=2)
     # workers follow only jobs signed by our client: restart them with --trust-clients
@@ -287,9 +289,17 @@ def test_job_completes_under_a_flood_of_hostile_messages(grid_factory):
     expected: dict[str, int] = {}
     for kind, count in sent["by_kind"].items():
         expected[DROPPED_AS[kind]] = expected.get(DROPPED_AS[kind], 0) + count
+    assert len(sent["by_kind"]) == 20 and expected == {  # the counts README's reliability table states
+        "malformed": 650, "not allowed": 100, "not from a worker": 150, "late or rejected update": 100}, expected
     assert {k: dropped.get(k, 0) for k in ("malformed", "not allowed", "not from a worker")} == \
         {k: expected[k] for k in ("malformed", "not allowed", "not from a worker")}, (dropped, expected)
-    assert dropped.get("late", 0) + dropped.get("rejected update", 0) >= expected["late or rejected update"]
+    # strangers' updates are counted as late or rejected, and so would be a late honest one: tell them
+    # apart by the sender each drop's log line names
+    update_drops = [r.getMessage() for r in caplog.records if r.name == "grid_ipfs.client" and (
+        r.getMessage().startswith("dropped a message (late): update ") or " rejected update from " in r.getMessage())]
+    assert dropped.get("late", 0) + dropped.get("rejected update", 0) == len(update_drops), dropped
+    from_strangers = [line for line in update_drops if not any(w[:12] in line for w in allowed)]
+    assert len(from_strangers) == expected["late or rejected update"] == 100, (from_strangers, expected)
     assert "failed" not in dropped and "too many examples" not in dropped, dropped
     for i in range(2):
         log = grid.local.worker_log(i)

@@ -31,8 +31,18 @@ def run(events) -> str:
     return out.getvalue()
 
 
-def test_rejected_line():
-    assert rejected_line(result(3, 1, 0.41, accepted=False), WHY) == f"round 3 try 1 rejected: {WHY}"
+def test_a_reason_with_markup_and_newlines_is_shown_as_written_on_one_line_and_only_the_last_five():
+    """A reason can quote a peer's text (a contest's verdicts name miners and what they sent): under the
+    table it reads literally, rich markup and all, one line per try, and at most five lines."""
+    hostile = "miner: [bold red]x[/] [/y]\nround 9 accepted"
+    events = [lambda p, i=i: p.on_round_rejected(result(1, i, 0.41, accepted=False), hostile) for i in range(1, 8)]
+    text = run([lambda p: p.on_round_start(1, 3, time.time() + 60), *events])
+    table = text[text.rindex("job job-1"):text.rindex("done: head")]  # the final render of the live table
+    shown = [line.strip() for line in table.splitlines() if " rejected: " in line]
+    assert shown == [f"round 1 try {i} rejected: miner: [bold red]x[/] [/y]\\nround 9 accepted"
+                     for i in range(3, 8)], table
+    assert "round 9 accepted" not in [line.strip() for line in table.splitlines()], table
+    assert rejected_line(result(3, 2, 0.41, accepted=False), WHY).startswith("round 3 try 2 rejected: ")
 
 
 def test_a_rejected_try_is_a_row_of_its_own_with_the_reason_under_the_table():

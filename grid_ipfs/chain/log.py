@@ -18,6 +18,7 @@ from multiformats import CID
 
 from ..identity import Identity
 from ..ipfs.cids import InvalidCID, cid_str, parse_cid, same_cid, same_data
+from ..ipfs.errors import IPFSError
 from .blocks import ChainError, decode_block, encode_block, sign_block
 
 __all__ = ["BlockStore", "ChainLog", "MAX_BLOCKS", "walk", "read_head", "write_head", "store_block"]
@@ -146,7 +147,7 @@ class ChainLog:
         if extends is not None and (head is None or not same_cid(head, extends)):
             where = f"head file {self.head_file}" if self.head_file is not None else "this log"
             raise ChainError(f"the chain moved: the block was to extend {cid_str(extends)}, but {where} names "
-                             f"{cid_str(head) if head is not None else 'no head'} (another writer?)")
+                             f"{_written_by(self.store, head)}")
         block = {"time": time.time(), **fields}
         if head is None:
             block["seq"] = 0
@@ -166,6 +167,18 @@ def store_block(store: BlockStore, block: dict, identity: Identity) -> CID:
     if not same_cid(stored, cid):
         raise ChainError(f"the store answered CID {cid_str(stored)} for block {cid_str(cid)}")
     return cid
+
+
+def _written_by(store: BlockStore, head: CID | None) -> str:
+    """The head another writer left, for the error that refuses to build past it: its CID, seq and signer
+    (the one to stop), or only its CID when the block cannot be read."""
+    if head is None:
+        return "no head"
+    try:
+        block = decode_block(store.block_get(head), head)
+    except (ChainError, IPFSError):
+        return f"{cid_str(head)} (another writer?)"
+    return f"{cid_str(head)} (seq {block['seq']}), appended by {block['signer']}"
 
 
 def _show(value: object) -> str:

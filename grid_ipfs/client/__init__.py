@@ -25,6 +25,7 @@ display, tests and notebooks plug in their own.
 """
 
 from .core import Client
-from .job import SECURE_RULES, ClientCallback, JobFailed, JobResult, JobSpec, RoundResult
+from .job import SECURE_RULES, ClientCallback, InvalidJobSpec, JobFailed, JobResult, JobSpec, RoundResult
 
-__all__ = ["Client", "ClientCallback", "JobFailed", "JobResult", "JobSpec", "RoundResult", "SECURE_RULES"]
+__all__ = ["Client", "ClientCallback", "InvalidJobSpec", "JobFailed", "JobResult", "JobSpec", "RoundResult",
+           "SECURE_RULES"]

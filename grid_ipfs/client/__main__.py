@@ -154,14 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     try:
-        ipfs = IPFSClient(args.api)
-        ipfs.wait_ready(timeout=5)
-        identity = Identity.load_or_create(args.key or default_key_path("client"))
-        client = Client(ipfs, identity, head_dir=args.head_dir, callbacks=_progress(args.json),
-                        allowed_workers=read_id_list(args.allow_workers) if args.allow_workers else None,
-                        allowed_miners=read_id_list(args.allow_miners) if args.allow_miners else None,
-                        jobs_topic=args.topic)
-        if args.command == "submit":
+        if args.command == "submit":  # a spec that describes no job fails before the daemon is touched
             spec = JobSpec(model_path=args.model, rounds=args.rounds, min_workers=args.min_workers,
                            fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size,
                            round_timeout=args.round_timeout, join_timeout=args.join_timeout,
@@ -170,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
                            aggregation_params=params, seed=args.seed, proximal_mu=args.proximal_mu,
                            accept=args.accept, miners=args.miners, proposal_timeout=args.proposal_timeout,
                            secure_aggregation=aggregation in SECURE_RULES, max_examples=args.max_examples)
+        ipfs = IPFSClient(args.api)
+        ipfs.wait_ready(timeout=5)
+        identity = Identity.load_or_create(args.key or default_key_path("client"))
+        client = Client(ipfs, identity, head_dir=args.head_dir, callbacks=_progress(args.json),
+                        allowed_workers=read_id_list(args.allow_workers) if args.allow_workers else None,
+                        allowed_miners=read_id_list(args.allow_miners) if args.allow_miners else None,
+                        jobs_topic=args.topic)
+        if args.command == "submit":
             result = client.submit(spec)
         else:
             result = client.resume(head=args.head, job_id=args.job_id, eval_data=args.eval_data,

@@ -3,16 +3,50 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import messages
+from ..aggregate import check_params, parse_accept
+from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES
 
 SECURE_RULES = ("secure-fedavg", "secure-dp-fedavg")  # rules over masked updates (`grid_ipfs.secagg`)
 
 
 class JobFailed(RuntimeError):
     """The job cannot go on (too few workers, ...); the message says why in one line."""
+
+
+class InvalidJobSpec(JobFailed, ValueError):
+    """A `JobSpec` that describes no job (a count out of range, an unknown rule, ...), raised when it is
+    built: before anything is added to IPFS, written to a chain or published. A `JobFailed` for callers
+    of `submit`/`resume`, and a `ValueError` for anyone treating it as the bad argument it is."""
+
+
+def _shown(value: object) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return "a huge integer"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _integer_problem(value: object, low: int, high: int) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    return None if ok else f"must be an integer in {low}..{high}, got {_shown(value)}"
+
+
+def _number_problem(value: object, *, positive: bool, at_most: float = math.inf) -> str | None:
+    """None if `value` is a finite real number > 0 (`positive`) or >= 0, and <= `at_most`."""
+    try:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value > 0 if positive else value >= 0) and value <= at_most)
+    except OverflowError:  # an int beyond any float
+        ok = False
+    bound = f"in (0, {at_most:g}]" if at_most != math.inf else "> 0" if positive else ">= 0"
+    return None if ok else f"must be a finite number {bound}, got {_shown(value)}"
 
 
 @dataclass
@@ -55,6 +89,54 @@ class JobSpec:
     _RECORDED = ("rounds", "min_workers", "fraction", "epochs", "batch_size", "round_timeout", "max_retries",
                  "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept", "miners",
                  "proposal_timeout", "secure_aggregation", "max_examples")
+
+    def __post_init__(self) -> None:
+        """Paths given as strings become `Path`s, and a spec that describes no job fails here, in one line
+        naming the field: not mid-job, after the genesis block was written. What needs the model or the
+        eval data (the rule tried on the real weights, an acceptance rule on `val_*`) is checked by
+        `Client.submit`."""
+        for name in ("model_path", "eval_data"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, os.PathLike)):
+                    raise InvalidJobSpec(f"job spec: {name} must be a path, got {type(value).__name__}")
+                setattr(self, name, Path(value))
+        problem = self._problem()
+        if problem is not None:
+            raise InvalidJobSpec(f"job spec: {problem}")
+
+    def _problem(self) -> str | None:
+        counts = {"rounds": 1, "min_workers": 1, "epochs": 1, "batch_size": 1, "max_retries": 0, "miners": 0}
+        for name, low in counts.items():  # the bounds messages.decode holds a job's config to
+            problem = _integer_problem(getattr(self, name), low, MAX_COUNT)
+            if problem:
+                return f"{name} {problem}"
+        if self.max_examples is not None and (problem := _integer_problem(self.max_examples, 1, MAX_NUM_EXAMPLES)):
+            return f"max_examples {problem} (or None)"
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            return f"seed must be an integer, got {_shown(self.seed)}"
+        numbers = (("round_timeout", True, math.inf), ("join_timeout", True, math.inf), ("fraction", True, 1),
+                   ("proposal_timeout", True, math.inf), ("max_norm_ratio", False, math.inf),
+                   ("proximal_mu", False, math.inf))
+        for name, positive, at_most in numbers:
+            problem = _number_problem(getattr(self, name), positive=positive, at_most=at_most)
+            if problem:
+                return f"{name} {problem}"
+        if self.job_id is not None and not messages.valid_job_id(self.job_id):
+            return f"job_id must be 1-64 characters of [A-Za-z0-9_.-], got {_shown(self.job_id)}"
+        try:
+            check_params(self.aggregation, self.aggregation_params)  # an unknown rule too
+            if self.accept is not None:
+                parse_accept(self.accept)
+        except ValueError as exc:
+            return str(exc)
+        secure = self.aggregation in SECURE_RULES
+        if not isinstance(self.secure_aggregation, bool) or self.secure_aggregation != secure:
+            return (f"secure_aggregation goes with the {' / '.join(SECURE_RULES)} rules and only with them, got "
+                    f"{_shown(self.secure_aggregation)} with {_shown(self.aggregation)}")
+        if self.secure_aggregation and self.miners:
+            return "secure aggregation hides single updates, so miners cannot aggregate them their way"
+        return None
 
     def config(self) -> dict:
         """The recorded settings; `proximal_mu`, `accept` and the miners' only when used (older chains

@@ -10,8 +10,11 @@ from .errors import (
     NotFound,
     TooLarge,
 )
+from .pubsub import PubsubMessage, Subscription
+from .rpc import IPFSClient
 
 __all__ = [
+    "IPFSClient", "Subscription", "PubsubMessage",
     "CID", "cid_str", "parse_cid", "same_cid",
     "IPFSError", "DaemonUnreachable", "IPFSTimeout", "NotFound", "TooLarge", "DaemonError", "InvalidCID",
 ]
