@@ -5,3 +5,7 @@ train or (de)serialise models, so the transport, the chain and the CLIs that onl
 """
 
 __version__ = "0.1.0"
+
+from .errors import GridError  # noqa: E402  (the one root of grid_ipfs's exceptions; imports nothing)
+
+__all__ = ["GridError", "__version__"]

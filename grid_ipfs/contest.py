@@ -30,13 +30,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 from .aggregate import AcceptRule, aggregate
 from .chain.blocks import ROUND_FIELDS, ChainError, check_signature, decode_block
+from .errors import GridError
 from .ipfs.cids import cid_str, parse_cid, same_data
 from .payloads import weights_to_bytes
 
 __all__ = ["ContestError", "rival_block", "check_rival", "score_key", "best", "pofl_record"]
 
 
-class ContestError(Exception):
+class ContestError(GridError):
     """A rival block that does not compete: the message says why in a few words (it is logged)."""
 
 

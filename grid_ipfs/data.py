@@ -37,13 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import GridError
+
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 """Where Debian's `dataset-fashion-mnist` package installs the idx files."""
 
 Shard = tuple[np.ndarray, np.ndarray]
 
 
-class DataError(ValueError):
+class DataError(GridError, ValueError):
     """Data that cannot be used: missing or malformed shard file, or data that does not fit the model."""
 
 

@@ -22,6 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .errors import GridError
+
 __all__ = [
     "Identity", "IdentityError", "verify", "default_key_path", "read_id_list",
     "parse_public_id", "is_public_id", "b64url_encode", "b64url_decode",
@@ -35,7 +37,7 @@ SIGNATURE_LENGTH = 64
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
-class IdentityError(Exception):
+class IdentityError(GridError):
     """A key file that cannot be used as is (too open, unreadable, not an Ed25519 key), or a bad id."""
 
 

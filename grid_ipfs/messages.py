@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .errors import GridError
 from .identity import SIGNATURE_LENGTH, Identity, b64url_decode, b64url_encode, is_public_id, verify
 from .ipfs.cids import CID, cid_str, parse_cid
 from .ipfs.errors import InvalidCID
@@ -50,7 +51,7 @@ _JOB_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ENVELOPE = ("v", "type", "job", "from", "sig")
 
 
-class MessageError(ValueError):
+class MessageError(GridError, ValueError):
     """A message that is dropped; `reason` says why in a few words."""
 
     def __init__(self, reason: str):

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import GridError
+
 MiB = 1024 * 1024
 
 MAX_MODEL_BYTES = 256 * MiB
@@ -69,7 +71,7 @@ _MODEL_REQUIRED = ("config.json", "metadata.json")
 _WEIGHTS_MEMBER_PREFIX = "model.weights."  # model.weights.h5 (current Keras) or model.weights.npz (older)
 
 
-class PayloadError(ValueError):
+class PayloadError(GridError, ValueError):
     """Fetched bytes are not the payload they should be (too large, malformed, wrong shape...).
 
     `source` names where the bytes came from (a CID, a file path) so the message is actionable on its own.

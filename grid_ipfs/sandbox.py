@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import GridError
+
 GRACE_SECONDS = 5.0
 """Wall-clock slack past a request's deadline before the child is killed: a late answer is merely
 useless, a child still running well past it is runaway."""
@@ -78,7 +80,7 @@ class Limits:
                 raise ValueError(f"isolation limit {name}: expected a number > 0, got {value!r}")
 
 
-class TrainerFailed(Exception):
+class TrainerFailed(GridError):
     """A request to the isolated trainer raised inside the child (the child lives on)."""
 
 

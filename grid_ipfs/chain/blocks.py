@@ -39,6 +39,7 @@ from typing import Any
 import dag_cbor
 from multiformats import CID, multihash
 
+from ..errors import GridError
 from ..identity import Identity, is_public_id, verify
 from ..ipfs.cids import InvalidCID, cid_str, parse_cid
 from ..limits import MAX_NUM_EXAMPLES
@@ -74,7 +75,7 @@ MAX_CBOR_DEPTH = 64
 _CID_TAG = 42  # the one CBOR tag dag-cbor allows: a CID
 
 
-class ChainError(Exception):
+class ChainError(GridError):
     """A block or chain that is malformed, does not hash to its CID, or cannot be extended."""
 
 

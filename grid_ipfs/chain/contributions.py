@@ -17,6 +17,7 @@ from __future__ import annotations
 from multiformats import CID, multihash
 
 from .. import messages
+from ..errors import GridError
 from ..ipfs.cids import cid_str, parse_cid, same_cid
 from ..ipfs.errors import IPFSError
 
@@ -24,7 +25,7 @@ __all__ = ["ContributionError", "entry_metrics", "update_entry", "decode_update"
            "message_cid"]
 
 
-class ContributionError(ValueError):
+class ContributionError(GridError, ValueError):
     """A linked update message that is missing, malformed, not signed, or not what the entry says."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from multiformats import CID
 
+from ..errors import GridError
 from ..ipfs.cids import cid_str
 from .blocks import ChainError, check_signature
 from .log import MAX_BLOCKS, BlockStore, walk
@@ -31,7 +32,7 @@ ONNX_MISSING = "--onnx needs tf2onnx, which is not installed: pip install tf2onn
 DEFAULT_OPSET = 15
 
 
-class ExportError(Exception):
+class ExportError(GridError):
     """The export cannot be done as asked (no such round, bad output path, tf2onnx missing...)."""
 
 

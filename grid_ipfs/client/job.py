@@ -10,12 +10,13 @@ from pathlib import Path
 
 from .. import messages
 from ..aggregate import check_params, parse_accept
+from ..errors import GridError
 from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES
 
 SECURE_RULES = ("secure-fedavg", "secure-dp-fedavg")  # rules over masked updates (`grid_ipfs.secagg`)
 
 
-class JobFailed(RuntimeError):
+class JobFailed(GridError, RuntimeError):
     """The job cannot go on (too few workers, ...); the message says why in one line."""
 
 

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import GridError
 from .errors import IPFSError
 from .rpc import IPFSClient
 
@@ -42,7 +43,7 @@ STOP_TIMEOUT = 15.0
 PORT_TAKEN_MARKERS = ("EADDRINUSE", "address already in use", "could not listen on any available address")
 
 
-class DevnetError(RuntimeError):
+class DevnetError(GridError, RuntimeError):
     """A devnet could not be started or stopped; the message names the cause in one line."""
 
 

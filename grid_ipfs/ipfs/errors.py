@@ -7,8 +7,10 @@ whole), `DaemonError` (the daemon answered with an error of its own; its message
 
 from __future__ import annotations
 
+from ..errors import GridError
 
-class IPFSError(Exception):
+
+class IPFSError(GridError):
     """Base class of every transport error."""
 
 
