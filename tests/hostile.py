@@ -23,6 +23,7 @@ from multiformats import CID, multihash
 
 from grid_ipfs import messages
 from grid_ipfs.identity import Identity, b64url_encode
+from grid_ipfs.ipfs.errors import IPFSError
 from grid_ipfs.ipfs.rpc import IPFSClient
 
 
@@ -133,12 +134,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     topic = messages.job_topic(args.job)
     sent: dict[str, int] = {}
+    failed: list[str] = []
     with IPFSClient(args.api) as ipfs:
         for kind, data in itertools.islice(hostile_messages(args.job, args.victim), args.count):
-            if ipfs.pubsub_publish(topic, data):
+            if _publish(ipfs, topic, data, failed):
                 sent[kind] = sent.get(kind, 0) + 1
-    print(json.dumps({"sent": sum(sent.values()), "by_kind": sent}))
+    print(json.dumps({"sent": sum(sent.values()), "by_kind": sent, "failed": failed[:5]}))
     return 0
+
+
+def _publish(ipfs: IPFSClient, topic: str, data: bytes, failed: list[str], tries: int = 5) -> bool:
+    """Publish once, trying again a few times when the daemon errs under the flood (a busy js-ipfs can
+    answer one of a thousand quick publishes with an error): the sender reports, it never dies silently."""
+    for attempt in range(tries):
+        try:
+            return ipfs.pubsub_publish(topic, data)
+        except IPFSError as exc:
+            if attempt == tries - 1:
+                failed.append(f"{type(exc).__name__}: {exc}")
+                return False
+            time.sleep(0.2 * (attempt + 1))  # a back-off before the next try, not a synchronisation
+    return False
 
 
 if __name__ == "__main__":

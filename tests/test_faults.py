@@ -278,6 +278,7 @@ def test_job_completes_under_a_flood_of_hostile_messages(grid_factory, caplog):
         if "proc" in flood and flood["proc"].poll() is None:
             flood["proc"].kill()
             flood["proc"].wait(10)
+    assert out.strip(), f"the flood sender printed nothing (exit {flood['proc'].returncode}): {err[-2000:]}"
     sent = json.loads(out)
     assert sent["sent"] == 1000, (sent, err)
     assert [r.updates for r in result.rounds] == [2, 2, 2, 2]
