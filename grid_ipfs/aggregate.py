@@ -21,8 +21,8 @@ hold them all in float64.
 
 `dp_fedavg` (DP-FedAvg with fixed clipping, McMahan et al., 2018) also needs the previous global weights
 (`reference`, to form each worker's delta) and the block's position (`round`, `seq`, which seed its
-Gaussian noise). Those are not parameters of the job but context of one round: `aggregate` passes them
-only to the rules listed in `CONTEXT`, and `chain verify` supplies them from the chain.
+Gaussian noise). Those are not parameters of the job but context of one round: the strategy objects of
+`grid_ipfs.strategies` declare what they read and get it from the chain.
 
 `secure_fedavg` and `secure_dp_fedavg` take masked fixed-point updates (uint64, see `grid_ipfs.secagg`):
 their sum mod 2**64 cancels the workers' pairwise masks exactly, so even these integer rules recompute
@@ -30,20 +30,22 @@ bit for bit, while no single update is ever readable.
 
 `AcceptRule` / `parse_accept` are the acceptance rules of a job (`"val_accuracy>=0.6"`,
 `"improves:val_loss"`): a round whose aggregate does not clear the rule is recorded as rejected and run
-again. They are recorded as the `accept` entry of a block's aggregation params, which `aggregate`
-ignores (`RECORD_ONLY`): they say whether a result is kept, not how it is computed.
+again. They are recorded as the `accept` entry of a block's aggregation params, which strategies ignore
+(`strategies.RECORD_ONLY`): they say whether a result is kept, not how it is computed.
+
+Which rule a name means, its params and ranges, and what context it reads: `grid_ipfs.strategies`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .limits import MAX_COUNT, MAX_NUM_EXAMPLES
+from .limits import MAX_NUM_EXAMPLES
 
 Weights = list[np.ndarray]
 """A model's weights as `model.get_weights()` returns them."""
@@ -69,23 +71,36 @@ class RunningFedAvg:
 
     def add(self, weights: Weights, num_examples: int) -> None:
         """Fold in one update weighted by `num_examples` (> 0); shapes must match the first update."""
-        n = _check_num_examples(num_examples)
+        n = check_num_examples(num_examples)
         arrays = [np.asarray(w) for w in weights]
         if self._sums is None:
             self._dtypes = [a.dtype for a in arrays]
             self._sums = [a.astype(np.float64) * n for a in arrays]
         else:
-            _check_shapes(arrays, self._sums, index=self.count)
+            check_shapes(arrays, self._sums, index=self.count)
             for total, a in zip(self._sums, arrays):
                 total += a.astype(np.float64) * n
         self.count += 1
         self.total_examples += n
 
-    def result(self) -> Weights:
-        """The weighted mean so far, cast to the first update's dtypes."""
+    def mean_float64(self) -> list[np.ndarray]:
+        """The weighted mean so far in float64, before any cast."""
         if self._sums is None:
             raise ValueError("RunningFedAvg.result(): no updates were added")
-        return _cast([total / self.total_examples for total in self._sums], self._dtypes)
+        return [total / self.total_examples for total in self._sums]
+
+    def result(self) -> Weights:
+        """The weighted mean so far, cast to the first update's dtypes."""
+        return cast(self.mean_float64(), self._dtypes)
+
+
+def fedavg_float64(results: Results) -> list[np.ndarray]:
+    """FedAvg's weighted mean before the cast: float64 arrays (what server optimizers step from)."""
+    _check_nonempty(results)
+    running = RunningFedAvg()
+    for weights, num_examples in results:
+        running.add(weights, num_examples)
+    return running.mean_float64()
 
 
 def fedavg(results: Results) -> Weights:
@@ -104,7 +119,7 @@ def median(results: Results) -> Weights:
     two middle values.
     """
     layers, dtypes = _stack(results)
-    return _cast([np.median(layer, axis=0) for layer in layers], dtypes)
+    return cast([np.median(layer, axis=0) for layer in layers], dtypes)
 
 
 def trimmed_mean(results: Results, trim: float = 0.1) -> Weights:
@@ -119,7 +134,7 @@ def trimmed_mean(results: Results, trim: float = 0.1) -> Weights:
     layers, dtypes = _stack(results)
     cut = int(trim * len(results))
     kept = len(results) - cut
-    return _cast([np.mean(np.sort(layer, axis=0)[cut:kept], axis=0) for layer in layers], dtypes)
+    return cast([np.mean(np.sort(layer, axis=0)[cut:kept], axis=0) for layer in layers], dtypes)
 
 
 def krum(results: Results, byzantine: int = 1, multi: int = 1) -> Weights:
@@ -138,12 +153,52 @@ def krum(results: Results, byzantine: int = 1, multi: int = 1) -> Weights:
         raise ValueError(f"krum: multi must be between 1 and the number of updates ({n}), got {multi}")
     layers, dtypes = _stack(results)
     flat = np.concatenate([layer.reshape(n, -1) for layer in layers], axis=1)
+    chosen = np.argsort(_krum_scores(flat, byzantine), kind="stable")[:multi]
+    chosen = np.sort(chosen)  # average in the callers' order, whatever the score order
+    return cast([np.mean(layer[chosen], axis=0) for layer in layers], dtypes)
+
+
+def _krum_scores(flat: np.ndarray, byzantine: int) -> np.ndarray:
+    """Krum's score of each row of `flat` (n updates, flattened): the sum of squared distances to its
+    `max(1, n - byzantine - 2)` nearest other rows."""
+    n = len(flat)
     distances = np.array([[float(np.sum((flat[i] - flat[j]) ** 2)) for j in range(n)] for i in range(n)])
     neighbours = max(1, n - byzantine - 2)
-    scores = [float(np.sum(np.sort(np.delete(distances[i], i))[:neighbours])) for i in range(n)]
-    chosen = np.argsort(np.array(scores), kind="stable")[:multi]
-    chosen = np.sort(chosen)  # average in the callers' order, whatever the score order
-    return _cast([np.mean(layer[chosen], axis=0) for layer in layers], dtypes)
+    return np.array([float(np.sum(np.sort(np.delete(distances[i], i))[:neighbours])) for i in range(n)])
+
+
+def bulyan(results: Results, byzantine: int = 1) -> Weights:
+    """Bulyan (El Mhamdi et al., 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium");
+    ignores `num_examples`.
+
+    Krum picks `theta = n - 2f` updates one at a time (each pick scored among the updates not yet
+    picked, ties to the earlier one); then, coordinate by coordinate, the `theta - 2f` picked values
+    closest to their median are averaged. Needs `n >= 4f + 3`, as Flower's `aggregate_bulyan`. Ties in
+    distance to the median go to the earlier update (Flower's `argpartition` leaves them unspecified).
+    """
+    n = len(results)
+    _check_nonempty(results)
+    if isinstance(byzantine, bool) or not isinstance(byzantine, (int, np.integer)) or byzantine < 0:
+        raise ValueError(f"bulyan: byzantine must be an integer >= 0, got {byzantine!r}")
+    if n < 4 * byzantine + 3:
+        raise ValueError(f"bulyan: {n} updates cannot tolerate {byzantine} Byzantine ones (needs n >= 4f + 3 = "
+                         f"{4 * byzantine + 3})")
+    layers, dtypes = _stack(results)
+    flat = np.concatenate([layer.reshape(n, -1) for layer in layers], axis=1)
+    remaining, picked = list(range(n)), []
+    for _ in range(n - 2 * byzantine):
+        best = remaining[int(np.argmin(_krum_scores(flat[remaining], byzantine)))]
+        picked.append(best)
+        remaining.remove(best)
+    chosen = np.sort(np.array(picked))
+    beta = len(chosen) - 2 * byzantine
+    out = []
+    for layer in layers:
+        values = layer[chosen]
+        distance = np.abs(values - np.median(values, axis=0))
+        closest = np.take_along_axis(values, np.argsort(distance, axis=0, kind="stable")[:beta], axis=0)
+        out.append(np.mean(closest, axis=0))
+    return cast(out, dtypes)
 
 
 def multi_krum(results: Results, byzantine: int = 1, multi: int | None = None) -> Weights:
@@ -184,13 +239,13 @@ def dp_fedavg(results: Results, *, reference: Weights, clip: float, noise_multip
     if reference is None:
         raise ValueError("dp-fedavg needs the previous global weights (reference=)")
     ref = [np.asarray(r, dtype=np.float64) for r in reference]
-    _check_shapes([np.asarray(r) for r in reference], [np.asarray(w) for w in results[0][0]], index=None)
+    check_shapes([np.asarray(r) for r in reference], [np.asarray(w) for w in results[0][0]], index=None)
     dtypes = [np.asarray(w).dtype for w in results[0][0]]
     n = len(results)
     sums = [np.zeros_like(r) for r in ref]
     for index, (weights, _) in enumerate(results):
         arrays = [np.asarray(w) for w in weights]
-        _check_shapes(arrays, ref, index=index)
+        check_shapes(arrays, ref, index=index)
         deltas = [a.astype(np.float64) - r for a, r in zip(arrays, ref)]
         norm = _l2(deltas)
         factor = min(1.0, clip / norm) if norm > 0 else 1.0
@@ -202,7 +257,7 @@ def dp_fedavg(results: Results, *, reference: Weights, clip: float, noise_multip
     for r, total in zip(ref, sums):
         noise = rng.standard_normal(r.shape) * sigma  # drawn even when sigma == 0: one stream, whatever z
         out.append(r + total / n + noise)
-    return _cast(out, dtypes)
+    return cast(out, dtypes)
 
 
 SCALE_BITS = 24
@@ -250,127 +305,9 @@ def secure_dp_fedavg(results: Results, *, reference: Weights, clip: float, noise
     if reference is None:
         raise ValueError("secure-dp-fedavg needs the previous global weights (reference=)")
     mean = secure_fedavg([(weights, 1) for weights, _ in results], scale_bits, dtype=np.float64)
-    _check_shapes([np.asarray(r) for r in reference], mean, index=None)
-    return _cast([np.asarray(r, np.float64) + m for r, m in zip(reference, mean)],
+    check_shapes([np.asarray(r) for r in reference], mean, index=None)
+    return cast([np.asarray(r, np.float64) + m for r, m in zip(reference, mean)],
                  [np.asarray(r).dtype for r in reference])
-
-
-AGGREGATIONS: dict[str, Callable[..., Weights]] = {
-    "fedavg": fedavg,
-    "median": median,
-    "trimmed-mean": trimmed_mean,
-    "krum": krum,
-    "multi-krum": multi_krum,
-    "dp-fedavg": dp_fedavg,
-    "secure-fedavg": secure_fedavg,
-    "secure-dp-fedavg": secure_dp_fedavg,
-}
-"""Aggregation rules by the name used in job configs and chain blocks."""
-
-CONTEXT: dict[str, tuple[str, ...]] = {"dp-fedavg": ("reference", "round", "seq"), "secure-dp-fedavg": ("reference",)}
-"""Per rule, the round context it takes besides its params: `reference` (the previous accepted global
-weights), `round` and `seq` (the block's round and chain position). Not recorded as params: the chain
-itself holds them."""
-
-RECORD_ONLY = ("accept",)
-"""Aggregation params that are recorded in blocks but are not arguments of the rule."""
-
-
-def needs_reference(name: str) -> bool:
-    """Whether the rule `name` needs the previous global weights (`aggregate(..., reference=...)`)."""
-    return "reference" in CONTEXT.get(name, ())
-
-
-def rule_params(params: Mapping) -> dict:
-    """A block's aggregation params without the record-only entries (`RECORD_ONLY`)."""
-    return {k: v for k, v in params.items() if k not in RECORD_ONLY}
-
-
-def aggregate(name: str, results: Results, *, reference: Weights | None = None, round: int = 0,
-              seq: int = 0, **params) -> Weights:
-    """Apply the rule registered as `name` (see `AGGREGATIONS`) with its keyword `params`.
-
-    `reference`, `round` and `seq` are passed only to the rules that take them (`CONTEXT`); entries of
-    `RECORD_ONLY` in `params` are dropped.
-    """
-    rule = _rule(name)
-    check_params(name, params)
-    for index, (_, num_examples) in enumerate(results):  # every rule: no peer number reaches arithmetic unchecked
-        _check_num_examples(num_examples, f"result {index}: ")
-    available = {"reference": reference, "round": round, "seq": seq}
-    context = {key: available[key] for key in CONTEXT.get(name, ())}
-    if "reference" in context and reference is None:
-        raise ValueError(f"{name} needs the previous global weights (reference=)")
-    return rule(results, **rule_params(params), **context)
-
-
-def _rule(name: str) -> Callable[..., Weights]:
-    try:
-        return AGGREGATIONS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown aggregation {name!r}; known: {', '.join(sorted(AGGREGATIONS))}") from None
-
-
-def _number(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable:
-    def check(value: object) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            return "must be a number"
-        try:
-            v = float(value)
-        except OverflowError:
-            return "is out of range"
-        if not math.isfinite(v) or v < low or v > high or (low_open and v == low) or (high_open and v == high):
-            return f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        return None
-    return check
-
-
-def _integer(low: int, high: int, *, optional: bool = False) -> Callable:
-    def check(value: object) -> str | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            return "must be an integer"
-        return None if low <= value <= high else f"must be an integer in {low}..{high}"
-    return check
-
-
-_CLIP, _NOISE = _number(0, 1e6, low_open=True), _number(0, 1e6)
-PARAMS: dict[str, dict[str, Callable[[object], str | None]]] = {
-    "fedavg": {},
-    "median": {},
-    "trimmed-mean": {"trim": _number(0, 0.5, high_open=True)},
-    "krum": {"byzantine": _integer(0, MAX_COUNT), "multi": _integer(1, MAX_COUNT)},
-    "multi-krum": {"byzantine": _integer(0, MAX_COUNT), "multi": _integer(1, MAX_COUNT, optional=True)},
-    "dp-fedavg": {"clip": _CLIP, "noise_multiplier": _NOISE, "seed": _integer(0, 2 ** 64 - 1)},
-    "secure-fedavg": {"scale_bits": _integer(0, 63)},
-    "secure-dp-fedavg": {"clip": _CLIP, "noise_multiplier": _NOISE, "scale_bits": _integer(0, 63)},
-}
-"""Each built-in rule's params and their ranges: what `check_params` enforces. The ceilings are far above
-any useful value and below anything that overflows (a `scale_bits` of 2000 is 2.0**2000) or loops without
-end; a rule registered in `AGGREGATIONS` without an entry here gets the generic check."""
-
-
-def check_params(name: str, params: Mapping) -> None:
-    """ValueError (one line: rule, param, range) unless `params` suit the rule `name`: the one range check
-    of aggregation params, run by `aggregate` itself, by the client before a job starts and by
-    `chain verify` before recomputing a block. Record-only entries (`accept`) must be strings."""
-    _rule(name)
-    if not isinstance(params, Mapping):
-        raise ValueError(f"{name}: params must be a map, got {type(params).__name__}")
-    known = PARAMS.get(name)
-    for key, value in params.items():
-        if key in RECORD_ONLY:
-            problem = None if isinstance(value, str) and len(value) <= 200 else "must be a string of <= 200 characters"
-        elif known is None:  # a registered rule of someone else's: plain finite numbers, short strings
-            problem = None if isinstance(value, str) and len(value) <= 200 else _number(-1e300, 1e300)(value)
-        elif key not in known:
-            raise ValueError(f"{name}: unexpected param {str(key)[:40]!r} (takes {', '.join(known) or 'none'})")
-        else:
-            problem = known[key](value)
-        if problem is not None:
-            shown = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else "a huge integer"
-            raise ValueError(f"{name}: {str(key)[:40]} {problem}, got {shown[:40]}")
 
 
 # -- acceptance rules -----------------------------------------------------------------------------------
@@ -453,7 +390,7 @@ def update_norm(weights: Weights, reference: Weights) -> float:
     Used to flag outliers (an update far larger than its peers' is suspect).
     """
     arrays = [np.asarray(w) for w in weights]
-    _check_shapes(arrays, [np.asarray(r) for r in reference], index=None)
+    check_shapes(arrays, [np.asarray(r) for r in reference], index=None)
     squared = 0.0
     for w, r in zip(arrays, reference):
         squared += float(np.sum((w.astype(np.float64) - np.asarray(r, dtype=np.float64)) ** 2))
@@ -468,7 +405,7 @@ def _l2(arrays: Sequence[np.ndarray]) -> float:
     return math.sqrt(math.fsum(math.fsum(np.square(a).ravel()) for a in arrays))
 
 
-def _check_num_examples(num_examples: int, where: str = "") -> int:
+def check_num_examples(num_examples: int, where: str = "") -> int:
     """The one range check of a peer's example count: an integer in 1..MAX_NUM_EXAMPLES (so sums and
     float64 products with it stay exact and finite)."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
@@ -485,7 +422,7 @@ def _check_nonempty(results: Results) -> None:
         raise ValueError("nothing to aggregate: no results")
 
 
-def _check_shapes(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray], index: int | None) -> None:
+def check_shapes(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray], index: int | None) -> None:
     """Raise ValueError on the first tensor whose shape differs from the reference's."""
     which = "weights" if index is None else f"result {index}"
     if len(arrays) != len(reference):
@@ -500,13 +437,13 @@ def _stack(results: Results) -> tuple[list[np.ndarray], list[np.dtype]]:
     _check_nonempty(results)
     first = [np.asarray(w) for w in results[0][0]]
     for index, (weights, _) in enumerate(results):
-        _check_shapes([np.asarray(w) for w in weights], first, index=index)
+        check_shapes([np.asarray(w) for w in weights], first, index=index)
     layers = [np.stack([np.asarray(weights[i], dtype=np.float64) for weights, _ in results])
               for i in range(len(first))]
     return layers, [a.dtype for a in first]
 
 
-def _cast(arrays: Sequence[np.ndarray], dtypes: Sequence[np.dtype]) -> Weights:
+def cast(arrays: Sequence[np.ndarray], dtypes: Sequence[np.dtype]) -> Weights:
     """Cast float64 results back to the models' dtypes; integer tensors are rounded, not truncated."""
     out = []
     for a, dtype in zip(arrays, dtypes):
@@ -516,7 +453,6 @@ def _cast(arrays: Sequence[np.ndarray], dtypes: Sequence[np.dtype]) -> Weights:
     return out
 
 
-__all__ = ["AGGREGATIONS", "CONTEXT", "PARAMS", "RECORD_ONLY", "AcceptRule", "Results", "RunningFedAvg", "Weights",
-           "aggregate", "check_params",
-           "dp_fedavg", "fedavg", "krum", "median", "multi_krum", "needs_reference", "parse_accept", "rule_params",
+__all__ = ["AcceptRule", "Results", "RunningFedAvg", "SCALE_BITS", "Weights", "bulyan", "cast", "check_num_examples",
+           "check_shapes", "dp_fedavg", "fedavg", "fedavg_float64", "krum", "median", "multi_krum", "parse_accept",
            "secure_dp_fedavg", "secure_fedavg", "trimmed_mean", "update_norm"]

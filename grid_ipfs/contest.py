@@ -28,11 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from .aggregate import AcceptRule, aggregate
+from .aggregate import AcceptRule
 from .chain.blocks import ROUND_FIELDS, ChainError, check_signature, decode_block
 from .errors import GridError
 from .ipfs.cids import cid_str, parse_cid, same_data
 from .payloads import weights_to_bytes
+from .strategies import aggregate, strategy_class
 
 __all__ = ["ContestError", "rival_block", "check_rival", "score_key", "best", "pofl_record"]
 
@@ -67,6 +68,8 @@ def check_rival(data: bytes, cid: str, candidate: Mapping, results: Sequence[tup
             raise ContestError(f"{key} differs from the round's candidate")
     name, params = block["aggregation"]["name"], block["aggregation"]["params"]
     try:
+        if strategy_class(name).stateful:  # its state would be the rival's, not the job's
+            raise ValueError("it keeps server state across rounds, which a rival cannot share")
         expected = aggregate(name, list(results), reference=reference, round=block["round"], seq=block["seq"],
                              **params)
     except (ValueError, TypeError) as exc:

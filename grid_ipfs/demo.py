@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from .runtime import quiet_tensorflow
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_tensorflow()  # before anything loads TensorFlow; an entry point's choice
     parser = argparse.ArgumentParser(prog="python -m grid_ipfs.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=3)

@@ -18,34 +18,32 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-from . import messages  # noqa: E402
-from .aggregate import AGGREGATIONS, AcceptRule, aggregate, parse_accept  # noqa: E402
-from .chain.blocks import ChainError, decode_block  # noqa: E402
-from .chain.contributions import check_block  # noqa: E402
-from .chain.log import store_block  # noqa: E402
-from .contest import ContestError, check_rival, rival_block  # noqa: E402
-from .data import DataError, load_shard  # noqa: E402
-from .identity import Identity, IdentityError  # noqa: E402
-from .ipfs import IPFSError  # noqa: E402
-from .ipfs.cids import cid_str  # noqa: E402
-from .ipfs.pubsub import PubsubMessage  # noqa: E402
-from .ipfs.rpc import IPFSClient  # noqa: E402
-from .payloads import MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
-from .peer import Peer, connect  # noqa: E402
-from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args  # noqa: E402
-from .sandbox import add_arguments as add_isolation_arguments  # noqa: E402
-from .text import printable  # noqa: E402
-from .vetting import Policy, policy_from_args  # noqa: E402
-from .vetting import add_arguments as add_vetting_arguments  # noqa: E402
+from . import messages
+from .aggregate import AcceptRule, parse_accept
+from .chain.blocks import ChainError, decode_block
+from .chain.contributions import check_block
+from .chain.log import store_block
+from .contest import ContestError, check_rival, rival_block
+from .data import DataError, load_shard
+from .identity import Identity, IdentityError
+from .ipfs import IPFSError
+from .ipfs.cids import cid_str
+from .ipfs.pubsub import PubsubMessage
+from .ipfs.rpc import IPFSClient
+from .payloads import MAX_WEIGHTS_BYTES, PayloadError
+from .peer import Peer, connect
+from .runtime import quiet_tensorflow
+from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args
+from .sandbox import add_arguments as add_isolation_arguments
+from .strategies import STRATEGIES, StrategyError, aggregate
+from .text import printable
+from .vetting import Policy, policy_from_args
+from .vetting import add_arguments as add_vetting_arguments
 
 log = logging.getLogger("grid_ipfs.miner")
 
@@ -285,8 +283,9 @@ def _check_rule(name: str, params: dict) -> None:
     import numpy as np
 
     try:
-        aggregate(name, [([np.full(2, float(i), np.float32)], 1) for i in range(5)], **params)
-    except TypeError as exc:
+        aggregate(name, [([np.full(2, float(i), np.float32)], 1) for i in range(7)],
+                  reference=[np.zeros(2, np.float32)], **params)
+    except (TypeError, StrategyError) as exc:
         raise ValueError(f"aggregation {name} with {params}: {exc}") from None
 
 
@@ -301,8 +300,9 @@ def build_parser(prog: str = "python -m grid_ipfs.miner") -> argparse.ArgumentPa
     parser.add_argument("--api", required=True, help="the IPFS daemon's API multiaddr, e.g. /ip4/127.0.0.1/tcp/5001")
     parser.add_argument("--eval-data", required=True, type=Path,
                         help="this miner's validation data: .npz with arrays x and y")
-    parser.add_argument("--aggregation", choices=sorted(AGGREGATIONS), default=None,
-                        help="the rule this miner proposes with (default: the job's own)")
+    parser.add_argument("--aggregation", choices=sorted(STRATEGIES), default=None,
+                        help="the rule this miner proposes with (default: the job's own); the private, secure "
+                        "and stateful rules are the owner's alone")
     parser.add_argument("--trim", type=float, help="trimmed-mean: fraction cut at each end")
     parser.add_argument("--byzantine", type=int, help="krum/multi-krum: number of faulty workers tolerated")
     parser.add_argument("--topic", default=messages.JOBS_TOPIC, help=f"jobs topic (default {messages.JOBS_TOPIC})")
@@ -316,6 +316,7 @@ def build_parser(prog: str = "python -m grid_ipfs.miner") -> argparse.ArgumentPa
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_tensorflow()  # before anything loads TensorFlow; an entry point's choice
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -323,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.aggregation is None and (args.trim is not None or args.byzantine is not None):
         parser.error("--trim/--byzantine go with --aggregation")
-    if args.aggregation in ("dp-fedavg", "secure-fedavg"):
-        parser.error(f"{args.aggregation} is the owner's choice (privacy is the job's promise): "
-                     "mine with the job's rule instead")
+    if args.aggregation is not None and not STRATEGIES[args.aggregation].minable():
+        parser.error(f"{args.aggregation} is the owner's choice (privacy, masked updates or server state are the "
+                     "job's own): mine with the job's rule instead")
     params = {k: v for k, v in (("trim", args.trim), ("byzantine", args.byzantine)) if v is not None}
     name = args.name or "miner"
     try:

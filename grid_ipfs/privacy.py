@@ -49,9 +49,19 @@ from dataclasses import asdict, dataclass, field
 
 __all__ = ["DEFAULT_DELTA", "Budget", "Release", "chain_epsilon", "compose_epsilon", "epsilon", "gaussian_epsilon"]
 
-NOISY_RULES = ("dp-fedavg", "secure-dp-fedavg")
-"""Rules releasing `mean(clipped deltas) + N(0, (z C / n)^2)`: the same Gaussian mechanism, whoever adds
-the noise (the client from a recorded seed, or the workers in shares under secure aggregation)."""
+
+
+def _adds_noise(name: object) -> bool:
+    """Whether the rule `name` releases `mean(clipped deltas) + N(0, (z C / n)^2)` (its strategy says
+    `adds_noise`): the same Gaussian mechanism, whoever adds the noise (the client from a recorded seed,
+    or the workers in shares under secure aggregation). An unknown rule adds none."""
+    from .strategies import StrategyError, strategy_class
+
+    try:
+        return strategy_class(name).adds_noise
+    except StrategyError:
+        return False
+
 
 DEFAULT_DELTA = 1e-5
 ACCOUNTANT = "exact-gaussian"
@@ -174,7 +184,7 @@ def chain_epsilon(blocks: Iterable, delta: float = DEFAULT_DELTA) -> Budget:
         accepted = block["metrics"].get("accepted", 1.0) != 0.0
         label = f"block seq {block['seq']} (round {block['round']})"
         z = clip = None
-        if name in NOISY_RULES:
+        if _adds_noise(name):
             try:
                 z, clip = _check_noise(params.get("noise_multiplier")), float(params["clip"])
             except (ValueError, KeyError, TypeError) as exc:

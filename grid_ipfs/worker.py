@@ -22,30 +22,27 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-from . import messages  # noqa: E402
-from .data import DataError, load_shard, train_val_split  # noqa: E402
-from .identity import Identity, IdentityError, default_key_path  # noqa: E402
-from .ipfs import IPFSError  # noqa: E402
-from .ipfs.pubsub import PubsubMessage  # noqa: E402
-from .ipfs.rpc import IPFSClient  # noqa: E402
-from .payloads import MAX_WEIGHTS_BYTES, PayloadError  # noqa: E402
-from .peer import Peer, connect  # noqa: E402
-from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args  # noqa: E402
-from .sandbox import add_arguments as add_isolation_arguments  # noqa: E402
-from .secagg import MaskKey, dp_share, mask_context, mask_update, sign_mask_key, unsigned_mask_keys  # noqa: E402
-from .text import printable  # noqa: E402
-from .vetting import Policy, policy_from_args  # noqa: E402
-from .vetting import add_arguments as add_vetting_arguments  # noqa: E402
+from . import messages
+from .data import DataError, load_shard, train_val_split
+from .identity import Identity, IdentityError, default_key_path
+from .ipfs import IPFSError
+from .ipfs.pubsub import PubsubMessage
+from .ipfs.rpc import IPFSClient
+from .payloads import MAX_WEIGHTS_BYTES, PayloadError
+from .peer import Peer, connect
+from .runtime import quiet_tensorflow
+from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args
+from .sandbox import add_arguments as add_isolation_arguments
+from .secagg import MaskKey, dp_share, mask_context, mask_update, sign_mask_key, unsigned_mask_keys
+from .text import printable
+from .vetting import Policy, policy_from_args
+from .vetting import add_arguments as add_vetting_arguments
 
 log = logging.getLogger("grid_ipfs.worker")
 
@@ -405,6 +402,7 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
          make_worker: Callable[..., Worker] | None = None) -> int:
     """Run a worker until SIGINT/SIGTERM. `parser` and `make_worker(args, **worker_kwargs)` let a variant
     (another `Worker` subclass with extra options) reuse the whole command line and lifecycle."""
+    quiet_tensorflow()  # before anything loads TensorFlow; an entry point's choice
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

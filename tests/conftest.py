@@ -47,6 +47,21 @@ def make_devnet(tmp_path):
         net.stop()
 
 
+@pytest.fixture(scope="session")
+def flwr_python() -> str:
+    """An interpreter with flwr (benchmarks/.venv-flwr, created with pip on first use): Flower is the
+    reference of tests/test_flower_parity.py but is never installed into .venv (it would downgrade
+    protobuf, rich and packaging). Fails with the reason, never skips, when it cannot be made."""
+    import subprocess
+
+    from benchmarks.flower import flwr_python as find_or_create
+
+    try:
+        return find_or_create({})
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.fail(f"no Python with flwr for the Flower parity tests: {exc}")
+
+
 @pytest.fixture
 def clients(devnet):
     """One RPC client per node of the session devnet."""

@@ -6,21 +6,18 @@ import numpy as np
 import pytest
 
 from grid_ipfs.aggregate import (
-    AGGREGATIONS,
     AcceptRule,
     RunningFedAvg,
-    aggregate,
     dp_fedavg,
     fedavg,
     krum,
     median,
     multi_krum,
-    needs_reference,
     parse_accept,
-    rule_params,
     trimmed_mean,
     update_norm,
 )
+from grid_ipfs.strategies import STRATEGIES, aggregate, make, strategy_class
 
 
 def make_weights(rng: np.random.Generator, scale: float = 1.0, dtype=np.float32) -> list[np.ndarray]:
@@ -152,12 +149,13 @@ def test_integer_tensors_are_rounded_not_truncated():
 
 
 def test_registry_dispatches_and_names_unknown_rules():
-    assert set(AGGREGATIONS) == {"fedavg", "median", "trimmed-mean", "krum", "multi-krum", "dp-fedavg", "secure-fedavg",
-                                 "secure-dp-fedavg"}
+    assert {n for n, cls in STRATEGIES.items() if cls.__module__.startswith("grid_ipfs.")} == {"fedavg", "fedprox", "median", "trimmed-mean", "krum", "multi-krum", "bulyan",
+                               "dp-fedavg", "secure-fedavg", "secure-dp-fedavg", "fedavgm", "fedadam", "fedyogi",
+                               "fedadagrad"}
     results = [([np.array([1.0])], 1), ([np.array([3.0])], 1), ([np.array([4.0])], 2)]
     np.testing.assert_array_equal(aggregate("fedavg", results)[0], [3.0])
     np.testing.assert_array_equal(aggregate("trimmed-mean", results, trim=0.34)[0], [3.0])
-    with pytest.raises(ValueError, match=r"unknown aggregation 'mean'; known: dp-fedavg, fedavg, krum, median, multi"):
+    with pytest.raises(ValueError, match=r"unknown aggregation 'mean'; known: bulyan, dp-fedavg, fedadagrad"):
         aggregate("mean", results)
 
 
@@ -253,7 +251,7 @@ def test_dp_fedavg_noise_is_a_function_of_seed_round_and_seq():
 
 def test_dp_fedavg_needs_the_reference_and_valid_params():
     reference, results = dp_setup()
-    assert needs_reference("dp-fedavg") and not needs_reference("fedavg")
+    assert strategy_class("dp-fedavg").needs_reference and not strategy_class("fedavg").needs_reference
     with pytest.raises(ValueError, match="previous global weights"):
         aggregate("dp-fedavg", results, clip=1.0, noise_multiplier=1.0)
     for bad in ({"clip": 0.0}, {"clip": float("inf")}, {"noise_multiplier": -1.0}, {"seed": -1}, {"seed": 1.5}):
@@ -268,7 +266,7 @@ def test_context_goes_only_to_rules_that_take_it_and_accept_is_record_only():
     results = [([np.array([1.0])], 1), ([np.array([3.0])], 3)]
     out = aggregate("fedavg", results, reference=[np.array([0.0])], round=4, seq=9, accept="val_accuracy>=0.5")
     np.testing.assert_array_equal(out[0], [2.5])
-    assert rule_params({"trim": 0.2, "accept": "improves:val_loss"}) == {"trim": 0.2}
+    assert make("trimmed-mean", {"trim": 0.2, "accept": "improves:val_loss"}).given == {"trim": 0.2}
 
 
 # -- acceptance rules ------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multiformats import CID, multihash
 
-from grid_ipfs.aggregate import aggregate
 from grid_ipfs.chain import ChainError, ChainLog, decode_block, sign_block, verify_chain, walk
 from grid_ipfs.chain.blocks import MAX_CBOR_DEPTH, MAX_UPDATES, block_cid, validate_block
 from grid_ipfs.chain.plot import MAX_PANELS, plot_chain
@@ -34,6 +33,7 @@ from grid_ipfs.payloads import (
     weights_from_bytes,
     weights_to_bytes,
 )
+from grid_ipfs.strategies import aggregate
 
 from .cli import run_cli
 from .test_chain_format import (

@@ -23,11 +23,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from grid_ipfs import data, zoo  # noqa: E402
-from grid_ipfs.aggregate import aggregate, update_norm  # noqa: E402
+from grid_ipfs.aggregate import update_norm  # noqa: E402
 from grid_ipfs.chain import ChainLog, read_head, verify_chain, walk  # noqa: E402
 from grid_ipfs.identity import Identity  # noqa: E402
 from grid_ipfs.localgrid import LocalGrid  # noqa: E402
 from grid_ipfs.payloads import weights_to_bytes  # noqa: E402
+from grid_ipfs.strategies import aggregate  # noqa: E402
 
 from .byzantine_worker import parse_attack  # noqa: E402
 from .cli import run_cli  # noqa: E402
@@ -124,7 +125,7 @@ def test_client_options_for_dp_and_accept():
 
     def opts(**kw):
         base = dict(aggregation=None, dp_clip=None, dp_noise=None, trim=None, byzantine=None, seed=3,
-                    secure_aggregation=False)
+                    secure_aggregation=False, param=None)
         return argparse.Namespace(**{**base, **kw})
 
     assert _aggregation_options(opts()) == ("fedavg", {})
@@ -143,6 +144,12 @@ def test_client_options_for_dp_and_accept():
     for bad in (dict(aggregation="median"), dict(aggregation="dp-fedavg"), dict(trim=0.1)):
         with pytest.raises(ValueError, match="--secure-aggregation"):
             _aggregation_options(opts(secure_aggregation=True, **bad))
+    assert _aggregation_options(opts(aggregation="FedAdam", param=["eta=0.05", "tau=1e-3"])) == (
+        "fedadam", {"eta": 0.05, "tau": 0.001})
+    for bad, message in ((["eta"], "expected NAME=NUMBER"), (["eta=fast"], "'fast' is not a number"),
+                         (["eta=1", "eta=2"], "given twice"), (["lr=0.1"], "fedadam: unexpected param 'lr'")):
+        with pytest.raises(ValueError, match=message):
+            _aggregation_options(opts(aggregation="fedadam", param=bad))
     assert _accept_rule(" val_accuracy >= 0.60 ") == "val_accuracy>=0.6"
     with pytest.raises(argparse.ArgumentTypeError, match="acceptance rule"):
         _accept_rule("val_accuracy=0.6")

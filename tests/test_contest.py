@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from multiformats import CID, multihash
 
-from grid_ipfs.aggregate import aggregate, parse_accept
+from grid_ipfs.aggregate import parse_accept
 from grid_ipfs.chain import ChainLog, decode_block, store_block
 from grid_ipfs.contest import ContestError, best, check_rival, pofl_record, rival_block, score_key
 from grid_ipfs.identity import Identity
 from grid_ipfs.ipfs.cids import cid_str
 from grid_ipfs.payloads import weights_from_bytes, weights_to_bytes
+from grid_ipfs.strategies import aggregate
 
 from .test_chain_format import MemoryStore, signed_update
 

@@ -142,11 +142,14 @@ def test_worker_keeps_serving_after_its_daemon_restarts(grid_factory):
 
 
 def test_client_killed_mid_job_resumes_from_its_chain_without_losing_or_repeating_a_round(grid_factory):
+    """With FedAdam, whose server moments no block stores: the resumed client must replay them from the
+    chain exactly as `chain verify` does, or the rounds after the restart do not verify."""
     grid = grid_factory(workers=2, nodes=2)
     key, heads = grid.root / "client.key", grid.root / "heads"
     common = ["--api", grid.local.apis[0], "--key", str(key), "--head-dir", str(heads), "--round-timeout", "30"]
     client = subprocess.Popen([sys.executable, "-m", "grid_ipfs.client", "submit", *common, "--model", str(grid.model),
-                               "--rounds", "5", "--min-workers", "2", "--job", "resumable", "--json"],
+                               "--rounds", "5", "--min-workers", "2", "--job", "resumable", "--json",
+                               "--aggregation", "FedAdam", "--param", "eta=0.01"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with grid.local.client(0) as ipfs:
@@ -172,7 +175,10 @@ def test_client_killed_mid_job_resumes_from_its_chain_without_losing_or_repeatin
         blocks = [block for _, block in walk(reader, output["head"])][::-1]
         assert [b["round"] for b in blocks] == [0, 1, 2, 3, 4, 5]  # one line: each round exactly once
         assert blocks[0]["config"]["rounds"] == 5
-        assert verify_chain(reader, output["head"]).ok
+        assert {b["aggregation"]["name"] for b in blocks[1:]} == {"fedadam"}
+        report = verify_chain(reader, output["head"])
+        assert report.ok, report.reason
+        assert report.server_state.step == 5  # five accepted aggregates folded into the moments
 
 
 def test_unreachable_daemon_is_a_one_line_error_for_every_command(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from rich.console import Console
 
 from grid_ipfs import messages
-from grid_ipfs.aggregate import RunningFedAvg, aggregate, check_params, fedavg
+from grid_ipfs.aggregate import RunningFedAvg, fedavg
 from grid_ipfs.client import JobSpec
 from grid_ipfs.client.core import Client
 from grid_ipfs.identity import Identity, b64url_encode
@@ -27,6 +27,7 @@ from grid_ipfs.messages import MessageError
 from grid_ipfs.payloads import PayloadError, json_from_bytes
 from grid_ipfs.peer import Peer
 from grid_ipfs.progress import LogProgress, RichProgress
+from grid_ipfs.strategies import aggregate, check_params
 from grid_ipfs.text import printable
 
 from .waiting import wait_for

@@ -41,7 +41,10 @@ def test_paths_given_as_strings_are_paths():
     ({"proximal_mu": -0.1}, "proximal_mu must be a finite number >= 0, got -0.1"),
     ({"proximal_mu": 10 ** 400}, "proximal_mu must be a finite number >= 0, got 10000000000000000000000000000000000"),
     ({"job_id": "../x"}, "job_id must be 1-64 characters of [A-Za-z0-9_.-], got '../x'"),
-    ({"aggregation": "fedsgd"}, "unknown aggregation 'fedsgd'; known: dp-fedavg, fedavg, krum, median"),
+    ({"aggregation": "fedsgd"}, "unknown aggregation 'fedsgd'; known: bulyan, dp-fedavg, fedadagrad, fedadam"),
+    ({"aggregation": "dp-fedavg", "aggregation_params": {"clip": 1.0}}, "dp-fedavg needs the param(s) noise_mult"),
+    ({"aggregation": "FedAdam", "aggregation_params": {"beta_1": 1.0}}, "fedadam: beta_1 must be in [0, 1)"),
+    ({"aggregation": "fedyogi", "miners": 1}, "fedyogi keeps server state across rounds"),
     ({"aggregation": "median", "aggregation_params": {"trim": 0.1}}, "median: unexpected param 'trim' (takes none)"),
     ({"aggregation": "trimmed-mean", "aggregation_params": {"trim": 0.5}}, "trimmed-mean: trim must be in [0, 0.5)"),
     ({"accept": "val_accuracy=0.6"}, "acceptance rule 'val_accuracy=0.6': expected METRIC>=NUMBER"),
@@ -85,3 +88,9 @@ def test_the_cli_prints_one_error_line_before_touching_the_daemon(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: job spec: round_timeout must be a finite number > 0, got 0.0"]
     assert not (tmp_path / "heads").exists()
+
+
+def test_a_flower_name_is_recorded_under_the_strategy_s_own_name():
+    spec = JobSpec(model_path="m.keras", rounds=1, aggregation="FedMedian")
+    assert spec.aggregation == "median" and spec.config()["aggregation"] == "median"
+    assert type(spec.strategy).__name__ == "Median"

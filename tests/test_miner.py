@@ -16,13 +16,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from grid_ipfs import messages  # noqa: E402
-from grid_ipfs.aggregate import aggregate  # noqa: E402
 from grid_ipfs.chain import ChainLog, decode_block, verify_chain  # noqa: E402
 from grid_ipfs.contest import pofl_record  # noqa: E402
 from grid_ipfs.identity import Identity  # noqa: E402
 from grid_ipfs.ipfs.cids import cid_str  # noqa: E402
 from grid_ipfs.miner import Miner, _Followed  # noqa: E402
 from grid_ipfs.payloads import weights_to_bytes  # noqa: E402
+from grid_ipfs.strategies import aggregate  # noqa: E402
 
 from .test_chain_format import signed_update  # noqa: E402
 

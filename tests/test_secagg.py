@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grid_ipfs.aggregate import aggregate, fedavg
+from grid_ipfs.aggregate import fedavg
 from grid_ipfs.identity import Identity
 from grid_ipfs.secagg import MaskKey, mask_context, mask_update, masked_like, secure_fedavg
+from grid_ipfs.strategies import aggregate
 
 IDS = sorted(Identity.generate().id for _ in range(4))
 

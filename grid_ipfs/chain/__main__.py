@@ -52,25 +52,22 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # export loads Keras; keep TensorFlow's start-up noise out
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from rich.console import Console
+from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from ..data import DataError  # noqa: E402
-from ..identity import IdentityError, parse_public_id  # noqa: E402
-from ..ipfs import IPFSError, cid_str, parse_cid, same_cid  # noqa: E402
-from ..ipfs.car import MAX_CAR_BYTES, CarReader, CarStore  # noqa: E402
-from ..ipfs.rpc import IPFSClient  # noqa: E402
-from ..payloads import PayloadError  # noqa: E402
-from . import ChainError, read_head, verify_chain, walk  # noqa: E402
-from .export import ExportError, check_request, export_model, load_genesis_model  # noqa: E402
-from .log import MAX_BLOCKS  # noqa: E402
+from ..data import DataError
+from ..identity import IdentityError, parse_public_id
+from ..ipfs import IPFSError, cid_str, parse_cid, same_cid
+from ..ipfs.car import MAX_CAR_BYTES, CarReader, CarStore
+from ..ipfs.rpc import IPFSClient
+from ..payloads import PayloadError
+from ..runtime import quiet_tensorflow
+from . import ChainError, read_head, verify_chain, walk
+from .export import ExportError, check_request, export_model, load_genesis_model
+from .log import MAX_BLOCKS
 
 
 def _head(args, store=None) -> str:
@@ -402,6 +399,7 @@ def privacy(client: IPFSClient, head: str, delta: float, as_json: bool, max_bloc
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_tensorflow()  # before anything loads TensorFlow; an entry point's choice
     parser = argparse.ArgumentParser(prog="python -m grid_ipfs.chain", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

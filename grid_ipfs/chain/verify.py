@@ -5,7 +5,9 @@ signer's; `seq` drops by exactly one per step down to a genesis at seq 0 without
 never change; every linked object is retrievable (`check_objects`); and the global weights equal, bit
 for bit, the aggregation rule applied to the recorded updates in worker order (`recompute`). Rules that
 need the previous global weights (dp-fedavg) get those of the newest *accepted* block before, and the
-block's round and seq (which seed dp-fedavg's noise).
+block's round and seq (which seed dp-fedavg's noise). Strategies with server state (FedAdam's moments,
+FedAvgM's momentum; `grid_ipfs.strategies`) get the state replayed from genesis: each accepted block's
+recomputed aggregate advances it, a rejected one leaves it, so no state is ever read from the owner.
 
 Acceptance rules: a block whose aggregation params hold `accept` (e.g. `"val_accuracy>=0.6"`) records
 `accepted` (1.0 or 0.0) in its metrics; the rule is applied again to the block's recorded metrics (and,
@@ -110,6 +112,9 @@ class VerifyReport:
     unproven: int = 0
     """Blocks after genesis whose updates carry no signed messages (block version 1): what they credit
     to which worker rests on their signer's word alone."""
+    server_state: object = None
+    """With `recompute`, the strategy's server state after the newest accepted block, as replayed from
+    genesis (None for stateless rules): what `client resume` continues from."""
 
 
 class _Bad(Exception):
@@ -158,10 +163,12 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
                 break
             if is_accepted(block):
                 context.accepted, context.accepted_metrics = block, metrics
+                context.state = context.pending_state
             checks[index].ok = True
     unproven = sum(1 for _, b in chain if b is not None and b["v"] < 2 and b["seq"] > 0)
     if failure is None:
-        return VerifyReport(True, len(walked), checks=checks, unproven=unproven)
+        return VerifyReport(True, len(walked), checks=checks, unproven=unproven,
+                            server_state=context.state if recompute else None)
     index, label, detail, seq = failure
     detail = printable(detail, REASON_CHARS)  # reasons quote what blocks hold: a peer's text
     reason = f"{label}: {detail}"
@@ -235,6 +242,10 @@ class _Context:
     """The newest accepted block checked so far (genesis first): its weights are the reference of the
     next block, its metrics the baseline of an `improves:` rule."""
     accepted_metrics: Mapping[str, float] | None = None
+    state: object = None
+    """The strategy's server state after the newest accepted block (None: initial)."""
+    pending_state: object = None
+    """The state the block being checked leads to, kept only if it is accepted."""
 
 
 def _label(index: int, block: dict) -> str:
@@ -488,7 +499,7 @@ def _check_acceptance(block: dict, metrics: Mapping[str, float], baseline: Mappi
 def _check_params(name: str, params: dict) -> None:
     """The aggregation params range-checked (`aggregate.check_params`) before any arithmetic: a recorded
     `scale_bits` of 2000 overflows a float, one of 2**63-1 would never finish."""
-    from ..aggregate import check_params
+    from ..strategies import check_params
 
     try:
         check_params(name, params)
@@ -503,21 +514,23 @@ def _recompute(block: dict, context: _Context) -> list:
     deterministic, so any difference means the recorded updates are not what produced these weights.
     The rules that need a reference get the newest accepted block's weights.
     """
-    from ..aggregate import aggregate, needs_reference
+    from ..strategies import RoundContext, make, run
 
     name, params = block["aggregation"]["name"], block["aggregation"]["params"]
     objects = context.objects
     actual = _global_arrays(objects, block)
     _check_params(name, params)
     try:
+        strategy = make(name, params)
         results = [(objects.weights(u["weights"], f"update from {u['worker']}"), u["num_examples"])
                    for u in block["updates"]]
         previous = None
-        if needs_reference(name):
+        if strategy.needs_reference:
             if context.accepted is None:
                 raise ValueError("the previous global weights could not be read")
             previous = objects.weights(context.accepted["weights"], "previous global weights")
-        expected = aggregate(name, results, reference=previous, round=block["round"], seq=block["seq"], **params)
+        out = run(strategy, results, RoundContext(previous, block["round"], block["seq"], context.state))
+        expected, context.pending_state = out.weights, out.state
     except (ValueError, TypeError) as exc:  # PayloadError is a ValueError; so are the rules' own errors
         raise _Bad(f"cannot recompute {name}: {exc}") from None
     if not (len(actual) == len(expected) and all(_identical(a, e) for a, e in zip(actual, expected))):

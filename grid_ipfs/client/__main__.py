@@ -16,6 +16,8 @@ from ..identity import Identity, IdentityError, default_key_path, read_id_list
 from ..ipfs import IPFSError
 from ..ipfs.rpc import IPFSClient
 from ..payloads import PayloadError
+from ..runtime import quiet_tensorflow
+from ..strategies import canonical_name, check_params
 from .core import Client
 from .job import SECURE_RULES, ClientCallback, JobFailed, JobSpec
 
@@ -64,7 +66,7 @@ def _aggregation_options(args: argparse.Namespace) -> tuple[str, dict]:
         plain = argparse.Namespace(**{**vars(args), "aggregation": "dp-fedavg", "secure_aggregation": False})
         params = _aggregation_options(plain)[1]  # the same checks of --dp-clip and --dp-noise
         return "secure-dp-fedavg", {"clip": params["clip"], "noise_multiplier": params["noise_multiplier"]}
-    name = args.aggregation or ("dp-fedavg" if dp else "fedavg")
+    name = canonical_name(args.aggregation) if args.aggregation else ("dp-fedavg" if dp else "fedavg")
     if dp != (name == "dp-fedavg"):
         raise ValueError("--dp-clip/--dp-noise go with --aggregation dp-fedavg (the default when they are given)")
     if dp:
@@ -74,11 +76,34 @@ def _aggregation_options(args: argparse.Namespace) -> tuple[str, dict]:
                 and args.dp_noise >= 0):
             raise ValueError("--dp-clip must be > 0 and --dp-noise >= 0")
         return name, {"clip": args.dp_clip, "noise_multiplier": args.dp_noise, "seed": args.seed}
-    return name, {k: v for k, v in (("trim", args.trim), ("byzantine", args.byzantine)) if v is not None}
+    params = {k: v for k, v in (("trim", args.trim), ("byzantine", args.byzantine)) if v is not None}
+    for text in args.param or ():
+        key, value = _param(text)
+        if key in params:
+            raise ValueError(f"--param {key} is given twice")
+        params[key] = value
+    check_params(name, params)
+    return name, params
+
+
+def _param(text: str) -> tuple[str, float | int]:
+    """`NAME=NUMBER` of `--param`: an int if it reads as one, else a float."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--param {text!r}: expected NAME=NUMBER, e.g. eta=0.05")
+    try:
+        return key.strip(), int(value)
+    except ValueError:
+        pass
+    try:
+        return key.strip(), float(value)
+    except ValueError:
+        raise ValueError(f"--param {text!r}: {value!r} is not a number") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..aggregate import AGGREGATIONS
+    quiet_tensorflow()  # before anything loads TensorFlow; an entry point's choice
+    from ..strategies import names
 
     parser = argparse.ArgumentParser(prog="python -m grid_ipfs.client",
                                      description="Submit and follow federated training jobs.",
@@ -92,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--fraction", type=float, default=1.0, help="fraction of joined workers asked per round")
     s.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--aggregation", choices=sorted(AGGREGATIONS), default=None, help="the rule (default fedavg)")
+    s.add_argument("--aggregation", choices=names(with_aliases=True), default=None, metavar="RULE",
+                   help=f"the rule (default fedavg): {', '.join(names())}, or a Flower name (FedAdam, FedMedian, "
+                        "...); docs/strategies.md lists each with its params")
+    s.add_argument("--param", action="append", metavar="NAME=NUMBER",
+                   help="a param of the rule, repeatable, e.g. --aggregation fedadam --param eta=0.05")
     s.add_argument("--trim", type=float, help="trimmed-mean: fraction cut at each end (default 0.1)")
     s.add_argument("--byzantine", type=int, help="krum/multi-krum: number of faulty workers tolerated (default 1)")
     s.add_argument("--dp-clip", type=float, metavar="C",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import queue
 import random
 import secrets
@@ -14,23 +13,21 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-from .. import messages  # noqa: E402
-from ..aggregate import CONTEXT, AcceptRule, aggregate, check_params, parse_accept  # noqa: E402
-from ..chain import ChainError, ChainLog, decode_block  # noqa: E402
-from ..chain.contributions import message_cid, update_entry  # noqa: E402
-from ..chain.verify import is_accepted  # noqa: E402
-from ..contest import ContestError, best, check_rival, check_rival_fields, pofl_record, score_key  # noqa: E402
-from ..identity import Identity  # noqa: E402
-from ..ipfs import IPFSError, cid_str, parse_cid, same_cid  # noqa: E402
-from ..ipfs.pubsub import PubsubMessage  # noqa: E402
-from ..ipfs.rpc import IPFSClient  # noqa: E402
-from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES  # noqa: E402
-from ..payloads import MAX_WEIGHTS_BYTES, PayloadError, weights_from_bytes, weights_to_bytes  # noqa: E402
-from ..secagg import mask_key_is_signed, masked_like  # noqa: E402
-from ..text import printable  # noqa: E402
+from .. import messages
+from ..aggregate import AcceptRule, parse_accept
+from ..chain import ChainError, ChainLog, decode_block
+from ..chain.contributions import message_cid, update_entry
+from ..chain.verify import is_accepted
+from ..contest import ContestError, best, check_rival, check_rival_fields, pofl_record, score_key
+from ..identity import Identity
+from ..ipfs import IPFSError, cid_str, parse_cid, same_cid
+from ..ipfs.pubsub import PubsubMessage
+from ..ipfs.rpc import IPFSClient
+from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES
+from ..payloads import MAX_WEIGHTS_BYTES, PayloadError, weights_from_bytes, weights_to_bytes
+from ..secagg import mask_key_is_signed, masked_like
+from ..strategies import RoundContext, Strategy, StrategyError, run
+from ..text import printable
 from .job import SECURE_RULES, ClientCallback, JobFailed, JobResult, JobSpec, RoundResult
 
 log = logging.getLogger("grid_ipfs.client")
@@ -92,6 +89,11 @@ class _Job:
     weights: list
     result: JobResult
     eval_xy: tuple | None
+    strategy: Strategy
+    """The job's rule (`JobSpec.strategy`): every aggregate of the job is its `aggregate`."""
+    state: object = None
+    """The strategy's server state after the newest accepted block (None: initial), replayed from the
+    chain on resume and advanced by accepted blocks only, as `chain verify` does."""
     workers: dict[str, messages.Join] = field(default_factory=dict)
     accept: AcceptRule | None = None
     baseline: dict = field(default_factory=dict)
@@ -152,7 +154,7 @@ class Client:
                                 "config": spec.config()}, self.identity)
         result = JobResult(job_id, model_cid, cid_str(genesis), weights_cid)
         job = _Job(self._job_message(job_id, model_cid, spec), spec, chain, model, weights, result, eval_xy,
-                   accept=accept, baseline=genesis_metrics)
+                   spec.strategy, accept=accept, baseline=genesis_metrics)
         self._pin(job, cid_str(genesis))
         return self._run(job, first_round=1)
 
@@ -199,19 +201,29 @@ class Client:
         result = JobResult(job_id, model_cid, cid_str(parse_cid(head)), cid_str(kept["weights"]))
         log.info("resuming job %s after round %d of %d (head %s)", job_id, kept["round"], spec.rounds, head)
         job = _Job(self._job_message(job_id, model_cid, spec), spec, chain, model, weights, result, eval_xy,
-                   accept=accept, baseline=dict(kept["metrics"]))
+                   spec.strategy, state=self._replay_state(spec, head), accept=accept,
+                   baseline=dict(kept["metrics"]))
         self._pin(job, result.head)
         return self._run(job, first_round=kept["round"] + 1)
+
+    def _replay_state(self, spec: JobSpec, head: str):
+        """The server state of a stateful strategy after the newest accepted block: replayed by verifying
+        the chain from genesis (never read from a file or a block), exactly as an auditor derives it."""
+        if not spec.strategy.stateful:
+            return None
+        from ..chain.verify import verify_chain
+
+        report = verify_chain(self.ipfs, head, signer=self.identity.id)
+        if not report.ok:
+            raise JobFailed(f"cannot replay the {spec.aggregation} server state: the chain does not verify "
+                            f"({report.reason})")
+        return report.server_state
 
     def _job_message(self, job_id: str, model_cid: str, spec: JobSpec) -> messages.Job:
         config = {"epochs": spec.epochs, "batch_size": spec.batch_size, "rounds": spec.rounds}
         if spec.proximal_mu:
             config["proximal_mu"] = float(spec.proximal_mu)
-        if spec.secure_aggregation:
-            config["secure_aggregation"] = True
-        if spec.aggregation == "secure-dp-fedavg":  # the workers clip and add the noise: they need both
-            config["dp_clip"] = float(spec.aggregation_params["clip"])
-            config["dp_noise"] = float(spec.aggregation_params["noise_multiplier"])
+        config.update(spec.strategy.fit_config())  # what the workers need for the rule (Flower's configure_fit)
         return messages.Job(job=job_id, model=model_cid, owner=self.identity.id, config=config)
 
     def _run(self, job: _Job, first_round: int) -> JobResult:
@@ -420,13 +432,17 @@ class Client:
         """Aggregate, evaluate, judge by the acceptance rule, append the block; (result, the rule's why)."""
         spec = job.spec
         ordered = [collected[w] for w in sorted(collected)]  # deterministic order: verify recomputes this
-        contextual = bool(CONTEXT.get(spec.aggregation))
         extends = job.extends  # what every collected update names as its head (_check_history)
-        seq = self._seq_of(extends) + 1 if contextual else 0
-        # dp-fedavg needs the previous accepted global weights and the block's round and seq (its noise
-        # seed); chain verify supplies the same from the chain
-        new_weights = aggregate(spec.aggregation, [(c.weights, c.update.num_examples) for c in ordered],
-                                reference=job.weights, round=r, seq=seq, **spec.aggregation_params)
+        # append(extends=) refuses if the head moved, so the block lands at exactly this seq
+        seq = self._seq_of(extends) + 1
+        # the context chain verify supplies from the chain: the newest accepted weights, the block's
+        # position (dp-fedavg's noise seed) and the strategy's server state
+        try:
+            result = run(job.strategy, [(c.weights, c.update.num_examples) for c in ordered],
+                         RoundContext(job.weights, r, seq, job.state))
+        except StrategyError as exc:
+            raise JobFailed(f"round {r} of job {job.message.job}: {exc}") from None
+        new_weights = result.weights
         new_cid = cid_str(self.ipfs.add(weights_to_bytes(new_weights)))
         rejected: dict[str, int] = {}
         for reason in refused.values():
@@ -475,7 +491,7 @@ class Client:
         if not accepted:  # the global model stays; the rejected candidate is in the chain for the record
             return outcome, why
         self._publish(messages.Head(job=job.message.job, round=r, head=head, weights=new_cid))
-        job.weights, job.baseline = new_weights, metrics
+        job.weights, job.baseline, job.state = new_weights, metrics, result.state
         for cb in self.callbacks:
             cb.on_round_end(outcome)
         return outcome, why
@@ -526,8 +542,8 @@ class Client:
                         if rival["signer"] != sender:
                             raise ContestError(f"block signed by {rival['signer'][:12]}, not by its proposer")
                         check_rival_fields(rival)
-                        if own["name"] == "dp-fedavg" and rival["aggregation"]["name"] != own["name"]:
-                            raise ContestError("this job's privacy needs dp-fedavg; the rival uses "
+                        if job.strategy.adds_noise and rival["aggregation"]["name"] != own["name"]:
+                            raise ContestError(f"this job's privacy needs {own['name']}; the rival uses "
                                                f"{rival['aggregation']['name']}")
                     except (ContestError, IPFSError, PayloadError) as exc:
                         refused += 1
@@ -786,16 +802,15 @@ def _check_spec(spec: JobSpec, weights: list, eval_xy) -> AcceptRule | None:
     if spec.max_examples is not None and (isinstance(spec.max_examples, bool) or not isinstance(spec.max_examples, int)
                                           or not 1 <= spec.max_examples <= MAX_NUM_EXAMPLES):
         raise JobFailed(f"max_examples must be an integer in 1..{MAX_NUM_EXAMPLES} or None, got {spec.max_examples!r}")
-    trial = masked_like(weights) if spec.aggregation in SECURE_RULES else weights
+    strategy = spec.strategy  # the range check chain verify applies too
+    trial = weights if strategy.readable_updates else masked_like(weights)
     try:
-        check_params(spec.aggregation, spec.aggregation_params)  # the range check chain verify applies too
-        aggregate(spec.aggregation, [(trial, 1)] * max(1, spec.min_workers), reference=weights, round=1, seq=1,
-                  **spec.aggregation_params)
+        run(strategy, [(trial, 1)] * max(1, spec.min_workers), RoundContext(weights, 1, 1))
     except (ValueError, TypeError) as exc:
         raise JobFailed(f"aggregation {spec.aggregation} with {spec.aggregation_params}: {exc}") from None
     if not (math.isfinite(spec.proximal_mu) and spec.proximal_mu >= 0):
         raise JobFailed(f"proximal_mu must be a finite number >= 0, got {spec.proximal_mu}")
-    if spec.secure_aggregation != (spec.aggregation in SECURE_RULES):
+    if spec.secure_aggregation != (not strategy.readable_updates):
         raise JobFailed(f"secure aggregation and the {' / '.join(SECURE_RULES)} rules go together "
                         "(--secure-aggregation)")
     if spec.secure_aggregation and spec.miners:

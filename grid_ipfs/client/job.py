@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import messages
-from ..aggregate import check_params, parse_accept
+from ..aggregate import parse_accept
 from ..errors import GridError
 from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES
+from ..strategies import STRATEGIES, Strategy, StrategyError, make, strategy_class
 
-SECURE_RULES = ("secure-fedavg", "secure-dp-fedavg")  # rules over masked updates (`grid_ipfs.secagg`)
+SECURE_RULES = tuple(name for name, cls in STRATEGIES.items() if not cls.readable_updates)
+"""The registered rules over masked updates (`grid_ipfs.secagg`), as the strategies declare them."""
 
 
 class JobFailed(GridError, RuntimeError):
@@ -126,18 +128,31 @@ class JobSpec:
         if self.job_id is not None and not messages.valid_job_id(self.job_id):
             return f"job_id must be 1-64 characters of [A-Za-z0-9_.-], got {_shown(self.job_id)}"
         try:
-            check_params(self.aggregation, self.aggregation_params)  # an unknown rule too
+            cls = strategy_class(self.aggregation)  # an unknown rule too
+            self.aggregation = cls.name  # recorded under its own name: `FedMedian` is `median` on the chain
+            make(cls.name, self.aggregation_params)  # the params' ranges, and the required ones given
             if self.accept is not None:
                 parse_accept(self.accept)
         except ValueError as exc:
             return str(exc)
-        secure = self.aggregation in SECURE_RULES
+        secure = not cls.readable_updates
         if not isinstance(self.secure_aggregation, bool) or self.secure_aggregation != secure:
             return (f"secure_aggregation goes with the {' / '.join(SECURE_RULES)} rules and only with them, got "
                     f"{_shown(self.secure_aggregation)} with {_shown(self.aggregation)}")
         if self.secure_aggregation and self.miners:
             return "secure aggregation hides single updates, so miners cannot aggregate them their way"
+        if cls.stateful and self.miners:
+            return (f"{cls.name} keeps server state across rounds; a miner's rival aggregate would fork it, so "
+                    "it runs without miners")
         return None
+
+    @property
+    def strategy(self) -> Strategy:
+        """The job's aggregation rule as a `Strategy` (built from the checked name and params)."""
+        try:
+            return make(self.aggregation, self.aggregation_params)
+        except StrategyError as exc:  # params edited after construction
+            raise InvalidJobSpec(f"job spec: {exc}") from None
 
     def config(self) -> dict:
         """The recorded settings; `proximal_mu`, `accept` and the miners' only when used (older chains
