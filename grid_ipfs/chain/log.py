@@ -19,6 +19,7 @@ from multiformats import CID
 from ..identity import Identity
 from ..ipfs.cids import InvalidCID, cid_str, parse_cid, same_cid, same_data
 from ..ipfs.errors import IPFSError
+from ..ipfs.timeouts import DEFAULT, TimeoutTypes
 from .blocks import ChainError, decode_block, encode_block, sign_block
 
 __all__ = ["BlockStore", "ChainLog", "MAX_BLOCKS", "walk", "read_head", "write_head", "store_block"]
@@ -35,7 +36,7 @@ class BlockStore(Protocol):
 
     def block_get(self, cid: str | CID) -> bytes: ...
 
-    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: float | None = None) -> bytes: ...
+    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: TimeoutTypes = DEFAULT) -> bytes: ...
 
     def add(self, data: bytes) -> CID: ...
 

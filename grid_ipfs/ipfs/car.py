@@ -35,6 +35,7 @@ from multiformats import CID
 
 from .cids import cid_str, parse_cid
 from .errors import IPFSError, NotFound, TooLarge
+from .timeouts import DEFAULT, TimeoutTypes
 
 __all__ = ["CarError", "CarReader", "CarBlock", "CarStore", "read_car", "unixfs_cat", "decode_pbnode",
            "MAX_HEADER_BYTES", "MAX_ROOTS", "MAX_BLOCK_BYTES", "MAX_CAR_BYTES", "MAX_CAR_BLOCKS",
@@ -385,8 +386,9 @@ class CarStore:
     def __repr__(self) -> str:
         return f"CarStore({str(self.path)!r})"
 
-    def block_get(self, cid: str | CID, *, max_size: int | None = None, timeout: float | None = None) -> bytes:
-        """The block's bytes, hashed again; NotFound when the CAR does not hold it."""
+    def block_get(self, cid: str | CID, *, max_size: int | None = None, timeout: TimeoutTypes = DEFAULT) -> bytes:
+        """The block's bytes, hashed again; NotFound when the CAR does not hold it. `timeout` is taken
+        as IPFSClient takes it and ignored: reading a local file does not wait on anyone."""
         cid = parse_cid(cid)
         try:
             offset, size = self.index[bytes(cid.digest)]
@@ -399,7 +401,7 @@ class CarStore:
             raise CarError(f"CAR {self.path}: offset {offset}: block {cid_str(cid)} changed since the file was read")
         return data
 
-    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: float | None = None) -> bytes:
+    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: TimeoutTypes = DEFAULT) -> bytes:
         """The bytes of the UnixFS file (or raw block) `cid`, as `ipfs cat` would give them."""
         cid = parse_cid(cid)
         return unixfs_cat(self.block_get, cid, max_size=max_size, what=f"cat {cid_str(cid)} from CAR {self.path}")

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import httpx
 
+from .errors import IPFSError, daemon_error, map_transport_errors
 from .multibase import decode_bytes, decode_text, encode_topic
+from .timeouts import Timeout
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,9 @@ class Subscription:
     """
 
     def __init__(self, api: str, topic: str, *, on_message: Callable[[PubsubMessage], None] | None = None,
-                 timeout: httpx.Timeout | None = None, backoff: tuple[float, float] = (0.2, 5.0),
+                 timeout: Timeout | httpx.Timeout | None = None, backoff: tuple[float, float] = (0.2, 5.0),
                  max_queue: int = 10_000):
+        """`timeout`: only its `connect` is used (5 s if None); a quiet topic is never a timeout."""
         from .rpc import api_url
 
         self.api = api
@@ -114,9 +117,12 @@ class Subscription:
         delay = self._backoff[0]
         while not self._closed.is_set():
             try:
-                self._read_stream()
+                with map_transport_errors(self.api, f"pubsub/sub {self.topic!r}"):
+                    self._read_stream()
                 reason = "stream ended"
-            except (httpx.HTTPError, OSError, RuntimeError) as exc:
+            except IPFSError as exc:
+                reason = str(exc)
+            except (OSError, RuntimeError) as exc:  # a socket shut by close(); httpx.StreamError
                 reason = f"{type(exc).__name__}: {exc}"
             if self._closed.is_set():
                 return
@@ -133,7 +139,7 @@ class Subscription:
         params = {"arg": encode_topic(self.topic)}
         with self._http.stream("POST", self._url, params=params) as response:
             if response.status_code >= 400:
-                raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:200]!r}")
+                raise daemon_error("pubsub/sub", response.status_code, response.read())
             stream = response.extensions.get("network_stream")
             self._socket = stream.get_extra_info("socket") if stream is not None else None
             if self.reconnects:

@@ -2,7 +2,8 @@
 
 Why not ipfshttpclient: its last release (0.7.0, 2021) raises VersionMismatch for any daemon >= 0.8,
 its pubsub speaks the pre-0.11 wire format, and it is unmaintained. The surface the project needs is
-small and documented, so we keep exactly that, typed, with one timeout object and typed errors.
+small and documented, so we keep exactly that, typed, with one timeout object (`Timeout`) and typed
+errors (every httpx failure mapped in one place, `errors.map_transport_errors`).
 
 Works with Kubo >= 0.11 and with js-ipfs 0.66 (the local daemon on machines without Kubo). Where the
 two differ, the difference is absorbed here and named in a comment, so nothing above this layer
@@ -24,8 +25,9 @@ import httpx
 from multiformats import CID, multihash
 
 from .cids import parse_cid
-from .errors import DaemonError, DaemonUnreachable, IPFSError, IPFSTimeout, NotFound, TooLarge
+from .errors import DaemonError, DaemonUnreachable, IPFSTimeout, TooLarge, daemon_error, map_transport_errors
 from .multibase import decode_text, encode_topic
+from .timeouts import DEFAULT, Timeout, TimeoutTypes, resolve
 
 if TYPE_CHECKING:
     from .pubsub import Subscription
@@ -33,12 +35,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_API = "/ip4/127.0.0.1/tcp/5001"
-#: One timeout object for every call; `cat`/`block_get` also take a per-call total deadline.
-DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=10.0)
+#: A client's timeout unless given: 5 s to connect, 60 s between bytes of an answer, no total.
+DEFAULT_TIMEOUT = Timeout(total=None, connect=5.0, read=60.0, write=60.0, pool=10.0)
 _CHUNK = 1 << 20
-
-# Substrings of daemon error messages that mean "does not exist" (Kubo and js-ipfs word it differently).
-_NOT_FOUND_HINTS = ("not found", "no link named", "not pinned", "does not exist", "could not resolve")
 
 
 def api_url(api: str) -> str:
@@ -61,13 +60,26 @@ def api_url(api: str) -> str:
 
 
 class IPFSClient:
-    """One daemon, one client. Thread-safe for concurrent calls (httpx.Client is)."""
+    """One daemon, one client. Thread-safe for concurrent calls (httpx.Client is).
 
-    def __init__(self, api: str = DEFAULT_API, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT):
+    Every `timeout` parameter, here and in each method, means the same (grid_ipfs.ipfs.timeouts):
+
+    - `DEFAULT`: the client's timeout (for a method: the one given here; here: `DEFAULT_TIMEOUT`);
+    - `None`: no limit at all;
+    - seconds `s`: the whole call within `s`; the daemon is passed `s` as its own `timeout` option,
+      so it stops searching when we stop waiting;
+    - a `Timeout`: exactly as given (an `httpx.Timeout` is taken too, as a Timeout with no total).
+
+    Methods that fetch by CID (`cat`, `block_get`, `dag_get`) and `repo_gc` default to seconds, not to
+    `DEFAULT`, so that content nobody has fails in bounded time; the others default to `DEFAULT`.
+    A failure to reach the daemon raises `DaemonUnreachable`, a limit passed `IPFSTimeout`.
+    """
+
+    def __init__(self, api: str = DEFAULT_API, *, timeout: TimeoutTypes = DEFAULT):
         self.api = api
         self.base_url = api_url(api)
-        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
-        self._http = httpx.Client(base_url=self.base_url + "/api/v0", timeout=self.timeout)
+        self.timeout: Timeout = resolve(timeout, DEFAULT_TIMEOUT)
+        self._http = httpx.Client(base_url=self.base_url + "/api/v0", timeout=self.timeout.to_httpx())
         self._flavour: str | None = None  # "kubo" or "js-ipfs", learnt lazily from `version`
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -85,43 +97,15 @@ class IPFSClient:
         return f"IPFSClient({self.api!r})"
 
     def _request(self, endpoint: str, *, params: dict | None = None, files: Any = None,
-                 timeout: float | None = None) -> httpx.Response:
+                 timeout: TimeoutTypes = DEFAULT) -> httpx.Response:
         """POST (every RPC call is a POST since Kubo 0.5) and map failures to typed errors."""
-        try:
-            response = self._http.post(endpoint, params=params, files=files,
-                                       timeout=self._timeout(timeout))
-        except httpx.ConnectError as exc:
-            raise DaemonUnreachable(self.api, str(exc)) from None
-        except httpx.TimeoutException as exc:
-            raise IPFSTimeout(f"{endpoint} timed out after {timeout or self.timeout.read}s ({exc})") from None
-        except httpx.TransportError as exc:
-            raise DaemonUnreachable(self.api, f"{type(exc).__name__}: {exc}") from None
+        limits = resolve(timeout, self.timeout)
+        with map_transport_errors(self.api, endpoint, limits):
+            response = self._http.post(endpoint, params=_with_daemon_timeout(params, limits), files=files,
+                                       timeout=limits.to_httpx())
         if response.status_code >= 400:
-            raise self._error(endpoint, response.status_code, response.read())
+            raise daemon_error(endpoint, response.status_code, response.read())
         return response
-
-    def _timeout(self, seconds: float | None) -> httpx.Timeout:
-        if seconds is None:
-            return self.timeout
-        return httpx.Timeout(connect=self.timeout.connect, read=seconds, write=self.timeout.write,
-                             pool=self.timeout.pool)
-
-    @staticmethod
-    def _error(endpoint: str, status: int, body: bytes) -> IPFSError:
-        text = body.decode("utf-8", "replace").strip()
-        message, code = text, None
-        try:
-            doc = json.loads(text)
-            message, code = str(doc.get("Message", text)), doc.get("Code")
-        except (ValueError, AttributeError):
-            pass
-        if status == 404 and not message:
-            message = "endpoint not found (daemon too old, or not an IPFS RPC API?)"
-        if any(hint in message.lower() for hint in _NOT_FOUND_HINTS):
-            return NotFound(f"{endpoint}: {message}")
-        if any(hint in message.lower() for hint in ("timeout", "timed out", "deadline exceeded")):
-            return IPFSTimeout(f"{endpoint}: {message}")
-        return DaemonError(endpoint, status, message, code)
 
     def _json(self, endpoint: str, **kwargs: Any) -> Any:
         response = self._request(endpoint, **kwargs)
@@ -133,43 +117,25 @@ class IPFSClient:
         except ValueError:
             raise DaemonError(endpoint, response.status_code, f"answer is not JSON: {text[:200]!r}") from None
 
-    def _stream(self, endpoint: str, *, params: dict, max_size: int | None,
-                timeout: float | None, what: str, sink: Callable[[bytes], object] | None = None) -> bytes:
-        """Read a streamed body with a total deadline and a size cap that stops reading early.
+    def _stream(self, endpoint: str, *, params: dict, max_size: int | None, timeout: TimeoutTypes,
+                what: str, sink: Callable[[bytes], object] | None = None) -> bytes:
+        """Read a streamed body within `timeout` in all, with a size cap that stops reading early.
         With `sink`, each chunk goes to it instead of memory (and b"" is returned)."""
-        deadline = time.monotonic() + timeout if timeout else None
+        limits = resolve(timeout, self.timeout)
         chunks: list[bytes] = []
-        size = 0
-        try:
-            with self._http.stream("POST", endpoint, params=params, timeout=self._timeout(timeout)) as response:
-                if response.status_code >= 400:
-                    error = self._error(endpoint, response.status_code, response.read())
-                    if isinstance(error, IPFSTimeout):  # the daemon's own deadline (our `timeout` param) passed
-                        error = IPFSTimeout(f"{what}: not found within {timeout}s ({error})")
-                    raise error
-                announced = response.headers.get("X-Content-Length") or response.headers.get("Content-Length")
-                if max_size is not None and announced and announced.isdigit() and int(announced) > max_size:
-                    raise TooLarge(what, max_size)
-                for chunk in response.iter_raw(_CHUNK):
-                    size += len(chunk)
-                    if max_size is not None and size > max_size:
-                        raise TooLarge(what, max_size)
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise IPFSTimeout(f"{what}: not complete after {timeout}s")
-                    if sink is None:
-                        chunks.append(chunk)
-                    else:
-                        sink(chunk)
-                # Kubo reports errors that happen mid-stream in a trailer.
-                if response.headers.get("X-Stream-Error"):
-                    raise DaemonError(endpoint, 200, response.headers["X-Stream-Error"])
-        except httpx.ConnectError as exc:
-            raise DaemonUnreachable(self.api, str(exc)) from None
-        except httpx.TimeoutException:
-            raise IPFSTimeout(f"{what}: no data within {timeout or self.timeout.read}s "
-                              "(does any connected node have it?)") from None
-        except httpx.TransportError as exc:
-            raise DaemonUnreachable(self.api, f"{type(exc).__name__}: {exc}") from None
+        with map_transport_errors(self.api, what, limits), \
+                self._http.stream("POST", endpoint, params=_with_daemon_timeout(params, limits),
+                                  timeout=limits.to_httpx()) as response:
+            if response.status_code >= 400:
+                raise _stream_error(daemon_error(endpoint, response.status_code, response.read()), what, limits)
+            announced = response.headers.get("X-Content-Length") or response.headers.get("Content-Length")
+            if max_size is not None and announced and announced.isdigit() and int(announced) > max_size:
+                raise TooLarge(what, max_size)
+            _read_body(response, what=what, max_size=max_size, limits=limits,
+                       sink=chunks.append if sink is None else sink)
+            # Kubo reports errors that happen mid-stream in a trailer.
+            if response.headers.get("X-Stream-Error"):
+                raise DaemonError(endpoint, 200, response.headers["X-Stream-Error"])
         return b"".join(chunks)
 
     @property
@@ -188,15 +154,16 @@ class IPFSClient:
     def version(self) -> dict:
         return self._json("version")
 
-    def wait_ready(self, timeout: float = 30.0, interval: float = 0.1) -> dict:
-        """Poll `id` until the daemon answers or the deadline passes (then DaemonUnreachable)."""
-        deadline = time.monotonic() + timeout
+    def wait_ready(self, timeout: TimeoutTypes = 30.0, interval: float = 0.1) -> dict:
+        """Poll `id` until the daemon answers or `timeout` passes in all (then DaemonUnreachable)."""
+        limits = resolve(timeout, self.timeout)
+        deadline = _deadline(limits)
         while True:
             try:
-                return self.id()
+                return self._json("id", timeout=_left(limits, deadline))
             except (DaemonUnreachable, IPFSTimeout) as exc:
-                if time.monotonic() > deadline:
-                    raise DaemonUnreachable(self.api, f"not ready after {timeout}s ({exc})") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise DaemonUnreachable(self.api, f"not ready after {limits.total:g}s ({exc})") from None
                 time.sleep(interval)
 
     # -- files --------------------------------------------------------------------------------------
@@ -208,29 +175,28 @@ class IPFSClient:
         # js-ipfs sends Size as a number, Kubo as a string; we only need the hash.
         return parse_cid(answer["Hash"])
 
-    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: float | None = 60.0) -> bytes:
-        """Fetch a file's bytes. Stops as soon as `max_size` is passed, or at `timeout` seconds in all."""
+    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: TimeoutTypes = 60.0) -> bytes:
+        """Fetch a file's bytes. Stops as soon as `max_size` is passed, or when `timeout` passes."""
         cid = parse_cid(cid)
-        params = {"arg": str(cid)}
-        if timeout:
-            params["timeout"] = f"{int(timeout * 1000)}ms"  # server-side bound, so the daemon stops searching too
-        return self._stream("cat", params=params, max_size=max_size, timeout=timeout, what=f"cat {cid}")
+        return self._stream("cat", params={"arg": str(cid)}, max_size=max_size, timeout=timeout,
+                            what=f"cat {cid}")
 
     # -- pins ---------------------------------------------------------------------------------------
 
-    def pin_add(self, cid: str | CID, *, recursive: bool = True, timeout: float | None = None) -> None:
+    def pin_add(self, cid: str | CID, *, recursive: bool = True, timeout: TimeoutTypes = DEFAULT) -> None:
         self._json("pin/add", params={"arg": str(parse_cid(cid)), "recursive": _flag(recursive)},
                    timeout=timeout)
 
-    def pin_rm(self, cid: str | CID, *, recursive: bool = True) -> None:
-        self._json("pin/rm", params={"arg": str(parse_cid(cid)), "recursive": _flag(recursive)})
+    def pin_rm(self, cid: str | CID, *, recursive: bool = True, timeout: TimeoutTypes = DEFAULT) -> None:
+        self._json("pin/rm", params={"arg": str(parse_cid(cid)), "recursive": _flag(recursive)},
+                   timeout=timeout)
 
-    def pin_update(self, old: str | CID | None, new: str | CID, *, timeout: float | None = None) -> None:
+    def pin_update(self, old: str | CID | None, new: str | CID, *, timeout: TimeoutTypes = DEFAULT) -> None:
         """Move a recursive pin from `old` (None: there is none yet) to `new`, which holds all of it and more.
 
         Kubo diffs the two DAGs (`pin/update`) and so only walks what is new. js-ipfs has no `pin/update`:
         there `new` is pinned first (a full walk of its DAG) and `old` unpinned after, so nothing
-        reachable from either is unpinned in between.
+        reachable from either is unpinned in between; each of the two calls gets `timeout`.
         """
         new = parse_cid(new)
         if old is None:
@@ -238,12 +204,12 @@ class IPFSClient:
         elif self.flavour == "js-ipfs":
             self.pin_add(new, timeout=timeout)
             if parse_cid(old).digest != new.digest:
-                self.pin_rm(old)
+                self.pin_rm(old, timeout=timeout)
         else:
             self._json("pin/update", params={"arg": [str(parse_cid(old)), str(new)], "unpin": "true"},
                        timeout=timeout)
 
-    def repo_gc(self, *, timeout: float | None = 120.0) -> None:
+    def repo_gc(self, *, timeout: TimeoutTypes = 120.0) -> None:
         """Delete every block not pinned (and not in MFS): what a node forgets when nobody pins it."""
         self._request("repo/gc", params={}, timeout=timeout)
 
@@ -277,13 +243,10 @@ class IPFSClient:
                             files={"file": ("block", data, "application/octet-stream")})
         return parse_cid(answer["Key"])
 
-    def block_get(self, cid: str | CID, *, max_size: int = 2 << 20, timeout: float | None = 30.0) -> bytes:
+    def block_get(self, cid: str | CID, *, max_size: int = 2 << 20, timeout: TimeoutTypes = 30.0) -> bytes:
         """Fetch one block's raw bytes, and check they hash to the CID asked for."""
         cid = parse_cid(cid)
-        params = {"arg": str(cid)}
-        if timeout:
-            params["timeout"] = f"{int(timeout * 1000)}ms"
-        data = self._stream("block/get", params=params, max_size=max_size, timeout=timeout,
+        data = self._stream("block/get", params={"arg": str(cid)}, max_size=max_size, timeout=timeout,
                             what=f"block {cid}")
         if cid.hashfun.name == "sha2-256" and multihash.digest(data, "sha2-256") != cid.digest:
             raise DaemonError("block/get", 200, f"bytes returned for {cid} do not hash to it")
@@ -293,35 +256,30 @@ class IPFSClient:
         """Store `node` as dag-cbor. Encoded here, not by the daemon, so both daemons agree byte for byte."""
         return self.block_put(dag_cbor.encode(node), codec="dag-cbor", pin=pin)
 
-    def dag_get(self, path: str, *, timeout: float | None = 30.0) -> Any:
+    def dag_get(self, path: str, *, timeout: TimeoutTypes = 30.0) -> Any:
         """Resolve an IPLD path (`CID/prev/prev/round`) on the daemon and return the value as JSON.
 
         js-ipfs answers 500 for a node that holds links; resolve to a scalar there, or use
         `block_get` and decode locally. js-ipfs also writes a string scalar bare (`init`, not
         `"init"`): an answer that is not JSON is returned as that string.
         """
-        params = {"arg": path}
-        if timeout:
-            params["timeout"] = f"{int(timeout * 1000)}ms"
-        text = self._request("dag/get", params=params, timeout=timeout).text.strip()
+        text = self._request("dag/get", params={"arg": path}, timeout=timeout).text.strip()
         try:
             return json.loads(text)
         except ValueError:
             return text
 
-    def dag_export(self, cid: str | CID, path: str | os.PathLike, *, timeout: float | None = None,
+    def dag_export(self, cid: str | CID, path: str | os.PathLike, *, timeout: TimeoutTypes = DEFAULT,
                    max_size: int | None = None) -> int:
         """Write the whole DAG under `cid` as a CARv1 file (root `cid`) to `path`; returns its size.
 
         Streamed to a temp file beside `path` and renamed at the end, so a failure (a block nobody
-        has, `timeout` seconds in all passed, `max_size` bytes passed) leaves no file behind. Both
+        has, `timeout` passed, `max_size` bytes passed) leaves no file behind. Both
         daemons take `arg` (js-ipfs renames it to `root`).
         """
         cid = parse_cid(cid)
         path = Path(path)
         params = {"arg": str(cid)}
-        if timeout:
-            params["timeout"] = f"{int(timeout * 1000)}ms"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -335,7 +293,7 @@ class IPFSClient:
             tmp.unlink(missing_ok=True)
         return size
 
-    def dag_import(self, path: str | os.PathLike, *, timeout: float | None = None) -> list[CID]:
+    def dag_import(self, path: str | os.PathLike, *, timeout: TimeoutTypes = DEFAULT) -> list[CID]:
         """Load a CAR file's blocks into the daemon and pin its roots recursively; returns the roots.
 
         Kubo and js-ipfs both answer one JSON line per root, `{"Root": {"Cid": {"/": CID},
@@ -396,19 +354,21 @@ class IPFSClient:
         params = {"arg": encode_topic(topic)} if topic is not None else None
         return list(self._json("pubsub/peers", params=params).get("Strings") or [])
 
-    def wait_topic_peers(self, topic: str, count: int = 1, timeout: float = 30.0) -> list[str]:
+    def wait_topic_peers(self, topic: str, count: int = 1, timeout: TimeoutTypes = 30.0) -> list[str]:
         """Wait until at least `count` peers subscribe to `topic` (gossipsub needs a moment to learn)."""
-        deadline = time.monotonic() + timeout
+        limits = resolve(timeout, self.timeout)
+        deadline = _deadline(limits)
         while True:
             peers = self.pubsub_peers(topic)
             if len(peers) >= count:
                 return peers
-            if time.monotonic() > deadline:
-                raise IPFSTimeout(f"only {len(peers)} of {count} peers on topic {topic!r} after {timeout}s")
+            if deadline is not None and time.monotonic() > deadline:
+                raise IPFSTimeout(f"only {len(peers)} of {count} peers on topic {topic!r} after {limits.total:g}s")
             time.sleep(0.05)
 
     def pubsub_subscribe(self, topic: str, **kwargs: Any) -> Subscription:
-        """Subscribe in the background; see `Subscription` for the iterator/callback API."""
+        """Subscribe in the background; see `Subscription` for the iterator/callback API.
+        It connects within this client's connect timeout and then waits for messages without limit."""
         from .pubsub import Subscription
 
         return Subscription(self.api, topic, timeout=self.timeout, **kwargs)
@@ -416,5 +376,46 @@ class IPFSClient:
 
 def _flag(value: bool) -> str:
     return "true" if value else "false"
+
+
+def _with_daemon_timeout(params: dict | None, limits: Timeout) -> dict | None:
+    """`params` plus the daemon's own `timeout` option when the call has a total limit (both daemons
+    take it on every endpoint), so the daemon stops working when we stop waiting."""
+    option = limits.daemon_option()
+    if option is None:
+        return params
+    return {**(params or {}), "timeout": option}
+
+
+def _read_body(response: httpx.Response, *, what: str, max_size: int | None, limits: Timeout,
+               sink: Callable[[bytes], object]) -> None:
+    """Pass the body to `sink` chunk by chunk; TooLarge past `max_size`, IPFSTimeout past `limits.total`."""
+    deadline = _deadline(limits)
+    size = 0
+    for chunk in response.iter_raw(_CHUNK):
+        size += len(chunk)
+        if max_size is not None and size > max_size:
+            raise TooLarge(what, max_size)
+        if deadline is not None and time.monotonic() > deadline:
+            raise IPFSTimeout(f"{what}: not complete after {limits.total:g}s")
+        sink(chunk)
+
+
+def _stream_error(error: Exception, what: str, limits: Timeout) -> Exception:
+    """A daemon's own deadline passing (the `timeout` option we sent) says what was not found in time."""
+    if isinstance(error, IPFSTimeout) and limits.total is not None:
+        return IPFSTimeout(f"{what}: not found within {limits.total:g}s ({error})")
+    return error
+
+
+def _deadline(limits: Timeout) -> float | None:
+    return None if limits.total is None else time.monotonic() + limits.total
+
+
+def _left(limits: Timeout, deadline: float | None) -> Timeout:
+    """`limits` for one more attempt before `deadline`: what is left of the total, at least a millisecond."""
+    if deadline is None:
+        return limits
+    return limits.limited_to(max(deadline - time.monotonic(), 0.001))
 
 
