@@ -2,7 +2,8 @@
 
 * `worker`: `grid_ipfs.worker.main(ARGS)` under pyinstrument; at exit (SIGTERM stops the worker cleanly)
   writes `F.json` (time spent per step, see `profiling.WORKER_STEPS`) and `F.txt` (the call tree).
-* `client`: the client CLI's `main(ARGS)` with `grid_ipfs.client.core.aggregate` and `IPFSClient.cat` timed
+* `client`: the client CLI's `main(ARGS)` with the client's aggregation (`strategies.run` as
+  `grid_ipfs.client.core` calls it) and `IPFSClient.cat` timed
   (thin wrappers: a few bytes of memory, no change to what the client does); writes `F.json`
   `{"aggregate_s": [...], "cat_s": [...]}`, plus a profile like the worker's with `--profile`.
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from grid_ipfs.ipfs.rpc import IPFSClient
 
     timings: dict[str, list[float]] = {"aggregate_s": [], "cat_s": []}
-    real_aggregate, real_cat = core.aggregate, IPFSClient.cat
+    real_aggregate, real_cat = core.run, IPFSClient.cat
 
     def timed_aggregate(*a, **kw):
         t0 = time.perf_counter()
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             timings["cat_s"].append(time.perf_counter() - t0)
 
-    core.aggregate = timed_aggregate
+    core.run = timed_aggregate
     IPFSClient.cat = timed_cat
     try:
         if args.profile:

@@ -98,8 +98,8 @@ def render(r: dict) -> str:
         steps = r[key]
         labels = list(steps)
         whole = steps[labels[0]]
-        leaves = [(v, k) for k, v in steps.items() if k != labels[0] and "_collect" not in k and "close round" not in k
-                  and not k.endswith("once)")]
+        leaves = [(v, k) for k, v in steps.items() if k != labels[0] and "collect updates" not in k
+                  and "close round" not in k and not k.endswith("once)")]
         top = ", ".join(f"{k} {v:.2f} s ({v / whole:.0%})" for v, k in sorted(leaves, reverse=True)[:3] if whole)
         summary.append(f"- {who}: a round takes {whole:.2f} s on its side; most of it: {top}.")
     parts = [

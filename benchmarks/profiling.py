@@ -10,18 +10,18 @@ the others are counted inside it only, except those whose label ends in "once)" 
 
 CLIENT_STEPS: list[Step] = [
     ("round (Client._run_round)", "_run_round", "grid_ipfs/client/core.py"),
-    ("collect updates (Client._collect)", "_collect", "grid_ipfs/client/core.py"),
-    ("waiting for messages (Client._drain)", "_drain", "grid_ipfs/client/core.py"),
+    ("collect updates (collect.collect)", "collect", "grid_ipfs/client/collect.py"),
+    ("waiting for messages (Inbox.drain)", "drain", "grid_ipfs/client/inbox.py"),
     ("fetch updates (IPFSClient.cat)", "cat", "grid_ipfs/ipfs/rpc.py"),
     ("parse + check weights (weights_from_bytes)", "weights_from_bytes", "grid_ipfs/payloads.py"),
-    ("outlier screening (Client._screen_outliers)", "_screen_outliers", "grid_ipfs/client/core.py"),
+    ("outlier screening (collect.screen_outliers)", "screen_outliers", "grid_ipfs/client/collect.py"),
     ("close round (Client._close_round)", "_close_round", "grid_ipfs/client/core.py"),
-    ("aggregate", "aggregate", "grid_ipfs/aggregate.py"),
+    ("aggregate (strategies.run)", "run", "grid_ipfs/strategies/base.py"),
     ("serialise weights (weights_to_bytes)", "weights_to_bytes", "grid_ipfs/payloads.py"),
     ("add weights (IPFSClient.add)", "add", "grid_ipfs/ipfs/rpc.py"),
     ("chain append (ChainLog.append)", "append", "grid_ipfs/chain/log.py"),
-    ("evaluate global model (Client._evaluate)", "_evaluate", "grid_ipfs/client/core.py"),
-    ("publish (Client._publish)", "_publish", "grid_ipfs/client/core.py"),
+    ("evaluate global model (blocks.evaluate)", "evaluate", "grid_ipfs/client/blocks.py"),
+    ("publish (Client.publish)", "publish", "grid_ipfs/client/core.py"),
 ]
 
 WORKER_STEPS: list[Step] = [

@@ -119,7 +119,7 @@ def render(rows: list[dict]) -> str:
             f"TensorFlow's start-up already sets near 0.7 GB, so a few updates hide under it; from "
             f"{first['workers']} to {last['workers']} workers it grows by {growth:.0f} MB ({per_worker:.1f} MB per "
             f"extra worker for {first['weights_mb']:.1f} MB updates). The last column is what the client holds "
-            f"by design: `Client._collect` keeps every fetched update of the round in `collected` until "
+            f"by design: `client.collect.collect` keeps every fetched update of the round in `collected` until "
             f"`_close_round` aggregates them (no streaming into `aggregate.RunningFedAvg`), so memory grows "
             f"with workers x model size.")
 

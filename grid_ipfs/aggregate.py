@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .limits import MAX_NUM_EXAMPLES
+from .limits import MAX_NUM_EXAMPLES, check_number
 
 Weights = list[np.ndarray]
 """A model's weights as `model.get_weights()` returns them."""
@@ -229,10 +229,8 @@ def dp_fedavg(results: Results, *, reference: Weights, clip: float, noise_multip
     `noise_multiplier=0` this is plain clipped federated averaging.
     """
     _check_nonempty(results)
-    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-        raise ValueError(f"dp-fedavg: clip must be a finite number > 0, got {clip!r}")
-    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ValueError(f"dp-fedavg: noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    check_number(clip, "dp-fedavg: clip", low_open=True)
+    check_number(noise_multiplier, "dp-fedavg: noise_multiplier")
     for name, value in (("seed", seed), ("round", round), ("seq", seq)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"dp-fedavg: {name} must be an integer >= 0, got {value!r}")
@@ -298,10 +296,8 @@ def secure_dp_fedavg(results: Results, *, reference: Weights, clip: float, noise
     nobody (the owner included) sees a single update, its clipping or its noise. `num_examples` is
     ignored (equal weights, as in dp-fedavg). Integer sums: recomputed bit for bit.
     """
-    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-        raise ValueError(f"secure-dp-fedavg: clip must be a finite number > 0, got {clip!r}")
-    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ValueError(f"secure-dp-fedavg: noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    check_number(clip, "secure-dp-fedavg: clip", low_open=True)
+    check_number(noise_multiplier, "secure-dp-fedavg: noise_multiplier")
     if reference is None:
         raise ValueError("secure-dp-fedavg needs the previous global weights (reference=)")
     mean = secure_fedavg([(weights, 1) for weights, _ in results], scale_bits, dtype=np.float64)

@@ -12,6 +12,7 @@ Python objects about to be serialised.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -67,4 +68,34 @@ def object_depth_over(obj: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-__all__ = ["MAX_COUNT", "MAX_JSON_DEPTH", "MAX_NUM_EXAMPLES", "json_depth", "json_too_deep", "object_depth_over"]
+def number_problem(value: object, low: float = 0.0, high: float = math.inf, *, low_open: bool = False,
+                   high_open: bool = False) -> str | None:
+    """The one check of a number from a peer, a config or a user: None if `value` is a finite real
+    number (a bool is not one) within [low, high] (either end open on request), else why, as
+    "must be a finite number >= 0" or "must be a finite number in (0, 1]"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return "must be a number"
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond any float
+        v = math.inf
+    ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if ok:
+        return None
+    if high == math.inf:
+        return f"must be a finite number {'>' if low_open else '>='} {low:g}"
+    return f"must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_number(value: object, name: str, low: float = 0.0, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """`value` as a float, or ValueError "NAME must be a finite number ..., got VALUE" (see `number_problem`)."""
+    problem = number_problem(value, low, high, low_open=low_open, high_open=high_open)
+    if problem is not None:
+        shown = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else "a huge integer"
+        raise ValueError(f"{name} {problem}, got {shown[:40]}")
+    return float(value)
+
+
+__all__ = ["MAX_COUNT", "MAX_JSON_DEPTH", "MAX_NUM_EXAMPLES", "check_number", "json_depth", "json_too_deep",
+           "number_problem", "object_depth_over"]

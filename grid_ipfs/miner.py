@@ -35,7 +35,7 @@ from .ipfs import IPFSError
 from .ipfs.cids import cid_str
 from .ipfs.pubsub import PubsubMessage
 from .ipfs.rpc import IPFSClient
-from .payloads import MAX_WEIGHTS_BYTES, PayloadError
+from .payloads import PayloadError
 from .peer import Peer, connect
 from .runtime import quiet_tensorflow
 from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args
@@ -231,10 +231,9 @@ class Miner(Peer):
         return block
 
     def _weights(self, cid: str, like: list) -> list:
-        from .payloads import weights_from_bytes
+        from .payloads import fetch_weights
 
-        return weights_from_bytes(self.client.cat(cid, max_size=MAX_WEIGHTS_BYTES), source=f"weights {cid}",
-                                  like=like)
+        return fetch_weights(self.client, cid, like=like)
 
     def _evaluate(self, followed: _Followed, weights: list) -> dict:
         from .training import evaluate

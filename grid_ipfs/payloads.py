@@ -225,6 +225,16 @@ def _canonical_header(data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data[8 + header_len:]
 
 
+def fetch_weights(store, cid, *, like: list[np.ndarray] | None = None, source: str | None = None,
+                  **timeout) -> list[np.ndarray]:
+    """The weights file `cid` from `store` (an `IPFSClient`, or anything with its `cat`), fetched with
+    the weights size limit and parsed by `weights_from_bytes` (checked against `like`). The one way a
+    role reads weights by CID; pass `timeout=` to bound the fetch (default: the store's own)."""
+    shown = str(cid)
+    data = store.cat(cid, max_size=MAX_WEIGHTS_BYTES, **timeout)
+    return weights_from_bytes(data, source=source or f"weights {shown}", like=like)
+
+
 def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int = MAX_WEIGHTS_BYTES,
                        like: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Parse safetensors bytes written by `weights_to_bytes` into a list of writable arrays.

@@ -47,6 +47,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from .limits import check_number
+
 __all__ = ["DEFAULT_DELTA", "Budget", "Release", "chain_epsilon", "compose_epsilon", "epsilon", "gaussian_epsilon"]
 
 
@@ -74,9 +76,7 @@ def _check_delta(delta: float) -> None:
 
 
 def _check_noise(z) -> float:
-    if isinstance(z, bool) or not isinstance(z, (int, float)) or not (math.isfinite(z) and z >= 0):
-        raise ValueError(f"noise multiplier must be a finite number >= 0, got {z!r}")
-    return float(z)
+    return check_number(z, "noise multiplier")
 
 
 def gaussian_epsilon(noise_multiplier: float, delta: float = DEFAULT_DELTA) -> float:

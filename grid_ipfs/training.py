@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 from .kerasstate import keras_state_guard
+from .limits import check_number
 
 log = logging.getLogger("grid_ipfs.training")
 
@@ -64,9 +65,7 @@ def fit(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.ndarra
         raise ValueError("fit: no training examples")
     if epochs < 1:
         raise ValueError(f"fit: epochs must be >= 1, got {epochs}")
-    if isinstance(proximal_mu, bool) or not isinstance(proximal_mu, (int, float)) or not (
-            math.isfinite(proximal_mu) and proximal_mu >= 0):
-        raise ValueError(f"fit: proximal_mu must be a finite number >= 0, got {proximal_mu!r}")
+    check_number(proximal_mu, "fit: proximal_mu")
     with _guarded("training"):
         if weights is not None:
             model.set_weights(weights)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -34,7 +33,8 @@ from .identity import Identity, IdentityError, default_key_path
 from .ipfs import IPFSError
 from .ipfs.pubsub import PubsubMessage
 from .ipfs.rpc import IPFSClient
-from .payloads import MAX_WEIGHTS_BYTES, PayloadError
+from .limits import check_number
+from .payloads import PayloadError, fetch_weights
 from .peer import Peer, connect
 from .runtime import quiet_tensorflow
 from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args
@@ -149,7 +149,7 @@ class Worker(Peer):
         log.info("joined job %s (model %s, %s)", job.job, job.model, job.config)
 
     def train_round(self, round_: messages.Round) -> None:
-        from .payloads import weights_from_bytes, weights_to_bytes
+        from .payloads import weights_to_bytes
         from .training import evaluate
 
         joined = self.jobs[round_.job]
@@ -180,9 +180,7 @@ class Worker(Peer):
                 return
         started = time.monotonic()
         model = joined.model
-        global_weights = weights_from_bytes(
-            self.client.cat(round_.weights, max_size=MAX_WEIGHTS_BYTES),
-            source=f"weights {round_.weights}", like=model.get_weights())
+        global_weights = fetch_weights(self.client, round_.weights, like=model.get_weights())
         if not len(self.x_val):
             eval_metrics = {}
         elif isinstance(model, IsolatedModel):
@@ -344,10 +342,7 @@ def _close_model(model: object) -> None:
 
 def proximal_mu(config: dict) -> float:
     """The job config's `proximal_mu` (FedProx; absent means 0); ValueError unless a finite number >= 0."""
-    value = config.get("proximal_mu", 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"config.proximal_mu: expected a finite number >= 0, got {value!r}")
-    return float(value)
+    return check_number(config.get("proximal_mu", 0.0), "config.proximal_mu")
 
 
 def secure_dp(config: dict) -> tuple[float, float] | None:
@@ -356,11 +351,8 @@ def secure_dp(config: dict) -> tuple[float, float] | None:
     if "dp_clip" not in config and "dp_noise" not in config:
         return None
     clip, noise = config.get("dp_clip"), config.get("dp_noise")
-    for name, value, low in (("dp_clip", clip, 0.0), ("dp_noise", noise, 0.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value < low or (name == "dp_clip" and value == 0):
-            raise ValueError(f"config.{name}: expected a finite number {'> 0' if name == 'dp_clip' else '>= 0'}, "
-                             f"got {value!r}")
+    check_number(clip, "config.dp_clip", low_open=True)
+    check_number(noise, "config.dp_noise")
     if config.get("secure_aggregation") is not True:
         raise ValueError("config.dp_clip/dp_noise: worker-side noise comes with secure_aggregation")
     return float(clip), float(noise)

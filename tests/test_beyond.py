@@ -393,7 +393,7 @@ def test_an_impossible_acceptance_rule_fails_the_job_plainly_after_bounded_retri
     proc = run_cli("grid_ipfs.client", "submit", "--api", grid.local.apis[0],
                    "--model", str(grid.root / "digits.keras"), "--rounds", "2", "--min-workers", str(HONEST),
                    "--eval-data", str(grid.root / "test.npz"),
-                   "--accept", "val_accuracy>=1.01", "--max-retries", "1", "--round-timeout", "60",
+                   "--accept", "val_accuracy>=1.01", "--accept-retries", "1", "--round-timeout", "60",
                    "--allow-workers", str(grid.root / "honest.txt"), "--key", str(grid.owner_key),
                    "--head-dir", str(heads), "--job", "accept-impossible", "--json")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

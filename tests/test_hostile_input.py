@@ -18,8 +18,11 @@ from rich.console import Console
 
 from grid_ipfs import messages
 from grid_ipfs.aggregate import RunningFedAvg, fedavg
-from grid_ipfs.client import JobSpec
-from grid_ipfs.client.core import Client
+from grid_ipfs.client import JobResult, JobSpec
+from grid_ipfs.client.collect import inflated
+from grid_ipfs.client.inbox import Inbox
+from grid_ipfs.client.job import CallbackList
+from grid_ipfs.client.state import Accepted, JobRun
 from grid_ipfs.identity import Identity, b64url_encode
 from grid_ipfs.ipfs.pubsub import PubsubMessage
 from grid_ipfs.limits import MAX_COUNT, MAX_JSON_DEPTH, MAX_NUM_EXAMPLES, json_depth
@@ -149,13 +152,13 @@ def test_aggregation_never_sees_an_overflow_from_a_peer_number():
     ("secure-fedavg", {"scale_bits": 2000}, "scale_bits must be an integer in 0..63, got 2000"),
     ("secure-fedavg", {"scale_bits": 2 ** 63 - 1}, "scale_bits must be an integer in 0..63"),
     ("secure-dp-fedavg", {"clip": 1.0, "noise_multiplier": 0.0, "scale_bits": -1}, "scale_bits must be"),
-    ("trimmed-mean", {"trim": 5.0}, r"trim must be in \[0, 0.5\), got 5.0"),
+    ("trimmed-mean", {"trim": 5.0}, r"trim must be a finite number in \[0, 0.5\), got 5.0"),
     ("trimmed-mean", {"trim": True}, "trim must be a number"),
     ("krum", {"byzantine": -1}, "byzantine must be an integer in 0..1000000, got -1"),
     ("krum", {"byzantine": 10 ** 400}, "byzantine must be an integer in 0..1000000, got a huge integer"),
     ("multi-krum", {"multi": 0}, "multi must be an integer in 1..1000000"),
-    ("dp-fedavg", {"clip": float("inf"), "noise_multiplier": 1.0}, r"clip must be in \(0, 1e\+06\]"),
-    ("dp-fedavg", {"clip": 1.0, "noise_multiplier": -1.0}, "noise_multiplier must be in"),
+    ("dp-fedavg", {"clip": float("inf"), "noise_multiplier": 1.0}, r"clip must be a finite number in \(0, 1e\+06\]"),
+    ("dp-fedavg", {"clip": 1.0, "noise_multiplier": -1.0}, "noise_multiplier must be a finite number in"),
     ("dp-fedavg", {"clip": 1.0, "noise_multiplier": 1.0, "seed": -5}, "seed must be an integer"),
     ("fedavg", {"trim": 0.1}, "fedavg: unexpected param 'trim'"),
     ("nope", {}, "unknown aggregation 'nope'"),
@@ -163,11 +166,9 @@ def test_aggregation_never_sees_an_overflow_from_a_peer_number():
 def test_aggregation_params_are_range_checked_in_one_place(name, params, reason):
     with pytest.raises(ValueError, match=reason):
         check_params(name, params)
-    started = time.monotonic()
-    with pytest.raises(ValueError, match=reason):  # aggregate itself checks first: no traceback, no CPU
+    with pytest.raises(ValueError, match=reason):  # building the strategy checks first: nothing is computed
         aggregate(name, [([np.zeros(2, np.uint64 if "secure" in name else np.float32)], 1)],
                   reference=[np.zeros(2, np.float32)], **params)
-    assert time.monotonic() - started < 1.0
 
 
 def test_sensible_params_pass():
@@ -178,31 +179,32 @@ def test_sensible_params_pass():
         check_params(name, params)
 
 
-def _client_job(max_examples=None, workers=None):
+def _client_job(max_examples=None, workers=None) -> JobRun:
+    """A job as the client runs it, without a daemon (no chain, no model): what its inbox checks need."""
     spec = JobSpec(model_path=None, rounds=1, max_examples=max_examples)
     message = messages.Job(job="j", model=CID, owner=OWNER.id, config={"epochs": 1, "batch_size": 8, "rounds": 1})
-    return SimpleNamespace(spec=spec, message=message, workers=dict(workers or {}))
+    return JobRun(message, spec, None, None, None, spec.strategy, Accepted(CID, 0, [], CID, {}),
+                  JobResult("j", CID, CID, CID), workers=dict(workers or {}))
 
 
 def test_an_update_cannot_claim_more_examples_than_its_join():
     job = _client_job(workers={WORKER.id: messages.Join(job="j", name="w", num_examples=100)})
     update = messages.Update(job="j", round=1, weights=CID, num_examples=10 ** 15, metrics={}, eval_metrics={})
-    reason = Client._check_claim(job, update, WORKER.id)
+    reason = inflated(job, update, WORKER.id)
     assert reason == "inflated: num_examples 1000000000000000 is more than the 100 claimed at join"
     honest = messages.Update(job="j", round=1, weights=CID, num_examples=100, metrics={}, eval_metrics={})
-    assert Client._check_claim(job, honest, WORKER.id) is None
+    assert inflated(job, honest, WORKER.id) is None
 
 
 def test_the_owners_ceiling_refuses_big_joins_and_big_updates(caplog):
-    client = Client(None, OWNER)
     job = _client_job(max_examples=1000)
     with caplog.at_level(logging.INFO, logger="grid_ipfs.client"):
-        client._joined(job, messages.Join(job="j", name="sybil", num_examples=10 ** 15), WORKER.id, None)
-    assert job.workers == {} and client.dropped == {"too many examples": 1}
+        Inbox(job, OWNER.id)._joined(messages.Join(job="j", name="sybil", num_examples=10 ** 15), WORKER.id, None)
+    assert job.workers == {} and job.dropped == {"too many examples": 1}
     assert "claims 1000000000000000 examples, over the job's max_examples 1000" in caplog.text
     job.workers[WORKER.id] = messages.Join(job="j", name="w", num_examples=10 ** 15)  # joined before a resume
     update = messages.Update(job="j", round=1, weights=CID, num_examples=5000, metrics={}, eval_metrics={})
-    assert Client._check_claim(job, update, WORKER.id) == "inflated: num_examples 5000 is over the job's " \
+    assert inflated(job, update, WORKER.id) == "inflated: num_examples 5000 is over the job's " \
                                                           "max_examples 1000"
     assert JobSpec(model_path=None, rounds=1, max_examples=1000).config()["max_examples"] == 1000
     assert "max_examples" not in JobSpec(model_path=None, rounds=1).config()
@@ -324,7 +326,7 @@ def test_logs_carry_no_control_characters_from_peers(caplog):
     with caplog.at_level(logging.INFO):
         assert peer.decode(raw) is None
         LogProgress().on_worker_joined(WORKER.id, "w\n12:00:00 grid_ipfs.client INFO forged", 1, 1)
-        Client(None, OWNER)._drop("malformed", "detail \x1b[31m with\nnewline")
+        Inbox(_client_job(), OWNER.id).drop("malformed", "detail \x1b[31m with\nnewline")
     assert peer.dropped == 1 and len(caplog.records) == 3
     for record in caplog.records:
         message = record.getMessage()
@@ -390,13 +392,13 @@ def test_the_clients_drain_survives_a_message_whose_handling_raises():
             if name == "boom":
                 raise RuntimeError("callback bug")
 
-    client = Client(None, OWNER, callbacks=[Raising()])
     job = _client_job()
+    inbox = Inbox(job, OWNER.id, callbacks=CallbackList([Raising()]))
     round_ = messages.Round(job="j", round=1, weights=CID, deadline=time.time() + 60, selected=None)
     update = messages.Update(job="j", round=1, weights=CID, num_examples=3, metrics={}, eval_metrics={})
     signed = messages.encode(update, WORKER)
     for data in (b"[" * 60_000, messages.encode(messages.Join(job="j", name="boom", num_examples=3), WORKER), signed):
-        client.inbox.put(_raw(data))
-    updates = client._drain(job, 5.0, round_=round_)
+        inbox.put(_raw(data))
+    updates = inbox.drain(5.0, round_=round_)
     assert updates == [(update, WORKER.id, signed)]  # with its bytes as published: the block links them
-    assert client.dropped == {"malformed": 1, "failed": 1}
+    assert job.dropped == {"malformed": 1, "failed": 1}

@@ -94,3 +94,14 @@ def test_importing_the_light_modules_changes_no_variable_and_loads_no_tensorflow
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [{}, False]
+
+
+
+def test_the_benchmark_probe_wraps_a_name_the_client_calls():
+    """benchmarks/probe.py times the client's aggregation by replacing `grid_ipfs.client.core.run`
+    (the profiled steps' names are checked in tests/test_benchmarks.py)."""
+    import inspect
+
+    from grid_ipfs.client import core
+
+    assert callable(core.run) and "run(job.strategy" in inspect.getsource(core.Client._aggregate)

@@ -19,7 +19,7 @@ from grid_ipfs import messages
 from grid_ipfs.chain import ChainError, ChainLog, read_head, verify_chain, walk
 from grid_ipfs.identity import Identity
 from grid_ipfs.ipfs.cids import cid_str
-from grid_ipfs.payloads import weights_to_bytes
+from grid_ipfs.payloads import weights_from_bytes, weights_to_bytes
 
 from .test_chain_format import OWNER, WORKERS, DirStore, genesis_fields, get_block, round_fields
 
@@ -75,7 +75,9 @@ def test_the_client_fails_the_job_naming_the_writer_that_moved_the_head(clients,
     appended to the job's head file; the job fails in one line naming that writer, and the chain keeps
     the other writer's block alone."""
     from grid_ipfs.client import Client, JobFailed, JobResult, JobSpec
-    from grid_ipfs.client.core import _Collected, _Job
+    from grid_ipfs.client.collect import Collected
+    from grid_ipfs.client.inbox import Inbox
+    from grid_ipfs.client.state import Accepted, JobRun
 
     ipfs, rng = clients[0], np.random.default_rng(4)
     head_file = tmp_path / "race.head"
@@ -89,18 +91,21 @@ def test_the_client_fails_the_job_naming_the_writer_that_moved_the_head(clients,
         update = messages.Update(job=job_id, round=1, weights=cid_str(ipfs.add(weights_to_bytes(weights))),
                                  num_examples=10, metrics={"loss": 0.5}, eval_metrics={}, attempt=1,
                                  head=cid_str(genesis_cid), base=cid_str(genesis["weights"]))
-        collected[worker.id] = _Collected(worker.id, update, weights, messages.encode(update, worker))
+        collected[worker.id] = Collected(worker.id, update, weights, messages.encode(update, worker))
     spec = JobSpec(model_path=None, rounds=1, job_id=job_id)
-    job = _Job(messages.Job(job=job_id, model=cid_str(genesis["model"]), owner=OWNER.id,
-                            config={"epochs": 1, "batch_size": 32, "rounds": 1}),
-               spec, chain, None, [], JobResult(job_id, cid_str(genesis["model"]), cid_str(genesis_cid),
-                                                cid_str(genesis["weights"])), None, extends=cid_str(genesis_cid))
+    accepted = Accepted(cid_str(genesis_cid), 0, weights_from_bytes(ipfs.cat(genesis["weights"])),
+                        cid_str(genesis["weights"]), {})
+    job = JobRun(messages.Job(job=job_id, model=cid_str(genesis["model"]), owner=OWNER.id,
+                              config={"epochs": 1, "batch_size": 32, "rounds": 1}),
+                 spec, chain, None, None, spec.strategy, accepted,
+                 JobResult(job_id, cid_str(genesis["model"]), cid_str(genesis_cid), cid_str(genesis["weights"])),
+                 extends=cid_str(genesis_cid))
     other, other_log = Identity.generate(), ChainLog(ipfs, head_file)  # e.g. a second `client resume`
     moved = other_log.append(round_fields(ipfs, rng, genesis, 1, other_log), other, extends=genesis_cid)
 
     client = Client(ipfs, OWNER, head_dir=tmp_path)
     with pytest.raises(JobFailed) as failed:
-        client._close_round(job, 1, collected, {}, 1, time.monotonic(), 0)
+        client._close_round(Inbox(job, OWNER.id), 1, collected, {}, 1, time.monotonic(), 0)
     assert str(failed.value) == (
         f"round 1 of job {job_id}: the chain moved: the block was to extend {cid_str(genesis_cid)}, but head "
         f"file {head_file} names {cid_str(moved)} (seq 1), appended by {other.id}; its workers signed their "

@@ -25,6 +25,7 @@ from grid_ipfs.strategies import (
 )
 from grid_ipfs.strategies import base as strategies_base
 
+from .cli import run_cli
 from .test_chain_format import OWNER, WORKERS, MemoryStore, genesis_fields, signed_update
 
 
@@ -65,9 +66,9 @@ def test_what_each_rule_declares_is_what_the_roles_ask():
 
 
 @pytest.mark.parametrize("name, params, message", [
-    ("fedadam", {"eta": 0}, "fedadam: eta must be in (0, 1e+06]"),
-    ("fedadam", {"tau": -1e-9}, "fedadam: tau must be in (0, 1e+06]"),
-    ("fedyogi", {"beta_2": 1.0}, "fedyogi: beta_2 must be in [0, 1)"),
+    ("fedadam", {"eta": 0}, "fedadam: eta must be a finite number in (0, 1e+06]"),
+    ("fedadam", {"tau": -1e-9}, "fedadam: tau must be a finite number in (0, 1e+06]"),
+    ("fedyogi", {"beta_2": 1.0}, "fedyogi: beta_2 must be a finite number in [0, 1)"),
     ("fedavgm", {"server_momentum": True}, "fedavgm: server_momentum must be a number"),
     ("fedadagrad", {"beta_1": 0.9}, "fedadagrad: unexpected param 'beta_1' (takes eta, tau)"),
     ("bulyan", {"byzantine": -1}, "bulyan: byzantine must be an integer in 0..1000000"),
@@ -167,7 +168,7 @@ def test_a_new_strategy_is_one_class(monkeypatch):
     out = run(strategies_base.make("ScaledMean", {"factor": 2.0}), [([np.ones(2)], 1), ([np.zeros(2)], 5)],
               RoundContext())
     assert out.weights[0].tolist() == [1.0, 1.0]
-    with pytest.raises(StrategyError, match="scaled-mean: factor must be in"):
+    with pytest.raises(StrategyError, match="scaled-mean: factor must be a finite number in"):
         strategies_base.make("scaled-mean", {"factor": 11})
     with pytest.raises(StrategyError, match="already names"):
         register(type("Clash", (Strategy,), {"name": "other", "aliases": ("scaledmean",)}))
@@ -238,3 +239,13 @@ def test_an_owner_who_fakes_the_server_state_is_named_by_verify(cheat, why):
     report = verify_chain(store, head)
     assert not report.ok, why
     assert "weights differ from fedadam" in report.reason, report.reason
+
+
+@pytest.mark.parametrize("rule", ["dp-fedavg", "secure-fedavg", "secure-dp-fedavg", "fedadam"])
+def test_a_miner_cannot_choose_a_rule_that_is_the_owner_s_alone(rule, tmp_path):
+    """The old table refused dp-fedavg and secure-fedavg but let secure-dp-fedavg through; now the
+    strategy says (`minable`), before the daemon is touched."""
+    proc = run_cli("grid_ipfs.miner", "--api", "/ip4/127.0.0.1/tcp/9", "--eval-data", str(tmp_path / "v.npz"),
+                   "--aggregation", rule, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{rule} is the owner's choice" in proc.stderr.splitlines()[-1]

@@ -100,12 +100,10 @@ def load_genesis_model(store: BlockStore, genesis: dict, *, timeout: float = 120
 def load_global_model(store: BlockStore, genesis: dict, block: dict, *, timeout: float = 120.0) -> tuple:
     """(model, weights): the genesis `.keras` model (Keras safe mode) and `block`'s global weights,
     checked against the model's shapes and dtypes. The weights are returned, not set on the model."""
-    from ..payloads import MAX_WEIGHTS_BYTES, weights_from_bytes
+    from ..payloads import fetch_weights
 
-    weights_cid = cid_str(block["weights"])
     model = load_genesis_model(store, genesis, timeout=timeout)
-    weights = weights_from_bytes(store.cat(weights_cid, max_size=MAX_WEIGHTS_BYTES, timeout=timeout),
-                                 source=f"weights {weights_cid}", like=model.get_weights())
+    weights = fetch_weights(store, cid_str(block["weights"]), like=model.get_weights(), timeout=timeout)
     return model, weights
 
 

@@ -11,16 +11,21 @@ Beyond plain FedAvg a job can ask for a robust rule (`median`, `krum`, ...), DP-
 clipped deltas from the previous global weights plus seeded Gaussian noise), FedProx on the workers
 (`proximal_mu` in the job config) and an acceptance rule (`accept`, e.g. `val_accuracy>=0.6`): a round
 whose aggregate fails the rule is appended as a block marked `accepted: 0.0` (so the chain shows what
-was turned down and why) and tried again, up to `max_retries` times, before the job fails. With
+was turned down and why) and tried again, up to `accept_retries` times, before the job fails. With
 `miners` (competing aggregators, `python -m grid_ipfs.miner`), each round's aggregate is a candidate
 that rivals may beat: the best one that clears the rule on the client's data wins (`grid_ipfs.contest`).
 
-Round orchestration lives here; the arithmetic lives in `grid_ipfs.aggregate`, the block format in
-`grid_ipfs.chain`. Progress goes to `ClientCallback` hooks (Keras style): the CLI plugs in a rich
-display, tests and notebooks plug in their own.
+Round orchestration lives here; what a rule computes lives in `grid_ipfs.strategies`, the block
+format in `grid_ipfs.chain`. Progress goes to `ClientCallback` hooks (Keras style): the CLI plugs in
+a rich display, tests and notebooks plug in their own.
 
 - `job.py`: what the caller hands in and gets back (`JobSpec`, `JobResult`, `JobFailed`, the hooks);
-- `core.py`: `Client`, the rounds themselves;
+- `core.py`: `Client`, the event loop of the rounds;
+- `state.py`: a running job (`JobRun`) and its newest accepted block (`Accepted`);
+- `inbox.py`: the job topic drained (joins, proposals, endorsements, drops);
+- `collect.py`: which updates count, fetching them, outlier screening;
+- `blocks.py`: a round's block fields, the callbacks' `ext`, the metrics;
+- `pofl.py`: the owner's side of the miners' contest;
 - `__main__.py`: the command line (`submit`, `resume`, `verify`).
 """
 

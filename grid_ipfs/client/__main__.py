@@ -36,8 +36,9 @@ def _job_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
     p.add_argument("--round-timeout", type=float, default=default(120.0), help="seconds a round waits for updates")
     p.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for --min-workers to join")
     p.add_argument("--max-retries", type=int, default=default(2),
-                   help="times a round short of --min-workers updates is announced again, and times a round "
-                        "whose aggregate fails --accept is tried again (default 2)")
+                   help="times a round short of --min-workers updates is announced again (default 2)")
+    p.add_argument("--accept-retries", type=int, default=default(2),
+                   help="times a round whose aggregate fails --accept is tried again with fresh updates (default 2)")
     p.add_argument("--eval-data", type=Path, help=".npz (x, y) the client evaluates each global model on")
     p.add_argument("--topic", default=messages.JOBS_TOPIC, help=f"jobs topic (default {messages.JOBS_TOPIC})")
     p.add_argument("--key", help="Ed25519 key file (default ~/.grid_ipfs/client.key)")
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = JobSpec(model_path=args.model, rounds=args.rounds, min_workers=args.min_workers,
                            fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size,
                            round_timeout=args.round_timeout, join_timeout=args.join_timeout,
-                           max_retries=args.max_retries, max_norm_ratio=args.max_norm_ratio,
+                           max_retries=args.max_retries, accept_retries=args.accept_retries,
+                           max_norm_ratio=args.max_norm_ratio,
                            eval_data=args.eval_data, job_id=args.job_id, aggregation=aggregation,
                            aggregation_params=params, seed=args.seed, proximal_mu=args.proximal_mu,
                            accept=args.accept, miners=args.miners, proposal_timeout=args.proposal_timeout,
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = client.resume(head=args.head, job_id=args.job_id, eval_data=args.eval_data,
                                    min_workers=args.min_workers, round_timeout=args.round_timeout,
-                                   join_timeout=args.join_timeout, max_retries=args.max_retries)
+                                   join_timeout=args.join_timeout, max_retries=args.max_retries,
+                                   accept_retries=args.accept_retries)
     except (JobFailed, IPFSError, IdentityError, ChainError, PayloadError, OSError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import messages
-from ..aggregate import parse_accept
+from ..aggregate import AcceptRule, parse_accept
 from ..errors import GridError
-from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES
-from ..strategies import STRATEGIES, Strategy, StrategyError, make, strategy_class
+from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES, number_problem
+from ..secagg import masked_like
+from ..strategies import STRATEGIES, RoundContext, Strategy, StrategyError, make, run, strategy_class
 
 SECURE_RULES = tuple(name for name, cls in STRATEGIES.items() if not cls.readable_updates)
 """The registered rules over masked updates (`grid_ipfs.secagg`), as the strategies declare them."""
@@ -43,13 +44,8 @@ def _integer_problem(value: object, low: int, high: int) -> str | None:
 
 def _number_problem(value: object, *, positive: bool, at_most: float = math.inf) -> str | None:
     """None if `value` is a finite real number > 0 (`positive`) or >= 0, and <= `at_most`."""
-    try:
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-              and (value > 0 if positive else value >= 0) and value <= at_most)
-    except OverflowError:  # an int beyond any float
-        ok = False
-    bound = f"in (0, {at_most:g}]" if at_most != math.inf else "> 0" if positive else ">= 0"
-    return None if ok else f"must be a finite number {bound}, got {_shown(value)}"
+    problem = number_problem(value, 0.0, at_most, low_open=positive)
+    return None if problem is None else f"{problem}, got {_shown(value)}"
 
 
 @dataclass
@@ -66,6 +62,7 @@ class JobSpec:
     round_timeout: float = 120.0
     join_timeout: float = 120.0
     max_retries: int = 2
+    """Times an attempt short of `min_workers` updates is announced again before the job fails."""
     max_norm_ratio: float = 10.0
     eval_data: Path | None = None
     job_id: str | None = None
@@ -76,6 +73,8 @@ class JobSpec:
     """FedProx: workers add mu/2 * ||w - w_global||^2 to their loss (0: plain local training)."""
     accept: str | None = None
     """Acceptance rule for each round's aggregate (`aggregate.parse_accept`), or None: keep every round."""
+    accept_retries: int = 2
+    """Times a round whose aggregate fails `accept` is tried again (fresh updates) before the job fails."""
     miners: int = 0
     """Rival proposals to wait for each round (proof of federated learning, `grid_ipfs.contest`); 0: none."""
     proposal_timeout: float = 60.0
@@ -90,8 +89,8 @@ class JobSpec:
     robust rules."""
 
     _RECORDED = ("rounds", "min_workers", "fraction", "epochs", "batch_size", "round_timeout", "max_retries",
-                 "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept", "miners",
-                 "proposal_timeout", "secure_aggregation", "max_examples")
+                 "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept",
+                 "accept_retries", "miners", "proposal_timeout", "secure_aggregation", "max_examples")
 
     def __post_init__(self) -> None:
         """Paths given as strings become `Path`s, and a spec that describes no job fails here, in one line
@@ -109,7 +108,8 @@ class JobSpec:
             raise InvalidJobSpec(f"job spec: {problem}")
 
     def _problem(self) -> str | None:
-        counts = {"rounds": 1, "min_workers": 1, "epochs": 1, "batch_size": 1, "max_retries": 0, "miners": 0}
+        counts = {"rounds": 1, "min_workers": 1, "epochs": 1, "batch_size": 1, "max_retries": 0, "accept_retries": 0,
+                  "miners": 0}
         for name, low in counts.items():  # the bounds messages.decode holds a job's config to
             problem = _integer_problem(getattr(self, name), low, MAX_COUNT)
             if problem:
@@ -154,6 +154,24 @@ class JobSpec:
         except StrategyError as exc:  # params edited after construction
             raise InvalidJobSpec(f"job spec: {exc}") from None
 
+    def preflight(self, weights: list, has_eval_data: bool) -> AcceptRule | None:
+        """Fail before anything is published: the rule must work on the model's real weights (it is tried
+        on them), and rules about the client's evaluation need its eval data. The parsed acceptance rule."""
+        strategy = self.strategy
+        trial = weights if strategy.readable_updates else masked_like(weights)
+        try:
+            run(strategy, [(trial, 1)] * max(1, self.min_workers), RoundContext(weights, 1, 1))
+        except (ValueError, TypeError) as exc:
+            raise JobFailed(f"aggregation {self.aggregation} with {self.aggregation_params}: {exc}") from None
+        if self.miners and not has_eval_data:
+            raise JobFailed("with miners the client evaluates every rival aggregate itself: pass --eval-data")
+        if self.accept is None:
+            return None
+        rule = parse_accept(self.accept)  # checked at construction
+        if rule.metric.startswith("val_") and not has_eval_data:
+            raise JobFailed(f"acceptance rule {rule} is about the client's evaluation: pass --eval-data")
+        return rule
+
     def config(self) -> dict:
         """The recorded settings; `proximal_mu`, `accept` and the miners' only when used (older chains
         lack them)."""
@@ -161,7 +179,7 @@ class JobSpec:
         if not self.proximal_mu:
             del config["proximal_mu"]
         if self.accept is None:
-            del config["accept"]
+            del config["accept"], config["accept_retries"]
         if not self.miners:
             del config["miners"], config["proposal_timeout"]
         if not self.secure_aggregation:
@@ -173,6 +191,8 @@ class JobSpec:
     @classmethod
     def from_config(cls, config: dict, **overrides) -> JobSpec:
         known = {k: v for k, v in config.items() if k in cls._RECORDED}
+        if "accept" in known and "accept_retries" not in known and "max_retries" in known:
+            known["accept_retries"] = known["max_retries"]  # chains from before the two settings were apart
         known.update({k: v for k, v in overrides.items() if v is not None})
         known.setdefault("model_path", None)
         return cls(**known)
@@ -213,6 +233,9 @@ class JobResult:
     """Messages dropped on the job topic over the whole job, by reason."""
     turned_down: list[RoundResult] = field(default_factory=list)
     """Tries whose aggregate the acceptance rule rejected (each is a block in the chain)."""
+    rejected: dict = field(default_factory=dict)
+    """Updates refused over the whole job, by reason (per round: `RoundResult.rejected`); not counted
+    in `dropped`, which is about messages."""
 
     def as_dict(self) -> dict:
         def row(r: RoundResult) -> dict:
@@ -224,7 +247,7 @@ class JobResult:
 
         return {"job": self.job, "head": self.head, "model": self.model, "weights": self.weights,
                 "rounds": [row(r) for r in self.rounds], "turned_down": [row(r) for r in self.turned_down],
-                "dropped": self.dropped}
+                "dropped": self.dropped, "rejected": self.rejected}
 
 
 class ClientCallback:
@@ -259,3 +282,34 @@ class ClientCallback:
     def on_job_failed(self, job: messages.Job, error: BaseException) -> None: ...
 
 
+class CallbackList(ClientCallback):
+    """Several callbacks called as one, in order (Keras' `CallbackList`). `block_fields` answers are
+    merged and checked by the client instead (`blocks.callback_fields`)."""
+
+    def __init__(self, callbacks: list[ClientCallback] | None = None):
+        self.callbacks = list(callbacks or [])
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def on_job_start(self, job, genesis): self._call("on_job_start", job, genesis)
+    def on_worker_joined(self, worker, name, joined, needed):
+        self._call("on_worker_joined", worker, name, joined, needed)
+    def on_round_start(self, round, expected, deadline): self._call("on_round_start", round, expected, deadline)
+    def on_update(self, round, worker, received, expected): self._call("on_update", round, worker, received, expected)
+    def on_round_retry(self, round, attempt, received, needed):
+        self._call("on_round_retry", round, attempt, received, needed)
+    def on_round_rejected(self, result, why): self._call("on_round_rejected", result, why)
+    def on_round_end(self, result): self._call("on_round_end", result)
+    def on_job_end(self, result): self._call("on_job_end", result)
+    def on_job_failed(self, job, error): self._call("on_job_failed", job, error)
+
+
+def load_eval(path: Path, model) -> tuple:
+    """The client's eval data (x, y), checked against the model's input."""
+    from ..data import check_shard_for_model, load_shard
+
+    x, y = load_shard(path)
+    check_shard_for_model(x, y, tuple(model.input_shape))
+    return x, y

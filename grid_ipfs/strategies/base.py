@@ -14,7 +14,6 @@ same state from the same chain and recomputes every aggregate bit for bit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,6 +22,7 @@ import numpy as np
 
 from ..aggregate import Results, Weights, check_num_examples
 from ..errors import GridError
+from ..limits import number_problem
 
 RECORD_ONLY = ("accept",)
 """Params recorded in a block's aggregation params that are not arguments of the rule: the acceptance
@@ -51,18 +51,8 @@ class Param:
 
 
 def number(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable:
-    """A check for a finite real number in [low, high] (ends open on request); bools are not numbers."""
-    def check(value: object) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            return "must be a number"
-        try:
-            v = float(value)
-        except OverflowError:
-            return "is out of range"
-        if not math.isfinite(v) or v < low or v > high or (low_open and v == low) or (high_open and v == high):
-            return f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        return None
-    return check
+    """A check for a finite real number in [low, high] (ends open on request): `limits.number_problem`."""
+    return lambda value: number_problem(value, low, high, low_open=low_open, high_open=high_open)
 
 
 def integer(low: int, high: int, *, optional: bool = False) -> Callable:

@@ -1,0 +1,159 @@
+"""Collecting one attempt's updates: which updates count, fetching their weights, screening outliers.
+
+Every check here is about what a peer sent: an update counts only if its worker was asked, answers
+once, claims no more examples than it may, and is signed against this round's head and base weights;
+its weights must parse like the global model's (or its masked form). What fails is refused with a
+reason, counted, and logged in one line.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from .. import messages
+from ..aggregate import update_norm
+from ..ipfs import IPFSError, same_cid
+from ..payloads import PayloadError, fetch_weights
+from ..secagg import masked_like
+from .inbox import Inbox
+from .state import JobRun
+
+FETCH_TIMEOUT = 30.0  # seconds to fetch one update's weights before the update is rejected
+FETCH_THREADS = 4  # concurrent update downloads per round
+
+
+@dataclass
+class Collected:
+    worker: str
+    update: messages.Update
+    weights: list
+    message: bytes
+    """The update message exactly as the worker signed and published it: the block links it."""
+
+
+def refusal(job: JobRun, update: messages.Update, sender: str, round_msg: messages.Round, expected: set[str],
+            taken: set[str], refused: dict[str, str], allowed: set[str] | None) -> str | None:
+    """Why `update` does not count for this attempt, or None. `taken`: workers whose update was
+    collected or is being fetched."""
+    if allowed is not None and sender not in allowed:
+        return "not allowed: worker not on the allow-list"
+    if sender not in expected:
+        return "not selected: worker not asked for this round"
+    if sender in taken:
+        return "replay: second update from this worker for this round"
+    if sender in refused:
+        return "refused: this worker's update for this round was already refused"
+    if update.head is None or update.base is None:
+        return "unbound: the update names no chain head or base weights"
+    if not same_cid(update.head, round_msg.head) or not same_cid(update.base, round_msg.weights):
+        return f"stale: the update extends head {update.head} from {update.base}, not this round's head"
+    return inflated(job, update, sender)
+
+
+def inflated(job: JobRun, update: messages.Update, sender: str) -> str | None:
+    """FedAvg weighs an update by its `num_examples`: a worker cannot raise it past what it claimed when
+    it joined, nor past the owner's `max_examples` (which also refused larger joins)."""
+    joined = job.workers.get(sender)
+    if joined is not None and update.num_examples > joined.num_examples:
+        return f"inflated: num_examples {update.num_examples} is more than the {joined.num_examples} claimed at join"
+    ceiling = job.spec.max_examples
+    if ceiling is not None and update.num_examples > ceiling:
+        return f"inflated: num_examples {update.num_examples} is over the job's max_examples {ceiling}"
+    return None
+
+
+def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], collected: dict[str, Collected],
+            refused: dict[str, str], first_attempt: int, *, allowed: set[str] | None = None,
+            on_update=lambda worker, received, expected: None) -> None:
+    """Take updates for this attempt until every expected worker answered or the deadline passed.
+
+    Weights are fetched in a small thread pool as updates arrive: a remote fetch is mostly waiting
+    (js-ipfs pays ~0.27 s per block-tree layer), so fetching one after another made the round's length
+    grow with the number of workers. Results are settled here, in this thread; the aggregation order
+    is fixed later (sorted by worker id).
+    """
+    job = inbox.job
+    like = masked_like(job.accepted.weights) if not job.strategy.readable_updates else job.accepted.weights
+    pending: dict[Future, tuple[messages.Update, str, bytes]] = {}
+
+    def fetch(update: messages.Update, sender: str) -> list:
+        return fetch_weights(ipfs, update.weights, like=like, source=f"update {update.weights} from {sender[:12]}",
+                             timeout=FETCH_TIMEOUT)
+
+    def settle(future: Future) -> None:
+        update, sender, data = pending.pop(future)
+        try:
+            collected[sender] = Collected(sender, update, future.result(), data)
+        except (IPFSError, PayloadError) as exc:
+            refused.setdefault(sender, f"bad weights: {exc}")
+            inbox.reject(round_msg.round, sender, refused[sender])
+            return
+        on_update(sender, len(collected), len(expected))
+
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch") as pool:
+        while time.time() < round_msg.deadline:
+            if not pending and expected <= (set(collected) | set(refused)):
+                break
+            for update, sender, data in inbox.drain(0.05 if pending else 0.2, round_=round_msg,
+                                                    first_attempt=first_attempt):
+                in_flight = {s for _, s, _ in pending.values()}
+                reason = refusal(job, update, sender, round_msg, expected, set(collected) | in_flight, refused, allowed)
+                if reason is not None:
+                    if sender in expected and sender not in collected and sender not in in_flight:
+                        refused.setdefault(sender, reason)
+                    inbox.reject(round_msg.round, sender, reason)
+                    continue
+                pending[pool.submit(fetch, update, sender)] = (update, sender, data)
+            for future in [f for f in pending if f.done()]:
+                settle(future)
+        wait(list(pending))  # arrived before the deadline: each fetch finishes within its own timeout
+        for future in list(pending):
+            settle(future)
+
+
+def screen_outliers(inbox: Inbox, collected: dict[str, Collected], refused: dict[str, str]) -> None:
+    """Refuse updates that moved the model `max_norm_ratio` times further than the median update: a
+    scaled or random update would otherwise dominate FedAvg. Needs at least three updates; masked
+    updates have no meaningful norm, so secure aggregation trades this screen away."""
+    job = inbox.job
+    if len(collected) < 3 or not job.spec.max_norm_ratio or not job.strategy.readable_updates:
+        return
+    norms = {w: update_norm(c.weights, job.accepted.weights) for w, c in collected.items()}
+    typical = sorted(norms.values())[len(norms) // 2]
+    for worker, norm in norms.items():
+        if typical > 0 and norm > job.spec.max_norm_ratio * typical:
+            refused[worker] = f"outlier norm: {norm:.3g} vs median {typical:.3g}"
+            del collected[worker]
+            inbox.reject(None, worker, refused[worker])
+
+
+def selection(job: JobRun, r: int, first: bool, selected: list[str] | None, collected: dict,
+               refused: dict) -> tuple[list[str] | None, dict, dict]:
+    """Who an attempt asks (None: every joined worker), and the updates it keeps from earlier attempts.
+
+    The first attempt samples `fraction` of the joined workers reproducibly; later ones ask only those
+    who have not answered (and any worker that joined since). Under secure aggregation the masks only
+    cancel among one attempt's workers: a retry starts over with a fixed set."""
+    spec, secure = job.spec, not job.strategy.readable_updates
+    if first:
+        selected = sample(sorted(job.workers), spec.fraction, spec.min_workers, random.Random(spec.seed * 100_003 + r))
+    elif secure:
+        selected = sorted(collected) if len(collected) >= spec.min_workers else sorted(job.workers)
+        collected, refused = {}, {}
+    else:
+        asked = set(selected) if selected is not None else set(job.workers)
+        selected = sorted((asked | set(job.workers)) - set(collected) - set(refused))
+    if secure and selected is None:
+        selected = sorted(job.workers)  # a fixed set: every one masks against all the others
+    return selected, collected, refused
+
+
+def sample(workers: list[str], fraction: float, minimum: int, rng: random.Random) -> list[str] | None:
+    """None means "every joined worker"; otherwise a reproducible sample of at least `minimum`."""
+    if fraction >= 1.0:
+        return None
+    k = min(len(workers), max(minimum, round(fraction * len(workers))))
+    return sorted(rng.sample(workers, k))
