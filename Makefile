@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL := 3
 export TF_ENABLE_ONEDNN_OPTS := 0
 
-.PHONY: setup lint test fuzz demo bench clean
+.PHONY: setup lint test fuzz demo bench bench-strategies clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -39,6 +39,10 @@ bench: setup
 	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist \
 		|| sudo -n apt-get install -y -q dataset-fashion-mnist || echo "dataset-fashion-mnist not installed"
 	$(PY) -m benchmarks.run
+
+# Only the strategies benchmark (about 5 min); the other sections of RESULTS.md are carried over.
+bench-strategies: setup
+	$(PY) -m benchmarks.run --only strategies
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache build *.egg-info

@@ -9,11 +9,12 @@ One module per benchmark, each runnable alone (`python -m benchmarks.transfer` p
 * `flower`       the digits task on Flower (gRPC server and clients on localhost) against the grid
 * `scale`        1..16 workers on 4 nodes: seconds per round, aggregation time, the client's peak RSS
 * `profile`      pyinstrument on the client and on one worker during a digits grid job
+* `strategies`   FedAvgM, FedAdam, FedYogi, FedAdagrad, Bulyan against FedAvg on a 7-worker grid, chains verified
 
 Every benchmark runs in its own process (started by `run.py`), starts its own daemons and workers under
 a private temporary directory and stops them by PID in `finally` blocks; `run.py` then stops, by PID,
 anything still running that names that directory. Nothing here is imported by grid_ipfs.
 """
 
-ORDER = ["transfer", "pubsub", "overhead", "overhead_cnn", "flower", "scale", "profile"]
+ORDER = ["transfer", "pubsub", "overhead", "overhead_cnn", "flower", "scale", "profile", "strategies"]
 """Every benchmark, in the order `run.py` runs them (flower reuses the grid figure of overhead)."""

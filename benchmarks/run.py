@@ -4,6 +4,8 @@ Runs each benchmark in its own process (`python -m benchmarks.NAME`, a private t
 limit), then rewrites `benchmarks/results.json` and `benchmarks/RESULTS.md` with what this run measured:
 every figure is the median over repeats with its min and max, next to the machine, the versions and the
 exact command. After each benchmark, anything still running that names its directory is stopped by PID.
+With `--only`, the other benchmarks keep their sections from the results.json being replaced, marked as
+carried over from the run that measured them.
 """
 
 from __future__ import annotations
@@ -185,6 +187,18 @@ def _targets(results: dict) -> list[list[str]]:
 
             rows.append([key, f"overhead / in-process time <= {CNN_RATIO}", f"{o['overhead_ratio']:.3f}",
                          verdict(o["overhead_ratio"] <= CNN_RATIO)])
+    s = results.get("strategies")
+    if ok(s):
+        from benchmarks.strategies import BASELINE, TARGET_ACC_DROP
+
+        for r in s["rows"]:
+            if r.get("error"):
+                measured = "failed"
+            else:
+                delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
+                measured = f"{r['val_accuracy']:.4f} ({delta}), verify {'ok' if r['verify_ok'] else 'FAILED'}"
+            rows.append(["strategies", f"{r['strategy']}: val_accuracy >= {BASELINE}'s - {TARGET_ACC_DROP}, chain "
+                         "verifies", measured, verdict(r["met"])])
     for name in ORDER:
         r = results.get(name)
         if isinstance(r, dict) and "skipped" in r:
@@ -215,6 +229,11 @@ def render_markdown(results: dict) -> str:
         ["load average (1, 5, 15 min)", f"{load} at start, {m.get('loadavg_end')} at end"],
         *[[k, str(val)] for k, val in v.items()],
     ]))
+    carried = {n: i["carried_over"] for n, i in meta.get("benchmarks", {}).items() if i.get("carried_over")}
+    for source in sorted(set(carried.values())):
+        names = ", ".join(f"`{n}`" for n, src in carried.items() if src == source)
+        parts.append(f"> **Carried over**: {names} did not run this time (`--only`); their sections are those of "
+                     f"the run of {source}: measured on that run's machine and versions, not the ones above.")
     targets = _targets(results)
     if targets:
         parts += ["## Targets", table(["benchmark", "target", "measured (median)", "verdict"], targets)]
@@ -228,9 +247,28 @@ def render_markdown(results: dict) -> str:
     runs = meta.get("benchmarks", {})
     if runs:
         parts += ["## Run log", table(["benchmark", "status", "seconds", "repeats", "load avg start", "load avg end"],
-                                      [[n, i.get("status"), i.get("seconds"), i.get("repeats"), i.get("loadavg_start"),
+                                      [[n, f"{i.get('status')}{' (carried over)' if i.get('carried_over') else ''}",
+                                        i.get("seconds"), i.get("repeats"), i.get("loadavg_start"),
                                         i.get("loadavg_end")] for n, i in runs.items()])]
     return "\n\n".join(parts) + "\n"
+
+
+def carry_over(results: dict, ran: list[str]) -> list[str]:
+    """With `--only`, keep the other benchmarks' sections of the results.json being replaced (labelled with
+    the run they came from), so measuring one benchmark does not erase the last full run's figures."""
+    try:
+        previous = json.loads(RESULTS_JSON.read_text())
+        source = f"{previous['meta']['started']} (`{previous['meta']['command']}`)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    carried = [n for n in ORDER if n not in ran and n in previous]
+    for name in carried:
+        results[name] = previous[name]
+        info = previous["meta"].get("benchmarks", {}).get(name, {})
+        results["meta"]["benchmarks"][name] = {**info, "carried_over": info.get("carried_over", source)}
+    if "flower" in carried and previous["meta"].get("versions", {}).get("flwr"):
+        results["meta"]["versions"]["flwr"] = previous["meta"]["versions"]["flwr"]
+    return carried
 
 
 # -- command line -------------------------------------------------------------------------------------------
@@ -277,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+        if args.only:
+            carried = carry_over(results, names)
+            if carried:
+                log(f"kept the sections of {', '.join(carried)} from the previous {RESULTS_JSON.name}")
         results["meta"]["machine"]["loadavg_end"] = common.loadavg()
         results["meta"]["total_seconds"] = round(time.monotonic() - started, 1)
         RESULTS_JSON.write_text(json.dumps(results, indent=2, default=str) + "\n")

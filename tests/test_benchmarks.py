@@ -45,3 +45,55 @@ def test_every_profiled_step_names_a_function_that_exists():
         source = root / path
         assert source.is_file(), f"{label}: no file {path}"
         assert f"def {function}(" in source.read_text(), f"{label}: no function {function} in {path}"
+
+
+def test_strategies_table_meets_within_one_point_of_fedavg_and_only_on_a_verified_chain():
+    from benchmarks import strategies
+
+    rows = strategies.judge([
+        {"strategy": "fedavg", "params": {}, "val_accuracy": 0.95, "verify_ok": True},
+        {"strategy": "fedadam", "params": {"eta": 0.1}, "val_accuracy": 0.941, "verify_ok": True},
+        {"strategy": "fedyogi", "params": {"eta": 0.05}, "val_accuracy": 0.939, "verify_ok": True},
+        {"strategy": "fedavgm", "params": {}, "val_accuracy": 0.97, "verify_ok": False},
+        {"strategy": "bulyan", "params": {"byzantine": 1}, "val_accuracy": None, "verify_ok": False,
+         "error": "RuntimeError: job exited with 1", "curve": []},
+    ])
+    assert [(r["strategy"], r["delta"], r["met"]) for r in rows] == [
+        ("fedavg", 0.0, True), ("fedadam", -0.009, True), ("fedyogi", -0.011, False), ("fedavgm", 0.02, False),
+        ("bulyan", None, False)]
+    for r in rows:
+        r.setdefault("curve", [0.5, r["val_accuracy"] or 0.0])
+    text = strategies.render({"rows": rows, "rounds": 2, "repeats": 1, "test_examples": 359, "workers": 7,
+                              "epochs": 2, "batch_size": 32, "train_examples": 1438, "tried": strategies.TRIED})
+    fedyogi = next(line for line in text.splitlines() if line.startswith("| fedyogi | eta=0.05 |"))
+    assert "-0.0110" in fedyogi and "**missed**" in fedyogi
+    assert "job failed" in text and "RuntimeError: job exited with 1" in text
+
+
+def test_strategies_params_are_ones_the_client_accepts():
+    """A misspelt param would fail only after the grid started, minutes into `make bench`."""
+    from benchmarks import strategies
+    from grid_ipfs.strategies import check_params
+
+    assert strategies.STRATEGIES[0] == (strategies.BASELINE, {})
+    for name, params in strategies.STRATEGIES:
+        check_params(name, params)
+        for setting, _ in strategies.TRIED.get(name, []):
+            check_params(name, setting)
+
+
+def test_only_keeps_the_other_benchmarks_sections_marked_as_carried_over(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import run
+
+    previous = {"meta": {"started": "2026-01-01 00:00:00 UTC", "command": "python -m benchmarks.run",
+                         "versions": {"flwr": "1.41.0"}, "benchmarks": {"pubsub": {"status": "ok", "seconds": 9}}},
+                "pubsub": {"p50_ms": 3.0}, "strategies": {"old": True}}
+    monkeypatch.setattr(run, "RESULTS_JSON", tmp_path / "results.json")
+    run.RESULTS_JSON.write_text(json.dumps(previous))
+    results = {"meta": {"versions": {}, "benchmarks": {"strategies": {"status": "ok"}}}, "strategies": {"new": True}}
+    assert run.carry_over(results, ["strategies"]) == ["pubsub"]
+    assert results["pubsub"] == {"p50_ms": 3.0} and results["strategies"] == {"new": True}
+    assert results["meta"]["benchmarks"]["pubsub"]["carried_over"].startswith("2026-01-01 00:00:00 UTC")
+    assert "flwr" not in results["meta"]["versions"]
