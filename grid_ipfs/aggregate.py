@@ -147,24 +147,42 @@ def krum(results: Results, byzantine: int = 1, multi: int = 1) -> Weights:
     """
     n = len(results)
     _check_nonempty(results)
+    _check_pairwise_count("krum", n)
     if byzantine < 0:
         raise ValueError(f"krum: byzantine must be >= 0, got {byzantine}")
     if not 1 <= multi <= n:
         raise ValueError(f"krum: multi must be between 1 and the number of updates ({n}), got {multi}")
     layers, dtypes = _stack(results)
     flat = np.concatenate([layer.reshape(n, -1) for layer in layers], axis=1)
-    chosen = np.argsort(_krum_scores(flat, byzantine), kind="stable")[:multi]
+    chosen = np.argsort(_krum_scores(_distances(flat), byzantine), kind="stable")[:multi]
     chosen = np.sort(chosen)  # average in the callers' order, whatever the score order
     return cast([np.mean(layer[chosen], axis=0) for layer in layers], dtypes)
 
 
-def _krum_scores(flat: np.ndarray, byzantine: int) -> np.ndarray:
-    """Krum's score of each row of `flat` (n updates, flattened): the sum of squared distances to its
-    `max(1, n - byzantine - 2)` nearest other rows."""
-    n = len(flat)
-    distances = np.array([[float(np.sum((flat[i] - flat[j]) ** 2)) for j in range(n)] for i in range(n)])
-    neighbours = max(1, n - byzantine - 2)
-    return np.array([float(np.sum(np.sort(np.delete(distances[i], i))[:neighbours])) for i in range(n)])
+MAX_PAIRWISE_UPDATES = 1000
+"""Most updates Krum and Bulyan take in one round: their cost grows with the square (Krum) or the cube
+(Bulyan's picks) of the count, and a verifier must not spend days on one hostile block."""
+
+
+def _check_pairwise_count(name: str, n: int) -> None:
+    if n > MAX_PAIRWISE_UPDATES:
+        raise ValueError(f"{name}: {n} updates is over the {MAX_PAIRWISE_UPDATES} it compares pairwise")
+
+
+def _distances(flat: np.ndarray) -> np.ndarray:
+    """Squared L2 distances between the rows of `flat` (n updates, flattened), one row at a time."""
+    return np.stack([np.sum((flat - row) ** 2, axis=1) for row in flat])
+
+
+def _krum_scores(distances: np.ndarray, byzantine: int) -> np.ndarray:
+    """Krum's score of each update given their squared `distances`: the sum of the distances to its
+    `max(1, n - byzantine - 2)` nearest other updates."""
+    n = len(distances)
+    others = distances + np.diag(np.full(n, np.inf))  # an update is not its own neighbour
+    neighbours = min(n - 1, max(1, n - byzantine - 2))
+    if neighbours == 0:  # a single update: its score does not matter
+        return np.zeros(n)
+    return np.sum(np.sort(others, axis=1)[:, :neighbours], axis=1)
 
 
 def bulyan(results: Results, byzantine: int = 1) -> Weights:
@@ -178,6 +196,7 @@ def bulyan(results: Results, byzantine: int = 1) -> Weights:
     """
     n = len(results)
     _check_nonempty(results)
+    _check_pairwise_count("bulyan", n)
     if isinstance(byzantine, bool) or not isinstance(byzantine, (int, np.integer)) or byzantine < 0:
         raise ValueError(f"bulyan: byzantine must be an integer >= 0, got {byzantine!r}")
     if n < 4 * byzantine + 3:
@@ -185,9 +204,10 @@ def bulyan(results: Results, byzantine: int = 1) -> Weights:
                          f"{4 * byzantine + 3})")
     layers, dtypes = _stack(results)
     flat = np.concatenate([layer.reshape(n, -1) for layer in layers], axis=1)
+    distances = _distances(flat)  # once: each pick scores a sub-matrix of it
     remaining, picked = list(range(n)), []
     for _ in range(n - 2 * byzantine):
-        best = remaining[int(np.argmin(_krum_scores(flat[remaining], byzantine)))]
+        best = remaining[int(np.argmin(_krum_scores(distances[np.ix_(remaining, remaining)], byzantine)))]
         picked.append(best)
         remaining.remove(best)
     chosen = np.sort(np.array(picked))

@@ -402,3 +402,26 @@ def test_the_clients_drain_survives_a_message_whose_handling_raises():
     updates = inbox.drain(5.0, round_=round_)
     assert updates == [(update, WORKER.id, signed)]  # with its bytes as published: the block links them
     assert job.dropped == {"malformed": 1, "failed": 1}
+
+
+def test_strangers_proposals_and_endorsements_cost_a_drop_not_memory_or_a_bad_block():
+    """Proposals to a job without miners, and endorsements that are not of the newest block (which the next
+    block would link, and verify would refuse), are dropped; a job with miners queues a bounded number."""
+    from grid_ipfs.client.inbox import MAX_PENDING_PROPOSALS
+
+    job = _client_job()
+    inbox = Inbox(job, OWNER.id)
+    stranger = Identity.generate()
+    for i in range(3):
+        inbox.put(_raw(messages.encode(messages.Proposal(job="j", round=1, candidate=CID, block=CID), stranger)))
+        inbox.put(_raw(messages.encode(messages.Endorse(job="j", round=i + 1, head=CID, verdict="accepted"), stranger)))
+    assert inbox.drain(0.2) == []
+    assert job.dropped == {"no contest": 3, "stale endorsement": 3}
+    assert job.proposals == [] and job.endorsements == {} and job.endorse_messages == {}
+    contest = _client_job()
+    contest.spec.miners = 1
+    inbox = Inbox(contest, OWNER.id)
+    for _ in range(MAX_PENDING_PROPOSALS + 5):
+        inbox.put(_raw(messages.encode(messages.Proposal(job="j", round=1, candidate=CID, block=CID), stranger)))
+    inbox.drain(0.2)
+    assert len(contest.proposals) == MAX_PENDING_PROPOSALS and contest.dropped == {"too many proposals": 5}

@@ -180,18 +180,23 @@ def test_a_new_strategy_is_one_class(monkeypatch):
 RULE = "loss<=0.5"
 
 
-def _stateful_chain(store, name, params, *, rounds=3, reject=(2,), cheat=None):
+def _stateful_chain(store, name, params, *, rounds=3, reject=(2,), cheat=None, declare=True, rule_at=None):
     """A chain of `name` where the first try of each round in `reject` fails the acceptance rule and is
-    tried again. `cheat(round, try, state, rejected_state)` may return the state the owner uses instead of
-    the honest one (a forger). Returns (head, the honest final state)."""
+    tried again, its genesis config declaring the rule (`declare`). `cheat(round, try, state,
+    rejected_state)` may return the state the owner uses instead of the honest one, `rule_at(round)`
+    another (name, params) for a round (forgers). Returns (head, the honest final state)."""
     rng = np.random.default_rng(4)
     log = ChainLog(store, None)
     genesis = genesis_fields(store, rng)
+    if declare:
+        genesis["config"] = {"rounds": rounds, "aggregation": name, "aggregation_params": dict(params)}
     log.append(genesis, OWNER)
     accepted_cid = genesis["weights"]
     accepted = weights_from_bytes(store.cat(accepted_cid))
-    strategy, state, rejected_state = make(name, params), None, None
+    state, rejected_state = None, None
     for r in range(1, rounds + 1):
+        used_name, used_params = rule_at(r) if rule_at else (name, params)
+        strategy = make(used_name, used_params)
         tries = (False, True) if r in reject else (True,)
         for try_, accept in enumerate(tries, start=1):
             results = sorted(((w.id, _results(rng, n=1)[0], w) for w in WORKERS), key=lambda t: t[0])
@@ -207,7 +212,8 @@ def _stateful_chain(store, name, params, *, rounds=3, reject=(2,), cheat=None):
                                                          metrics={}, attempt=try_)})
             weights_cid = store.add(weights_to_bytes(out.weights))
             log.append({"job": genesis["job"], "round": r, "model": genesis["model"], "weights": weights_cid,
-                        "aggregation": {"name": name, "params": {**params, "accept": RULE}}, "updates": entries,
+                        "aggregation": {"name": used_name, "params": {**used_params, "accept": RULE}},
+                        "updates": entries,
                         "metrics": {"loss": 0.25 if accept else 0.75, "accepted": 1.0 if accept else 0.0}}, OWNER)
             if accept:
                 accepted, accepted_cid, state = out.weights, weights_cid, out.state
@@ -235,7 +241,7 @@ def test_verify_replays_the_server_state_from_genesis_through_a_rejected_try(nam
 ])
 def test_an_owner_who_fakes_the_server_state_is_named_by_verify(cheat, why):
     store = MemoryStore()
-    head, _ = _stateful_chain(store, "fedadam", {"eta": 0.05}, cheat=cheat)
+    head, _ = _stateful_chain(store, "fedadam", {"eta": 0.05}, cheat=cheat, declare=False)
     report = verify_chain(store, head)
     assert not report.ok, why
     assert "weights differ from fedadam" in report.reason, report.reason
@@ -249,3 +255,30 @@ def test_a_miner_cannot_choose_a_rule_that_is_the_owner_s_alone(rule, tmp_path):
                    "--aggregation", rule, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"{rule} is the owner's choice" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("rule_at, recorded", [
+    (lambda r: ("fedadam", {"eta": 0.05 + 1e-15}) if r == 3 else ("fedadam", {"eta": 0.05}), "fedadam {'eta': 0.05"),
+    (lambda r: ("fedavg", {}) if r == 2 else ("fedadam", {"eta": 0.05}), "fedavg {}"),
+])
+def test_a_job_declaring_a_stateful_rule_keeps_it_so_its_state_cannot_be_restarted(rule_at, recorded):
+    """Honest arithmetic, but a rule or params switched for one round: the state restarts from there, which
+    the recomputation alone would accept. The genesis config declares the rule, and verify holds every
+    block to it."""
+    store = MemoryStore()
+    head, _ = _stateful_chain(store, "fedadam", {"eta": 0.05}, rule_at=rule_at)
+    report = verify_chain(store, head)
+    assert not report.ok
+    assert f"aggregation {recorded}" in report.reason and "is not the job's fedadam {'eta': 0.05}" in report.reason
+
+
+def test_an_aggregate_that_overflows_is_refused_before_anyone_publishes_it():
+    """FedAvg cannot leave its inputs' range; a server optimizer can (momentum adds up). Finite float32
+    updates near the float32 maximum from a hostile worker: the second round's FedAvgM step adds the
+    momentum of the first and overflows."""
+    huge = [np.full(3, 3e38, np.float32)]
+    strategy = make("fedavgm", {"server_momentum": 0.9})
+    first = run(strategy, [(huge, 1)], RoundContext([np.zeros(3, np.float32)]))
+    assert np.isfinite(first.weights[0]).all()
+    with pytest.raises(StrategyError, match="fedavgm: the aggregate's tensor 0 holds non-finite values"):
+        run(strategy, [(huge, 1)], RoundContext(first.weights, state=first.state))

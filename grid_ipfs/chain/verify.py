@@ -244,6 +244,9 @@ class _Context:
     accepted_metrics: Mapping[str, float] | None = None
     state: object = None
     """The strategy's server state after the newest accepted block (None: initial)."""
+    declared: tuple | None = None
+    """(name, params) of the job's rule when the genesis config declares a stateful one: every block
+    must then use exactly it, or an owner could restart the server state by switching rules."""
     pending_state: object = None
     """The state the block being checked leads to, kept only if it is accepted."""
 
@@ -326,6 +329,7 @@ def _check_block(block: dict, parent: dict | None, context: _Context) -> Mapping
     wants_arrays = context.evaluate is not None or context.check_ext is not None
     arrays = None
     if parent is None:  # genesis: nothing to recompute; the model is the same along the chain
+        context.declared = _declared_stateful_rule(block)
         if context.check_objects:
             objects.check(block["model"], MAX_MODEL_BYTES, "model")
         if context.recompute or wants_arrays:  # its weights are the reference of the rounds after it
@@ -334,6 +338,7 @@ def _check_block(block: dict, parent: dict | None, context: _Context) -> Mapping
             objects.check(block["weights"], MAX_WEIGHTS_BYTES, "weights")
         _check_custom(block, arrays, context)
         return _metrics(block, arrays, context)
+    _check_declared_rule(block, context.declared)
     if context.check_objects or context.recompute:  # first: small messages, and the most precise verdict
         _check_contributions(objects.store, block, context.accepted)
     if context.recompute:
@@ -350,6 +355,30 @@ def _check_block(block: dict, parent: dict | None, context: _Context) -> Mapping
     metrics = _metrics(block, arrays, context)
     _check_acceptance(block, metrics, context.accepted_metrics)
     return metrics
+
+
+def _declared_stateful_rule(genesis: dict) -> tuple | None:
+    """(name, params) of the genesis config's rule if it keeps server state (else None)."""
+    from ..strategies import STRATEGIES
+
+    config = genesis.get("config")
+    if not isinstance(config, dict):
+        return None
+    name, params = config.get("aggregation"), config.get("aggregation_params", {})
+    cls = STRATEGIES.get(name) if isinstance(name, str) else None
+    if cls is None or not cls.stateful or not isinstance(params, dict):
+        return None
+    return name, params
+
+
+def _check_declared_rule(block: dict, declared: tuple | None) -> None:
+    if declared is None:
+        return
+    name = block["aggregation"]["name"]
+    params = {k: v for k, v in block["aggregation"]["params"].items() if k != "accept"}
+    if name != declared[0] or params != declared[1]:
+        raise _Bad(f"aggregation {name} {params} is not the job's {declared[0]} {declared[1]} (genesis config): "
+                   "a rule with server state is kept for the whole job")
 
 
 def _global_arrays(objects: _Objects, block: dict) -> list:

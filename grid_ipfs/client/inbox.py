@@ -10,13 +10,17 @@ import time
 from collections.abc import Callable
 
 from .. import messages
-from ..ipfs import cid_str, parse_cid
+from ..ipfs import cid_str, parse_cid, same_cid
 from ..secagg import mask_key_is_signed
 from ..text import printable
 from .job import CallbackList, JobFailed
 from .state import JobRun
 
 log = logging.getLogger("grid_ipfs.client")
+
+MAX_PENDING_PROPOSALS = 64
+"""Proposals queued between two looks of a contest, and endorsements kept per block: what strangers
+sending many of either can make the job hold."""
 
 Arrived = tuple[messages.Update, str, bytes]
 """An update of the round being collected: the message, its sender, its bytes as published."""
@@ -87,7 +91,12 @@ class Inbox:
             else:
                 return True
         elif isinstance(msg, messages.Proposal):
-            job.proposals.append((msg, sender))
+            if not job.spec.miners:
+                self.drop("no contest", f"proposal from {sender[:12]}: this job has no miners")
+            elif len(job.proposals) >= MAX_PENDING_PROPOSALS:
+                self.drop("too many proposals", f"proposal from {sender[:12]}")
+            else:
+                job.proposals.append((msg, sender))
         elif isinstance(msg, messages.Endorse):
             self._endorsed(msg, sender, data)
         elif sender != self.own_id:
@@ -120,11 +129,24 @@ class Inbox:
             self.publish(round_)
 
     def _endorsed(self, endorse: messages.Endorse, sender: str, data: bytes) -> None:
+        """Record a miner's verdict on one of this job's accepted blocks; keep the signed message when it
+        is about the newest block, which the next block links (verify holds each link to that block's CID
+        and round). Anything else is a drop, and a block keeps at most MAX_PENDING_PROPOSALS of them."""
+        job = self.job
         if self.allowed_miners is not None and sender not in self.allowed_miners:
             self.drop("not allowed", f"endorsement from {sender[:12]}")
             return
-        self.job.endorsements.setdefault(endorse.round, {})[sender] = endorse.verdict
-        self.job.endorse_messages.setdefault(cid_str(parse_cid(endorse.head)), {})[sender] = bytes(data)
+        about = next((r for r in reversed(job.result.rounds) if same_cid(endorse.head, r.head)), None)
+        if about is None or endorse.round != about.round:
+            self.drop("stale endorsement", f"from {sender[:12]} for round {endorse.round}: not of this job's blocks")
+            return
+        verdicts = job.endorsements.setdefault(endorse.round, {})
+        if sender not in verdicts and len(verdicts) >= MAX_PENDING_PROPOSALS:
+            self.drop("too many endorsements", f"from {sender[:12]} for round {endorse.round}")
+            return
+        verdicts[sender] = endorse.verdict
+        if same_cid(endorse.head, job.chain.head):
+            job.endorse_messages.setdefault(cid_str(parse_cid(endorse.head)), {})[sender] = bytes(data)
         if endorse.verdict != "accepted":
             log.warning("round %d: miner %s disputes block %s: %s", endorse.round, sender[:12], endorse.head,
                         printable(endorse.verdict))

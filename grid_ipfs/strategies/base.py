@@ -246,4 +246,9 @@ def run(strategy: Strategy, results: Results, context: RoundContext) -> Aggregat
         raise StrategyError(str(exc)) from None
     if not isinstance(out, Aggregate):
         raise StrategyError(f"{type(strategy).__name__}.aggregate returned {type(out).__name__}, not an Aggregate")
+    for index, tensor in enumerate(out.weights):  # no reader accepts such weights: never publish them
+        array = np.asarray(tensor)
+        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+            raise StrategyError(f"{strategy.name}: the aggregate's tensor {index} holds non-finite values (updates "
+                                "too large for the rule's arithmetic)")
     return out

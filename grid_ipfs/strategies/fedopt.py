@@ -64,8 +64,9 @@ class _ServerOptimizer(Strategy):
         state = context.state
         if not isinstance(state, ServerState) or state.owner != self._owner():
             state = None
-        new, state = self._step(ref, delta, state)
-        return Aggregate(math_.cast(new, [r.dtype for r in reference]), state)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by `run`, not warned about
+            new, state = self._step(ref, delta, state)
+            return Aggregate(math_.cast(new, [r.dtype for r in reference]), state)
 
     def _step(self, ref: list, delta: list, state: ServerState | None) -> tuple[list, ServerState]:
         raise NotImplementedError
