@@ -115,15 +115,20 @@ class _Adaptive(_ServerOptimizer):
         raise NotImplementedError
 
 
+def _moment_params(*, eta: float, tau: float) -> dict[str, Param]:
+    """The params of Adam and Yogi, with Flower's defaults for `eta` and `tau` (betas 0.9 and 0.99)."""
+    return {"eta": Param(eta, _ETA_RANGE, "server learning rate"),
+            "beta_1": Param(0.9, _BETA_RANGE, "first moment decay"),
+            "beta_2": Param(0.99, _BETA_RANGE, "second moment decay"),
+            "tau": Param(tau, _TAU_RANGE, "adaptivity (added to sqrt(v))")}
+
+
 @register
 class FedAdam(_Adaptive):
     """Adam on the server: `v = beta_2 v + (1 - beta_2) delta^2`, with bias correction."""
 
     name, aliases = "fedadam", ("FedAdam",)
-    params = {"eta": Param(0.1, _ETA_RANGE, "server learning rate"),
-              "beta_1": Param(0.9, _BETA_RANGE, "first moment decay"),
-              "beta_2": Param(0.99, _BETA_RANGE, "second moment decay"),
-              "tau": Param(1e-9, _TAU_RANGE, "adaptivity (added to sqrt(v))")}
+    params = _moment_params(eta=0.1, tau=1e-9)
     bias_correction = True
 
     def _second(self, v, squared, beta2):
@@ -135,10 +140,7 @@ class FedYogi(_Adaptive):
     """Yogi on the server: `v = v - (1 - beta_2) delta^2 sign(v - delta^2)` (no bias correction)."""
 
     name, aliases = "fedyogi", ("FedYogi",)
-    params = {"eta": Param(0.01, _ETA_RANGE, "server learning rate"),
-              "beta_1": Param(0.9, _BETA_RANGE, "first moment decay"),
-              "beta_2": Param(0.99, _BETA_RANGE, "second moment decay"),
-              "tau": Param(1e-3, _TAU_RANGE, "adaptivity (added to sqrt(v))")}
+    params = _moment_params(eta=0.01, tau=1e-3)
 
     def _second(self, v, squared, beta2):
         return v - (1.0 - beta2) * squared * np.sign(v - squared)
