@@ -26,7 +26,7 @@ from .errors import GridError
 
 __all__ = [
     "Identity", "IdentityError", "verify", "default_key_path", "read_id_list",
-    "parse_public_id", "is_public_id", "b64url_encode", "b64url_decode",
+    "parse_public_id", "is_public_id", "id_options_joined", "b64url_encode", "b64url_decode",
 ]
 
 PUBLIC_ID_LENGTH = 43
@@ -68,6 +68,20 @@ def parse_public_id(public_id: str) -> bytes:
     except ValueError as exc:
         shown = repr(public_id) if len(repr(public_id)) <= 60 else repr(public_id)[:57] + "..."
         raise IdentityError(f"not a public id: {shown} ({exc})") from None
+
+
+def id_options_joined(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """`argv` with each `OPTION ID` pair of `options` written `OPTION=ID`: one id in 64 begins with "-"
+    (base64url), which argparse would take for an option of its own ("expected one argument")."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv) and argv[i + 1].startswith("-") and is_public_id(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def is_public_id(value: object) -> bool:

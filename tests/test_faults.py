@@ -267,7 +267,7 @@ def test_job_completes_under_a_flood_of_hostile_messages(grid_factory, caplog):
 
     def start_flood():
         flood["proc"] = subprocess.Popen([sys.executable, "-m", "tests.hostile", "--api", grid.local.apis[1],
-                                          "--job", "flooded", "--count", "1000", "--victim", sorted(allowed)[0]],
+                                          "--job", "flooded", "--count", "1000", f"--victim={sorted(allowed)[0]}"],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def finish_flood():  # the whole flood lands while the job is live: the last round waits for it

@@ -129,3 +129,20 @@ def test_id_list_reads_ids_and_names_a_bad_line(tmp_path):
     bad.write_text(f"{a}\nnot-an-id\n")
     with pytest.raises(IdentityError, match="bad.txt:2: not a public id"):
         read_id_list(bad)
+
+
+def test_an_id_beginning_with_a_dash_is_a_value_on_the_command_line():
+    """One id in 64 starts with "-": `--signer -Ab...` would be an argparse error ("expected one
+    argument") unless the CLI joins it to its option first."""
+    import argparse
+
+    from grid_ipfs.identity import id_options_joined
+
+    dashed = next(i.id for i in iter(Identity.generate, None) if i.id.startswith("-"))
+    argv = ["verify", "--signer", dashed, "HEAD", "--json", "--other", "-x"]
+    assert id_options_joined(argv, ("--signer",)) == ["verify", f"--signer={dashed}", "HEAD", "--json", "--other", "-x"]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--signer")
+    assert parser.parse_args(id_options_joined(["--signer", dashed], ("--signer",))).signer == dashed
+    with pytest.raises(argparse.ArgumentError, match="expected one argument"):
+        parser.parse_args(["--signer", dashed])  # what users hit before

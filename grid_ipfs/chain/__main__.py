@@ -59,7 +59,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..data import DataError
-from ..identity import IdentityError, parse_public_id
+from ..identity import IdentityError, id_options_joined, parse_public_id
 from ..ipfs import IPFSError, cid_str, parse_cid, same_cid
 from ..ipfs.car import MAX_CAR_BYTES, CarReader, CarStore
 from ..ipfs.rpc import IPFSClient
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-blocks", type=int, default=MAX_BLOCKS, metavar="N",
                    help=f"refuse a chain longer than N blocks (default {MAX_BLOCKS})")
     p.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(id_options_joined(sys.argv[1:] if argv is None else list(argv), ("--signer",)))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.command not in ("export", "import") and (args.api is None) == (args.car is None):
         parser.error("give --api ADDRESS (a daemon) or --car FILE (an archive), exactly one")

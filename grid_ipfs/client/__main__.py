@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import messages
 from ..aggregate import parse_accept
 from ..chain import ChainError
-from ..identity import Identity, IdentityError, default_key_path, read_id_list
+from ..identity import Identity, IdentityError, default_key_path, id_options_joined, read_id_list
 from ..ipfs import IPFSError
 from ..ipfs.rpc import IPFSClient
 from ..payloads import PayloadError
@@ -163,13 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--signer", help="the only id allowed to have signed the blocks (the job owner's)")
     v.add_argument("--check-ext", metavar="MODULE:FUNCTION", help="check custom block fields with your function")
     v.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(id_options_joined(sys.argv[1:] if argv is None else list(argv), ("--signer",)))
     if args.command == "verify":  # the same audit as `python -m grid_ipfs.chain verify`: one implementation
         from ..chain.__main__ import main as chain_main
 
         return chain_main(["verify", "--api", args.api, args.head, *(["--json"] if args.json else []),
                            *(["--eval-data", str(args.eval_data)] if args.eval_data else []),
-                           *(["--signer", args.signer] if args.signer else []),
+                           *([f"--signer={args.signer}"] if args.signer else []),
                            *(["--check-ext", args.check_ext] if args.check_ext else [])])
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
