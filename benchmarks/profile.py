@@ -44,6 +44,10 @@ def profiled_grid_class():
     return ProfiledGrid
 
 
+WORKER_PROFILE_TIMEOUT = 180.0
+"""Seconds worker 0 gets after SIGTERM to write its profile."""
+
+
 def run(ctx: common.Context) -> dict:
     from pyinstrument import Profiler
 
@@ -67,7 +71,10 @@ def run(ctx: common.Context) -> dict:
         log(f"{NAME}: grid job failed; worker logs:\n{worker_logs_tail(grid)}")
         raise
     finally:
-        grid.stop()  # worker 0 writes its profile as it exits
+        # worker 0 renders and writes its profile as it exits, which on a loaded machine can take longer
+        # than the grid's usual 20 s before SIGKILL (the cause of a missing worker0-profile.txt)
+        grid.stop_worker(0, timeout=WORKER_PROFILE_TIMEOUT)
+        grid.stop()
     root = profiler.last_session.root_frame()
     client_steps = profiling.breakdown(root, profiling.CLIENT_STEPS)
     client_tree = profiling.subtree_text(root, "_run_round", "grid_ipfs/client/core.py")
