@@ -197,6 +197,9 @@ class Worker(Peer):
             new_weights = mask_update(new_weights, weight, joined.mask_key, self.identity.id,
                                       round_.mask_keys, mask_context(round_.job, round_.round, round_.attempt))
         cid = self.client.add(weights_to_bytes(new_weights))
+        # this worker's part of the round (fetch, evaluate, train, add): with every worker on its own
+        # machine, the slowest selected one's is the round's critical path
+        metrics = {**metrics, "compute_s": round(time.monotonic() - started, 3)}
         self.witness_signed(joined, round_, head_seq, str(cid))  # on disk before the signature leaves
         self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
                                      num_examples=len(self.x_train), metrics=metrics,

@@ -77,6 +77,15 @@ def test_five_rounds_reach_90_percent_on_held_out_digits(job):
     assert final["metrics"]["loss"] < job["rounds"][0]["metrics"]["loss"]
 
 
+def test_each_round_splits_its_time_into_the_slowest_worker_s_compute_and_coordination(job):
+    for r in job["rounds"]:
+        m = r["metrics"]
+        assert 0 < m["critical_path_s"] <= r["seconds"], m  # the slowest worker's own part
+        assert m["critical_path_s"] >= m["compute_s"]  # the maximum of what the mean is taken over
+        # wall time when the block was made = critical path + coordination; the round ends a little later
+        assert 0 <= m["critical_path_s"] + m["coordination_s"] <= r["seconds"], (m, r["seconds"])
+
+
 def test_workers_log_one_line_per_round(grid, job):
     for i in range(3):
         log = grid.local.worker_log(i)

@@ -266,7 +266,8 @@ class Client:
         weights, weights_cid = result.weights, cid_str(self.ipfs.add(weights_to_bytes(result.weights)))
         metrics = {**weighted_metrics(ordered), **evaluate(job.model, weights, job.eval_xy),
                    "rejected_updates": float(len(refused)), "attempts": float(attempts),
-                   "dropped_messages": float(job.dropped.total() - dropped_before)}
+                   "dropped_messages": float(job.dropped.total() - dropped_before),
+                   **_time_split(ordered, time.monotonic() - started)}
         name, params = spec.aggregation, dict(spec.aggregation_params)
         accepted, why = _judge(job, r, metrics)
         if job.accept is not None:
@@ -368,3 +369,15 @@ def _judge(job: JobRun, r: int, metrics: dict) -> tuple[bool, str]:
         raise JobFailed(f"round {r} of job {job.id}: {exc}") from None
     metrics["accepted"] = 1.0 if accepted else 0.0
     return accepted, why
+
+
+def _time_split(ordered: list[Collected], wall: float) -> dict:
+    """The round so far as the critical path (the slowest worker's own `compute_s`: what the round would
+    take if every worker had its machine and nothing else cost time) and the rest, `coordination_s`
+    (announcing, waiting, fetching, aggregating: the price of decentralisation). The workers report their
+    compute themselves; without it in every update, neither figure is recorded."""
+    computes = [c.update.metrics.get("compute_s") for c in ordered]
+    if not computes or not all(isinstance(c, float) and c >= 0 for c in computes):
+        return {}
+    critical = max(computes)
+    return {"critical_path_s": critical, "coordination_s": wall - critical}
