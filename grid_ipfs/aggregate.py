@@ -379,6 +379,12 @@ class AcceptRule:
         return ok, f"{self.metric} {value:.6g} vs {before:.6g} before: {'improves' if ok else 'does not improve'}"
 
 
+def held_out(metrics: Mapping[str, float]) -> dict[str, float]:
+    """An evaluation on held-out data (the client's, a miner's, an auditor's) named as blocks record it:
+    `loss` -> `val_loss`, so acceptance rules and verify compare like with like."""
+    return {f"val_{k}": v for k, v in metrics.items()}
+
+
 def parse_accept(text: str) -> AcceptRule:
     """Parse `"METRIC>=X"` (also `<=`, `>`, `<`) or `"improves:METRIC"`; ValueError names what is wrong."""
     if not isinstance(text, str):
@@ -470,5 +476,5 @@ def cast(arrays: Sequence[np.ndarray], dtypes: Sequence[np.dtype]) -> Weights:
 
 
 __all__ = ["AcceptRule", "Results", "RunningFedAvg", "SCALE_BITS", "Weights", "bulyan", "cast", "check_num_examples",
-           "check_shapes", "dp_fedavg", "fedavg", "fedavg_float64", "krum", "median", "multi_krum", "parse_accept",
-           "secure_dp_fedavg", "secure_fedavg", "trimmed_mean", "update_norm"]
+           "check_shapes", "dp_fedavg", "fedavg", "fedavg_float64", "held_out", "krum", "median", "multi_krum",
+           "parse_accept", "secure_dp_fedavg", "secure_fedavg", "trimmed_mean", "update_norm"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import messages
-from .aggregate import AcceptRule, parse_accept
+from .aggregate import AcceptRule, held_out, parse_accept
 from .chain.blocks import ChainError, decode_block
 from .chain.contributions import check_block
 from .chain.log import store_block
@@ -239,8 +239,8 @@ class Miner(Peer):
         from .training import evaluate
 
         if isinstance(followed.model, IsolatedModel):
-            return {f"val_{k}": v for k, v in followed.model.evaluate(weights).items()}
-        return {f"val_{k}": v for k, v in evaluate(followed.model, weights, self.x_val, self.y_val).items()}
+            return held_out(followed.model.evaluate(weights))
+        return held_out(evaluate(followed.model, weights, self.x_val, self.y_val))
 
     # -- isolation (--isolate, as in the worker) --------------------------------------------------------
 

@@ -425,3 +425,21 @@ def test_strangers_proposals_and_endorsements_cost_a_drop_not_memory_or_a_bad_bl
         inbox.put(_raw(messages.encode(messages.Proposal(job="j", round=1, candidate=CID, block=CID), stranger)))
     inbox.drain(0.2)
     assert len(contest.proposals) == MAX_PENDING_PROPOSALS and contest.dropped == {"too many proposals": 5}
+
+
+def test_a_worker_s_reported_compute_time_only_shapes_the_time_split_it_claims():
+    """`compute_s` is a peer's number: a missing, negative or non-float one records no split at all, and a
+    huge one moves only the reporting figures (the block's `critical_path_s`, `coordination_s`)."""
+    from grid_ipfs.client.collect import Collected
+    from grid_ipfs.client.core import _time_split
+
+    def collected(*computes):
+        return [Collected(f"w{i}", messages.Update(job="j", round=1, weights=CID, num_examples=1,
+                                                   metrics={} if c is None else {"compute_s": c}, eval_metrics={}),
+                          [], b"") for i, c in enumerate(computes)]
+
+    assert _time_split(collected(1.5, 2.0), wall=3.0) == {"critical_path_s": 2.0, "coordination_s": 1.0}
+    for hostile in ((1.5, None), (1.5, -1.0)):  # a bool never gets this far: messages refuse it
+        assert _time_split(collected(*hostile), wall=3.0) == {}, hostile
+    assert _time_split(collected(1e300), wall=3.0) == {"critical_path_s": 1e300, "coordination_s": 3.0 - 1e300}
+    assert _time_split([], wall=3.0) == {}

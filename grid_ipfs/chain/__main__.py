@@ -202,6 +202,7 @@ def evaluator(client: IPFSClient, head: str, eval_xy: tuple, max_blocks: int = M
     """weights -> {"val_<metric>": value}: the job's model (genesis) evaluated on `eval_xy`, named as the
     client records its held-out metrics. None when the chain cannot be walked to its genesis: then
     `verify_chain` names the block that breaks it."""
+    from ..aggregate import held_out
     from ..data import check_shard_for_model
     from ..training import evaluate
 
@@ -211,7 +212,7 @@ def evaluator(client: IPFSClient, head: str, eval_xy: tuple, max_blocks: int = M
         return None
     model = load_genesis_model(client, genesis)
     check_shard_for_model(*eval_xy, tuple(model.input_shape))
-    return lambda weights: {f"val_{k}": v for k, v in evaluate(model, weights, *eval_xy).items()}
+    return lambda weights: held_out(evaluate(model, weights, *eval_xy))
 
 
 def load_ext_check(spec: str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from ..aggregate import held_out
 from ..chain import ChainError
 from ..chain.blocks import normalise_ext
 from .collect import Collected
@@ -62,4 +63,4 @@ def evaluate(model, weights: list, eval_xy) -> dict:
         return {}
     from ..training import evaluate as keras_evaluate
 
-    return {f"val_{k}": v for k, v in keras_evaluate(model, weights, *eval_xy).items()}
+    return held_out(keras_evaluate(model, weights, *eval_xy))

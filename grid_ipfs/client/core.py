@@ -27,14 +27,13 @@ from ..strategies import Aggregate, RoundContext, StrategyError, run
 from ..text import printable
 from .blocks import callback_fields, evaluate, round_block, weighted_metrics
 from .collect import Collected, collect, screen_outliers, selection
-from .inbox import Inbox
+from .inbox import REANNOUNCE_EVERY, Inbox
 from .job import CallbackList, ClientCallback, JobFailed, JobResult, JobSpec, RoundResult, load_eval
 from .pofl import await_endorsements, run_contest
 from .state import Accepted, JobRun
 
 log = logging.getLogger("grid_ipfs.client")
 
-REANNOUNCE_EVERY = 2.0  # seconds between job re-announcements while waiting for workers to join
 JOIN_GRACE = 1.0  # seconds without a new join before round 1 starts, once --min-workers have joined
 PIN_TIMEOUT = 120.0  # seconds for the recursive pin of a new head (local objects only: it is a walk, not a fetch)
 

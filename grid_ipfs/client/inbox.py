@@ -18,6 +18,9 @@ from .state import JobRun
 
 log = logging.getLogger("grid_ipfs.client")
 
+REANNOUNCE_EVERY = 2.0
+"""Seconds between re-announcements of what the job waits for (a `job`, a `propose`): pubsub is lossy."""
+
 MAX_PENDING_PROPOSALS = 64
 """Proposals queued between two looks of a contest, and endorsements kept per block: what strangers
 sending many of either can make the job hold."""

@@ -15,13 +15,12 @@ from ..ipfs import IPFSError, cid_str, parse_cid
 from ..payloads import PayloadError, fetch_weights
 from .blocks import evaluate
 from .collect import FETCH_TIMEOUT, Collected
-from .inbox import Inbox
+from .inbox import REANNOUNCE_EVERY, Inbox
 from .job import JobFailed
 from .state import JobRun
 
 log = logging.getLogger("grid_ipfs.client")
 
-REANNOUNCE_EVERY = 2.0  # seconds between re-announcements of a `propose` (pubsub is lossy)
 
 
 @dataclass
