@@ -1,17 +1,21 @@
-"""scale: 1, 2, 4, 8 and 16 workers on 4 nodes — seconds per round, aggregation time, the client's peak RSS.
+"""scale: 1, 4, 16 and 64 workers hosted in one process on 4 nodes — s/round, fetch time, the owner's peak RSS.
 
-One 4-node devnet; workers are added as the count grows (round-robin over the nodes, so 16 workers are
-4 per node), each with its own 90-example IID shard of digits (`split_iid(seed=0)` into 16), so every
-point does the same work per worker (weak scaling). The model is a wide digits MLP (`zoo.digits_mlp`
-with 16384 hidden units, ~4.9 MB of float32 weights) so that weights transfers and the client's memory
-are visible next to the ~0.5 GB a TensorFlow process starts with.
+One 4-node devnet; for each count, one `python -m grid_ipfs.pool` process hosts that many workers (each
+its own key, shard, daemon connection and subscriptions, round-robin over the nodes: 64 workers are 16
+per node), each with its own IID shard of digits (`split_iid(seed=0)` into 64, ~22 examples each), so
+every point does the same work per worker (weak scaling). The model is a wide digits MLP
+(`zoo.digits_mlp` with 16384 hidden units, ~4.9 MB of float32 weights) so that weights transfers and
+the owner's memory are visible next to the ~0.5 GB a TensorFlow process starts with.
 
 The client runs as its real CLI in a subprocess, `python -m grid_ipfs.client submit ... --json`, through
 `benchmarks.probe client` (the same `main`, with `aggregate` and `IPFSClient.cat` timed); its peak RSS
 is the kernel's ru_maxrss for that PID from `os.wait4`. `s_per_round` is the mean of the rounds' own
-seconds (joining excluded), `aggregate_s` the mean time of the client's `aggregate` call per round,
-`fetch_s` the client's time in `IPFSClient.cat` (fetching the updates) per round.
-`--quick`: 1, 2 and 4 workers, 2 rounds.
+seconds (joining excluded), `fetch_s` the client's time in `IPFSClient.cat` (fetching the updates) per
+round, `critical_s` the mean of the blocks' `critical_path_s` (the slowest worker's own compute, not
+counting its wait for the pool's shared Keras runtime) and `coordination` the rest of the round as a
+share of it. FedAvg streams: each update is added to the running mean as it arrives, so the owner's
+memory should not grow with the workers; the target is growth from 1 to 64 workers under 2 model copies.
+`--quick`: 1 and 4 workers, 2 rounds.
 """
 
 from __future__ import annotations
@@ -21,18 +25,21 @@ import secrets
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.common import cell, log, table
+from benchmarks.common import cell, log, table, verdict
 
 NAME = "scale"
 DEFAULT_REPEATS = (2, 1)
 NODES = 4
 HIDDEN = 16384
-COUNTS = {False: (1, 2, 4, 8, 16), True: (1, 2, 4)}
+COUNTS = {False: (1, 4, 16, 64), True: (1, 4)}
 ROUNDS = {False: 3, True: 2}
-SHARDS = 16
+SHARDS = 64
+RSS_TARGET_COPIES = 2.0
+"""Owner peak RSS growth from the fewest to the most workers, in model copies (issue 14's target)."""
 
 
 def run(ctx: common.Context) -> list[dict]:
@@ -46,29 +53,42 @@ def run(ctx: common.Context) -> list[dict]:
     zoo.digits_mlp(seed=0, hidden=HIDDEN).save(model_path)
     weights_mb = sum(w.nbytes for w in zoo.digits_mlp(seed=0, hidden=HIDDEN).get_weights()) / 1e6
     ctx.info.update(counts=list(counts), rounds=rounds, nodes=NODES, hidden=HIDDEN, weights_mb=round(weights_mb, 2),
-                    examples_per_worker=len(data.load_shard(shards[0])[0]), epochs=1, batch_size=32)
+                    examples_per_worker=len(data.load_shard(shards[0])[0]), epochs=1, batch_size=32,
+                    hosting="one grid_ipfs.pool process per count")
 
     rows = []
     grid = LocalGrid(ctx.workdir / "grid", [], nodes=NODES)
     grid.start()
     try:
         for n in counts:
-            while len(grid.workers) < n:
-                grid.add_worker(shards[len(grid.workers)])
+            start_pool(grid, shards[:n])
             samples = []
             for rep in range(ctx.repeats):
                 sample = run_client(grid, ctx.workdir / f"client-{n}-{rep}", model_path, n, rounds)
                 samples.append(sample)
                 log(f"scale {n} worker(s) repeat {rep + 1}/{ctx.repeats}: {sample['s_per_round']:.2f} s/round, "
-                    f"aggregate {sample['aggregate_s'] * 1000:.1f} ms, fetch {sample['fetch_s']:.2f} s/round, "
-                    f"client peak RSS {sample['client_peak_rss_mb']:.0f} MB, rounds {sample['round_s']}")
+                    f"fetch {sample['fetch_s']:.2f} s/round, critical path {sample['critical_s']:.2f} s, "
+                    f"owner peak RSS {sample['client_peak_rss_mb']:.0f} MB, rounds {sample['round_s']}")
+            grid.stop_pool()
             row = {"workers": n}
-            row.update(common.fold(samples, ["s_per_round", "aggregate_s", "client_peak_rss_mb", "fetch_s"]))
+            row.update(common.fold(samples, ["s_per_round", "aggregate_s", "client_peak_rss_mb", "fetch_s",
+                                             "critical_s", "coordination"]))
             row.update(nodes=NODES, rounds=rounds, weights_mb=round(weights_mb, 2), repeats=ctx.repeats)
             rows.append(row)
     finally:
         grid.stop()
     return rows
+
+
+def start_pool(grid, shards: list[Path], timeout: float = 600.0) -> None:
+    """Host `shards`' workers in one pool process and wait until every one of them listens."""
+    offset = len(grid.pool_log())
+    grid.start_pool(shards)
+    deadline = time.monotonic() + timeout
+    while grid.pool_log()[offset:].count("listening on") < len(shards):
+        if grid.pool.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the pool of {len(shards)} workers did not start: {grid.pool_log()[offset:][-1500:]}")
+        time.sleep(0.2)
 
 
 def run_client(grid, directory: Path, model_path: Path, n: int, rounds: int) -> dict:
@@ -94,34 +114,38 @@ def run_client(grid, directory: Path, model_path: Path, n: int, rounds: int) -> 
     round_s = [r["seconds"] for r in job["rounds"]]
     if any(r["updates"] != n for r in job["rounds"]):
         log(f"scale: a round closed with fewer than {n} updates: {[r['updates'] for r in job['rounds']]}")
+    critical = [r["metrics"].get("critical_path_s", float("nan")) for r in job["rounds"]]
     return {"s_per_round": statistics.fmean(round_s), "round_s": [round(x, 2) for x in round_s],
             "aggregate_s": statistics.fmean(timings["aggregate_s"]) if timings["aggregate_s"] else None,
-            "fetch_s": sum(timings["cat_s"]) / len(round_s), "client_peak_rss_mb": finished.peak_rss_mb}
+            "fetch_s": sum(timings["cat_s"]) / len(round_s), "client_peak_rss_mb": finished.peak_rss_mb,
+            "critical_s": statistics.fmean(critical),
+            "coordination": statistics.fmean(1 - c / s for c, s in zip(critical, round_s))}
 
 
 def render(rows: list[dict]) -> str:
-    body = table(["workers", "nodes", "s/round", "aggregate s", "fetch updates s/round", "client peak RSS MB",
-                  "updates held at once MB"],
-                 [[r["workers"], r["nodes"], cell(r, "s_per_round"), cell(r, "aggregate_s", "{:.4f}"),
-                   cell(r, "fetch_s"), cell(r, "client_peak_rss_mb", "{:.0f}"), f"{r['workers'] * r['weights_mb']:.0f}"]
+    body = table(["workers", "nodes", "s/round", "critical path s", "coordination share", "fetch updates s/round",
+                  "owner peak RSS MB"],
+                 [[r["workers"], r["nodes"], cell(r, "s_per_round"), cell(r, "critical_s"),
+                   cell(r, "coordination", "{:.0%}"), cell(r, "fetch_s"), cell(r, "client_peak_rss_mb", "{:.0f}")]
                   for r in rows])
     if not rows:
         return body
     first, last = rows[0], rows[-1]
-    extra = last["workers"] - first["workers"]
     growth = last["client_peak_rss_mb"] - first["client_peak_rss_mb"]
-    per_worker = growth / extra if extra else float("nan")
-    return (f"{body}\n\nWide digits MLP ({first['weights_mb']:.1f} MB of float32 weights), {first['rounds']} rounds "
-            f"per job, 1 epoch on 90 examples per worker; median (min–max) over {first['repeats']} repeat(s). "
-            f"`fetch updates` is the client's time in `IPFSClient.cat` per round, summed over "
-            f"its fetch threads (it fetches up to 4 updates at once, so this can exceed s/round). "
-            f"Peak RSS is the client process's ru_maxrss (`os.wait4`), a high-water mark that "
-            f"TensorFlow's start-up already sets near 0.7 GB, so a few updates hide under it; from "
-            f"{first['workers']} to {last['workers']} workers it grows by {growth:.0f} MB ({per_worker:.1f} MB per "
-            f"extra worker for {first['weights_mb']:.1f} MB updates). The last column is what the client holds "
-            f"by design: `client.collect.collect` keeps every fetched update of the round in `collected` until "
-            f"`_close_round` aggregates them (no streaming into `aggregate.RunningFedAvg`), so memory grows "
-            f"with workers x model size.")
+    copies = growth / first["weights_mb"]
+    target = (f"Owner peak RSS from {first['workers']} to {last['workers']} workers grows by {growth:.0f} MB = "
+              f"{copies:.1f} model copies (target < {RSS_TARGET_COPIES:g}): "
+              f"{verdict(copies < RSS_TARGET_COPIES)}." if last["workers"] > first["workers"] else "")
+    return (f"{body}\n\n{target}\n\nWide digits MLP ({first['weights_mb']:.1f} MB of float32 weights), "
+            f"{first['rounds']} rounds per job, 1 epoch per round on ~22 examples per worker, every count's "
+            f"workers hosted in one `grid_ipfs.pool` process; median (min–max) over {first['repeats']} repeat(s). "
+            f"`critical path` is the blocks' `critical_path_s`: the slowest worker's own compute, the round's "
+            f"length if every worker had its own machine; `coordination share` is the rest of the round "
+            f"(announcing, fetching, aggregating, and here also the hosted workers' turns at the one Keras "
+            f"runtime, which separate machines would not queue for). `fetch updates` is the client's time in "
+            f"`IPFSClient.cat` per round, summed over its 4 fetch threads (so it can exceed s/round). Peak RSS "
+            f"is the client process's ru_maxrss (`os.wait4`); FedAvg adds each update to its running mean as "
+            f"it arrives (`client.collect.Stream`), so what the owner holds does not grow with the workers.")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ So every rule
 
 `fedavg` is the example-weighted mean (McMahan et al., 2017). `median`, `trimmed_mean` and `krum` ignore
 the example counts — a Byzantine worker could lie about them — and bound the influence of outliers.
-`fedavg` streams (one float64 model copy in memory); the robust rules look at all updates at once and
-hold them all in float64.
+The averaging rules stream: `RunningFedAvg`, `RunningDPFedAvg` and `RunningMaskedSum` fold updates in
+one at a time (one float64 model copy in memory, summed in the order added; the batch functions are
+these folds over the list), so a client can add each update as it is fetched. The robust rules look at
+all updates at once and hold them all in float64.
 
 `dp_fedavg` (DP-FedAvg with fixed clipping, McMahan et al., 2018) also needs the previous global weights
 (`reference`, to form each worker's delta) and the block's position (`round`, `seq`, which seed its
@@ -249,33 +251,59 @@ def dp_fedavg(results: Results, *, reference: Weights, clip: float, noise_multip
     `noise_multiplier=0` this is plain clipped federated averaging.
     """
     _check_nonempty(results)
-    check_number(clip, "dp-fedavg: clip", low_open=True)
-    check_number(noise_multiplier, "dp-fedavg: noise_multiplier")
-    for name, value in (("seed", seed), ("round", round), ("seq", seq)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"dp-fedavg: {name} must be an integer >= 0, got {value!r}")
-    if reference is None:
-        raise ValueError("dp-fedavg needs the previous global weights (reference=)")
-    ref = [np.asarray(r, dtype=np.float64) for r in reference]
-    check_shapes([np.asarray(r) for r in reference], [np.asarray(w) for w in results[0][0]], index=None)
-    dtypes = [np.asarray(w).dtype for w in results[0][0]]
-    n = len(results)
-    sums = [np.zeros_like(r) for r in ref]
-    for index, (weights, _) in enumerate(results):
+    running = RunningDPFedAvg(reference, clip=clip, noise_multiplier=noise_multiplier, seed=seed, round=round,
+                              seq=seq)
+    for weights, num_examples in results:
+        running.add(weights, num_examples)
+    return running.result()
+
+
+class RunningDPFedAvg:
+    """`dp_fedavg` one update at a time: each delta is clipped and summed as it is added (one float64
+    model copy besides the reference); the noise is drawn once, in `result`. Same bits as `dp_fedavg`
+    over the updates in the order added."""
+
+    def __init__(self, reference: Weights, *, clip: float, noise_multiplier: float, seed: int = 0, round: int = 0,
+                 seq: int = 0) -> None:
+        check_number(clip, "dp-fedavg: clip", low_open=True)
+        check_number(noise_multiplier, "dp-fedavg: noise_multiplier")
+        for name, value in (("seed", seed), ("round", round), ("seq", seq)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"dp-fedavg: {name} must be an integer >= 0, got {value!r}")
+        if reference is None:
+            raise ValueError("dp-fedavg needs the previous global weights (reference=)")
+        self._dtypes = [np.asarray(r).dtype for r in reference]
+        self._ref = [np.asarray(r, dtype=np.float64) for r in reference]
+        self._sums = [np.zeros_like(r) for r in self._ref]
+        self._clip, self._z, self._seed = float(clip), float(noise_multiplier), (int(seed), int(round), int(seq))
+        self.count = 0
+
+    def add(self, weights: Weights, num_examples: int = 1) -> None:
+        """Fold in one update (its example count is ignored: equal weights, one worker moves the mean by at
+        most clip / n)."""
         arrays = [np.asarray(w) for w in weights]
-        check_shapes(arrays, ref, index=index)
-        deltas = [a.astype(np.float64) - r for a, r in zip(arrays, ref)]
+        check_shapes(arrays, self._ref, index=self.count)
+        if self.count == 0:
+            self._dtypes = [a.dtype for a in arrays]
+        deltas = [a.astype(np.float64) - r for a, r in zip(arrays, self._ref)]
         norm = _l2(deltas)
-        factor = min(1.0, clip / norm) if norm > 0 else 1.0
-        for total, delta in zip(sums, deltas):
+        factor = min(1.0, self._clip / norm) if norm > 0 else 1.0
+        for total, delta in zip(self._sums, deltas):
             total += delta * factor
-    sigma = float(noise_multiplier) * float(clip) / n
-    rng = np.random.default_rng([int(seed), int(round), int(seq)])
-    out = []
-    for r, total in zip(ref, sums):
-        noise = rng.standard_normal(r.shape) * sigma  # drawn even when sigma == 0: one stream, whatever z
-        out.append(r + total / n + noise)
-    return cast(out, dtypes)
+        self.count += 1
+
+    def result(self) -> Weights:
+        """reference + mean(clipped deltas) + N(0, (z C / n)^2), cast to the first update's dtypes."""
+        if self.count == 0:
+            raise ValueError("nothing to aggregate: no results")
+        n = self.count
+        sigma = self._z * self._clip / n
+        rng = np.random.default_rng(list(self._seed))
+        out = []
+        for r, total in zip(self._ref, self._sums):
+            noise = rng.standard_normal(r.shape) * sigma  # drawn even when sigma == 0: one stream, whatever z
+            out.append(r + total / n + noise)
+        return cast(out, self._dtypes)
 
 
 SCALE_BITS = 24
@@ -288,21 +316,42 @@ def secure_fedavg(results: Sequence[tuple[Sequence[np.ndarray], int]], scale_bit
     pairwise masks cancel exactly, over the total examples, as float32. Integer sums: bit-for-bit."""
     if not results:
         raise ValueError("secure-fedavg needs at least one update")
-    first = results[0][0]
-    for index, (weights, _) in enumerate(results):
-        if len(weights) != len(first) or any(np.asarray(w).dtype != np.uint64 or np.shape(w) != np.shape(f)
-                                             for w, f in zip(weights, first)):
-            raise ValueError(f"update {index}: masked updates are uint64 tensors shaped like the first one")
-    total = sum(int(n) for _, n in results)
-    out = []
-    for i in range(len(first)):
-        acc = np.zeros(np.shape(first[i]), np.uint64)
-        with np.errstate(over="ignore"):
-            for weights, _ in results:
-                acc += np.asarray(weights[i], np.uint64)
-        out.append((acc.view(np.int64).astype(np.float64) / float(2 ** scale_bits) / total).astype(dtype))
-    return out
+    running = RunningMaskedSum(scale_bits)
+    for weights, num_examples in results:
+        running.add(weights, num_examples)
+    return running.result(dtype)
 
+
+class RunningMaskedSum:
+    """`secure_fedavg` one update at a time: the uint64 sum mod 2**64 (one model copy). Integer addition
+    is associative, so any order of adding gives the same bits."""
+
+    def __init__(self, scale_bits: int = SCALE_BITS) -> None:
+        self._scale_bits = scale_bits
+        self._sums: list[np.ndarray] | None = None
+        self.count = 0
+        self.total_examples = 0
+
+    def add(self, weights: Sequence[np.ndarray], num_examples: int) -> None:
+        arrays = [np.asarray(w) for w in weights]
+        first = self._sums if self._sums is not None else arrays
+        if len(arrays) != len(first) or any(a.dtype != np.uint64 or a.shape != f.shape for a, f in zip(arrays, first)):
+            raise ValueError(f"update {self.count}: masked updates are uint64 tensors shaped like the first one")
+        if self._sums is None:
+            self._sums = [a.copy() for a in arrays]
+        else:
+            with np.errstate(over="ignore"):
+                for total, a in zip(self._sums, arrays):
+                    total += a
+        self.count += 1
+        self.total_examples += int(num_examples)
+
+    def result(self, dtype: type = np.float32) -> list:
+        """The sum read as signed fixed point, over the total examples, as `dtype`."""
+        if self._sums is None:
+            raise ValueError("secure-fedavg needs at least one update")
+        scale, total = float(2 ** self._scale_bits), self.total_examples
+        return [(acc.view(np.int64).astype(np.float64) / scale / total).astype(dtype) for acc in self._sums]
 
 
 def secure_dp_fedavg(results: Results, *, reference: Weights, clip: float, noise_multiplier: float,
@@ -316,14 +365,32 @@ def secure_dp_fedavg(results: Results, *, reference: Weights, clip: float, noise
     nobody (the owner included) sees a single update, its clipping or its noise. `num_examples` is
     ignored (equal weights, as in dp-fedavg). Integer sums: recomputed bit for bit.
     """
-    check_number(clip, "secure-dp-fedavg: clip", low_open=True)
-    check_number(noise_multiplier, "secure-dp-fedavg: noise_multiplier")
-    if reference is None:
-        raise ValueError("secure-dp-fedavg needs the previous global weights (reference=)")
-    mean = secure_fedavg([(weights, 1) for weights, _ in results], scale_bits, dtype=np.float64)
-    check_shapes([np.asarray(r) for r in reference], mean, index=None)
-    return cast([np.asarray(r, np.float64) + m for r, m in zip(reference, mean)],
-                 [np.asarray(r).dtype for r in reference])
+    running = RunningSecureDPFedAvg(reference, clip=clip, noise_multiplier=noise_multiplier, scale_bits=scale_bits)
+    for weights, _ in results:
+        running.add(weights)
+    return running.result()
+
+
+class RunningSecureDPFedAvg(RunningMaskedSum):
+    """`secure_dp_fedavg` one update at a time: the masked sum with equal weights, offset by `reference`."""
+
+    def __init__(self, reference: Weights, *, clip: float, noise_multiplier: float,
+                 scale_bits: int = SCALE_BITS) -> None:
+        check_number(clip, "secure-dp-fedavg: clip", low_open=True)
+        check_number(noise_multiplier, "secure-dp-fedavg: noise_multiplier")
+        if reference is None:
+            raise ValueError("secure-dp-fedavg needs the previous global weights (reference=)")
+        super().__init__(scale_bits)
+        self._reference = reference
+
+    def add(self, weights: Sequence[np.ndarray], num_examples: int = 1) -> None:
+        super().add(weights, 1)  # equal weights, as in dp-fedavg: the workers clipped their deltas
+
+    def result(self, dtype: type | None = None) -> Weights:
+        mean = super().result(np.float64)
+        check_shapes([np.asarray(r) for r in self._reference], mean, index=None)
+        return cast([np.asarray(r, np.float64) + m for r, m in zip(self._reference, mean)],
+                    [np.asarray(r).dtype for r in self._reference])
 
 
 # -- acceptance rules -----------------------------------------------------------------------------------
@@ -475,6 +542,7 @@ def cast(arrays: Sequence[np.ndarray], dtypes: Sequence[np.dtype]) -> Weights:
     return out
 
 
-__all__ = ["AcceptRule", "Results", "RunningFedAvg", "SCALE_BITS", "Weights", "bulyan", "cast", "check_num_examples",
-           "check_shapes", "dp_fedavg", "fedavg", "fedavg_float64", "held_out", "krum", "median", "multi_krum",
-           "parse_accept", "secure_dp_fedavg", "secure_fedavg", "trimmed_mean", "update_norm"]
+__all__ = ["AcceptRule", "Results", "RunningDPFedAvg", "RunningFedAvg", "RunningMaskedSum", "RunningSecureDPFedAvg",
+           "SCALE_BITS", "Weights", "bulyan", "cast", "check_num_examples", "check_shapes", "dp_fedavg", "fedavg",
+           "fedavg_float64", "held_out", "krum", "median", "multi_krum", "parse_accept", "secure_dp_fedavg",
+           "secure_fedavg", "trimmed_mean", "update_norm"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from .aggregate import AcceptRule
-from .chain.blocks import ROUND_FIELDS, ChainError, check_signature, decode_block
+from .chain.blocks import ROUND_FIELDS, ChainError, check_signature, decode_block, summation_order
 from .errors import GridError
 from .ipfs.cids import cid_str, parse_cid, same_data
 from .payloads import weights_to_bytes
@@ -70,7 +70,8 @@ def check_rival(data: bytes, cid: str, candidate: Mapping, results: Sequence[tup
     try:
         if strategy_class(name).stateful:  # its state would be the rival's, not the job's
             raise ValueError("it keeps server state across rounds, which a rival cannot share")
-        expected = aggregate(name, list(results), reference=reference, round=block["round"], seq=block["seq"],
+        in_order = [results[i] for i in summation_order(block)]
+        expected = aggregate(name, in_order, reference=reference, round=block["round"], seq=block["seq"],
                              **params)
     except (ValueError, TypeError) as exc:
         raise ContestError(f"aggregation {name} {dict(params)} cannot be recomputed: {exc}") from None

@@ -15,6 +15,11 @@ TensorFlow's run-eagerly and soft-placement flags are restored too when TensorFl
 Left alone on purpose: Keras' global random seed and seed generator (`training.fit` reseeds every
 round, and restoring them would make the guard change results).
 
+One guarded step runs at a time in a process (`KERAS_LOCK`, re-entrant): the snapshot and the restore
+cover process-wide state (the environment, `sys.modules`, the seeds `training.fit` sets), so workers
+hosted as threads of one process (`grid_ipfs.pool`) take turns at Keras while their fetches and adds
+overlap.
+
 Cost: microseconds plus one scan of `sys.modules`, so it wraps every load, fit and evaluate.
 Lower layer than payloads/training: imports nothing of grid_ipfs, and Keras only when already loaded.
 """
@@ -23,9 +28,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+KERAS_LOCK = threading.RLock()
+"""Held for the whole of every `keras_state_guard` block: one Keras step at a time per process."""
 
 _LEAVE = frozenset({"global_random_seed", "global_seed_generator"})
 """Keras global-state attributes the guard does not restore (see the module docstring)."""
@@ -43,18 +52,19 @@ def keras_state_guard() -> Iterator[list[str]]:
     after the block ends, from the public settings (`keras_settings`), the custom-object registry, the
     environment and the Keras modules, so lazily created defaults do not count as changes.
     """
-    changed: list[str] = []
-    snapshot = _snapshot()
-    before = keras_settings()
-    try:
-        yield changed
-    finally:
+    with KERAS_LOCK:
+        changed: list[str] = []
+        snapshot = _snapshot()
+        before = keras_settings()
         try:
-            after = keras_settings()
-        except Exception:  # noqa: BLE001  (Keras half re-imported, say: restoring below still works)
-            after = {"settings": "unreadable"}
-        changed.extend(f"keras {name}" for name in after if after[name] != before.get(name))
-        changed.extend(_restore(snapshot))
+            yield changed
+        finally:
+            try:
+                after = keras_settings()
+            except Exception:  # noqa: BLE001  (Keras half re-imported, say: restoring below still works)
+                after = {"settings": "unreadable"}
+            changed.extend(f"keras {name}" for name in after if after[name] != before.get(name))
+            changed.extend(_restore(snapshot))
 
 
 def keras_settings() -> dict[str, Any]:
@@ -194,4 +204,4 @@ def _contents(value: Any) -> Any:
     return None
 
 
-__all__ = ["keras_state_guard"]
+__all__ = ["KERAS_LOCK", "keras_state_guard"]

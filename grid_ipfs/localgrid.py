@@ -20,25 +20,53 @@ from .ipfs.rpc import IPFSClient
 
 
 class LocalGrid:
+    """`pooled=True` hosts all the workers in one `python -m grid_ipfs.pool` process (one TensorFlow
+    runtime for all: 64 workers fit on one machine), spread over the daemons as separate workers are;
+    its log is `pool_log()`."""
+
     def __init__(self, directory: str | Path, shards: list[str | Path], *, nodes: int = 3,
-                 worker_args: list[str] | None = None):
+                 worker_args: list[str] | None = None, pooled: bool = False):
         self.directory = Path(directory).resolve()
         self.shards = [Path(s).resolve() for s in shards]
         self.n_nodes = nodes
         self.worker_args = worker_args or []
+        self.pooled = pooled
         self.devnet: Devnet | None = None
         self.workers: list[subprocess.Popen] = []
         self.miners: list[subprocess.Popen] = []
+        self.pool: subprocess.Popen | None = None
 
     def start(self) -> LocalGrid:
         try:
             self.devnet = Devnet.up(self.n_nodes, self.directory / "devnet")
-            for i in range(len(self.shards)):
-                self.start_worker(i)
+            if self.pooled:
+                self.start_pool(self.shards)
+            else:
+                for i in range(len(self.shards)):
+                    self.start_worker(i)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_pool(self, shards: list[str | Path]) -> subprocess.Popen:
+        """Host one worker per shard in one `python -m grid_ipfs.pool` process (stopping the pool running);
+        workers are named after their shards' stems, with keys under DIRECTORY/keys."""
+        self.stop_pool()
+        apis = [arg for node in self.devnet.nodes for arg in ("--api", node.api)]
+        self.pool = self._spawn("pool", [sys.executable, "-m", "grid_ipfs.pool", *apis, "--data",
+                                         *(str(Path(s).resolve()) for s in shards),
+                                         "--key-dir", str(self.directory / "keys"), *self.worker_args])
+        return self.pool
+
+    def stop_pool(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        if self.pool is None:
+            return None
+        code, self.pool = _stop(self.pool, sig, timeout), None
+        return code
+
+    def pool_log(self) -> str:
+        return self._log("pool")
 
     def worker_command(self, i: int, extra_args: list[str] | None = None) -> list[str]:
         api = self.devnet.nodes[i % len(self.devnet.nodes)].api
@@ -102,7 +130,7 @@ class LocalGrid:
         return IPFSClient(self.apis[node])
 
     def stop(self) -> None:
-        processes = self.workers + self.miners
+        processes = self.workers + self.miners + ([self.pool] if self.pool is not None else [])
         for proc in processes:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

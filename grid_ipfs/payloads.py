@@ -131,7 +131,7 @@ def model_from_bytes(data: bytes, *, source: str = "model", max_bytes: int = MAX
         # From memory, not a temp file: loading writes nothing (an isolated job runs with file writes off),
         # and the guard undoes any change the config made to Keras' process-wide settings. The public
         # keras.saving.load_model takes paths only; for a .keras path it calls this very function.
-        with warnings.catch_warnings(), keras_state_guard():
+        with keras_state_guard(), warnings.catch_warnings():  # the guard first: its lock makes the filter ours
             # A model saved after compile() but before any training has an unbuilt optimizer; Keras
             # then warns that it skips loading the optimizer variables. Nothing is lost (the optimizer
             # is built fresh on the first fit), so the warning would only alarm operators.

@@ -33,6 +33,7 @@ from .identity import Identity, IdentityError, default_key_path
 from .ipfs import IPFSError
 from .ipfs.pubsub import PubsubMessage
 from .ipfs.rpc import IPFSClient
+from .kerasstate import KERAS_LOCK
 from .limits import check_number
 from .payloads import PayloadError, fetch_weights
 from .peer import Peer, connect
@@ -181,13 +182,16 @@ class Worker(Peer):
         started = time.monotonic()
         model = joined.model
         global_weights = fetch_weights(self.client, round_.weights, like=model.get_weights())
-        if not len(self.x_val):
-            eval_metrics = {}
-        elif isinstance(model, IsolatedModel):
-            eval_metrics = model.evaluate(global_weights, deadline=round_.deadline)
-        else:
-            eval_metrics = evaluate(model, global_weights, self.x_val, self.y_val)
-        new_weights, metrics = self.local_update(joined, global_weights, round_)
+        queued = time.monotonic()
+        with KERAS_LOCK:  # workers hosted in one process (grid_ipfs.pool) take turns; alone, this never waits
+            queued = time.monotonic() - queued
+            if not len(self.x_val):
+                eval_metrics = {}
+            elif isinstance(model, IsolatedModel):
+                eval_metrics = model.evaluate(global_weights, deadline=round_.deadline)
+            else:
+                eval_metrics = evaluate(model, global_weights, self.x_val, self.y_val)
+            new_weights, metrics = self.local_update(joined, global_weights, round_)
         if joined.mask_key is not None:  # what leaves this process is masked: only the round's sum is readable
             weight, dp = len(self.x_train), secure_dp(joined.job.config)
             if dp is not None:  # our clipped delta plus our share of the noise, equally weighted
@@ -197,9 +201,9 @@ class Worker(Peer):
             new_weights = mask_update(new_weights, weight, joined.mask_key, self.identity.id,
                                       round_.mask_keys, mask_context(round_.job, round_.round, round_.attempt))
         cid = self.client.add(weights_to_bytes(new_weights))
-        # this worker's part of the round (fetch, evaluate, train, add): with every worker on its own
-        # machine, the slowest selected one's is the round's critical path
-        metrics = {**metrics, "compute_s": round(time.monotonic() - started, 3)}
+        # this worker's part of the round (fetch, evaluate, train, add; not its turn's wait in a pool): with
+        # every worker on its own machine, the slowest selected one's is the round's critical path
+        metrics = {**metrics, "compute_s": round(time.monotonic() - started - queued, 3)}
         self.witness_signed(joined, round_, head_seq, str(cid))  # on disk before the signature leaves
         self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
                                      num_examples=len(self.x_train), metrics=metrics,
@@ -373,24 +377,39 @@ def build_parser(prog: str = "python -m grid_ipfs.worker") -> argparse.ArgumentP
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--api", required=True, help="the IPFS daemon's API multiaddr, e.g. /ip4/127.0.0.1/tcp/5001")
     parser.add_argument("--data", required=True, help="the local shard: .npz with arrays x and y")
-    parser.add_argument("--topic", default=messages.JOBS_TOPIC, help=f"jobs topic (default {messages.JOBS_TOPIC})")
     parser.add_argument("--name", default=None, help="a name for logs and the key file (default: the data file's stem)")
-    parser.add_argument("--val-split", type=float, default=0.1, help="fraction held out for federated evaluation")
     parser.add_argument("--key", default=None, help="Ed25519 key file (default ~/.grid_ipfs/worker-NAME.key)")
-    parser.add_argument("--trust-clients", default=None, help="join only jobs signed by the keys in this file")
     parser.add_argument("--witness-dir", type=Path, default=None, metavar="DIR",
                         help="record here the chain heads this worker signed updates against, a file per job "
                              "(default: beside the key file, KEY.witness/); `chain verify --witness FILE` "
                              "checks a chain against one")
+    add_training_arguments(parser)
+    add_isolation_arguments(parser, "load, evaluation or round")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every worker takes, alone or hosted in a pool (`grid_ipfs.pool`): which jobs it
+    follows and how much work it agrees to; `training_options` reads them back."""
+    parser.add_argument("--topic", default=messages.JOBS_TOPIC, help=f"jobs topic (default {messages.JOBS_TOPIC})")
+    parser.add_argument("--val-split", type=float, default=0.1, help="fraction held out for federated evaluation")
+    parser.add_argument("--trust-clients", default=None, help="join only jobs signed by the keys in this file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-epochs", type=_positive_int, default=MAX_EPOCHS, metavar="N",
                         help=f"refuse jobs asking for more local epochs per round (default {MAX_EPOCHS})")
     parser.add_argument("--max-batch-size", type=_positive_int, default=MAX_BATCH_SIZE, metavar="N",
                         help=f"refuse jobs asking for a larger batch size (default {MAX_BATCH_SIZE})")
-    add_isolation_arguments(parser, "load, evaluation or round")
     add_vetting_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser
+
+
+def training_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """`Worker` keywords from `add_training_arguments`' options (all but trusted clients, which need a
+    file read: `peer.connect`); exits through `parser.error` on a bad value."""
+    if not 0 <= args.val_split < 1:
+        parser.error("--val-split must be in [0, 1)")
+    return dict(val_split=args.val_split, jobs_topic=args.topic, seed=args.seed, max_epochs=args.max_epochs,
+                max_batch_size=args.max_batch_size)
 
 
 def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | None = None,
@@ -404,18 +423,15 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     name = args.name or Path(args.data).stem
-    if not 0 <= args.val_split < 1:
-        parser.error("--val-split must be in [0, 1)")
+    options = training_options(args, parser)
     try:
         x, y = load_shard(args.data)
         policy = policy_from_args(args)
         client, identity, trusted = connect(args.api, args.key, f"worker-{name}", args.trust_clients)
         witness_dir = args.witness_dir or (Path(args.key) if args.key else default_key_path(f"worker-{name}")
                                            ).with_suffix(".witness")
-        kwargs = dict(name=name, val_split=args.val_split, jobs_topic=args.topic, trusted_clients=trusted,
-                      witness_dir=witness_dir,
-                      seed=args.seed, isolate=limits_from_args(args), isolated_jobs=args.isolated_jobs,
-                      max_epochs=args.max_epochs, max_batch_size=args.max_batch_size, policy=policy)
+        kwargs = dict(name=name, trusted_clients=trusted, witness_dir=witness_dir, isolate=limits_from_args(args),
+                      isolated_jobs=args.isolated_jobs, policy=policy, **options)
         if make_worker is None:
             worker = Worker(client, identity, x, y, **kwargs)
         else:

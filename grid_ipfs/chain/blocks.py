@@ -8,7 +8,13 @@ the history (`ipfs dag get HEAD/prev/prev/round`) and a recursive pin of the hea
     aggregation {name, params}, updates [{worker, weights, num_examples, metrics, message}] sorted by worker,
     metrics {str: float}, time, signer, sig, and in genesis only an optional config {str: value}
     (the job's training settings: epochs, batch size, rounds, ... so `client resume` and auditors
-    know what was asked of the workers), and in any block an optional ext {str: value}
+    know what was asked of the workers), and in any block an optional ext {str: value} and an
+    optional fold [int]
+
+`fold` is the order in which the aggregate added its updates, as indices into `updates`, when that was
+not their listed order: an owner streaming a round adds each update as its weights arrive (memory for
+one model, not one per worker), and float sums depend on the order, so `chain verify` adds them in the
+recorded one (`summation_order`). It is omitted when the order is the listed one.
 
 `ext` is where an application brings its own block fields (a custom block type: `{"kind": "linreg",
 "coef": [...], ...}`); the client fills it from `ClientCallback.block_fields`, and `verify_chain`'s
@@ -48,7 +54,8 @@ from ..messages import valid_job_id
 __all__ = [
     "BLOCK_VERSION", "EXT_MAX_DEPTH", "GENESIS_AGGREGATION", "ChainError",
     "encode_block", "decode_block", "sign_block", "check_signature", "validate_block", "block_cid",
-    "normalise_ext", "READABLE_VERSIONS", "ROUND_FIELDS", "MAX_UPDATES", "MAX_CBOR_DEPTH", "check_cbor_depth",
+    "normalise_ext", "summation_order", "READABLE_VERSIONS", "ROUND_FIELDS", "MAX_UPDATES", "MAX_CBOR_DEPTH",
+    "check_cbor_depth",
 ]
 
 BLOCK_VERSION = 2
@@ -63,7 +70,7 @@ _REQUIRED = {"v", "job", "seq", "round", "model", "weights", "aggregation", "upd
              "signer", "sig"}
 _UPDATE_KEYS = {1: {"worker", "weights", "num_examples", "metrics"},
                 2: {"worker", "weights", "num_examples", "metrics", "message"}}
-_OPTIONAL = {"prev", "config", "ext"}
+_OPTIONAL = {"prev", "config", "ext", "fold"}
 EXT_MAX_DEPTH = 16
 """How deeply lists and maps may nest inside `ext` (the ext map itself is level 1)."""
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -218,6 +225,9 @@ def validate_block(block: object, *, signed: bool = True) -> None:
                              f"got {_brief(update['num_examples'])}")
         _check_metrics(f"{where}.metrics", update["metrics"])
 
+    if "fold" in block:
+        _check_fold(block["fold"], len(updates))
+
     _check_metrics("metrics", block["metrics"])
     if not isinstance(block["time"], float) or not math.isfinite(block["time"]):
         raise ChainError(f"time: expected a finite float, got {_brief(block['time'])}")
@@ -225,6 +235,20 @@ def validate_block(block: object, *, signed: bool = True) -> None:
         raise ChainError(f"signer: not a public id: {_brief(block['signer'])}")
     if signed and not (isinstance(block["sig"], bytes) and len(block["sig"]) == 64):
         raise ChainError("sig: expected 64 bytes")
+
+
+def _check_fold(fold: object, n: int) -> None:
+    if not isinstance(fold, list) or not all(_is_int(i) for i in fold) or sorted(fold) != list(range(n)):
+        raise ChainError(f"fold: expected the update indices 0..{n - 1}, each once, got {_brief(fold)}")
+    if fold == list(range(n)):
+        raise ChainError("fold: the updates' own order; omit the field (one encoding per block)")
+
+
+def summation_order(block: dict) -> list[int]:
+    """The order in which the block's updates were added into its aggregate: `fold` when recorded (an
+    owner folds updates in as they arrive), else the listed order. Whoever recomputes the aggregate adds
+    them in this order: float sums depend on it."""
+    return list(block.get("fold", range(len(block["updates"]))))
 
 
 def block_cid(data: bytes) -> CID:

@@ -62,7 +62,7 @@ from .. import messages
 from ..ipfs.cids import cid_str, parse_cid, same_cid, same_data
 from ..ipfs.errors import IPFSError
 from ..text import printable
-from .blocks import ROUND_FIELDS, ChainError, check_signature, decode_block
+from .blocks import ROUND_FIELDS, ChainError, check_signature, decode_block, summation_order
 from .log import MAX_BLOCKS, BlockStore
 
 __all__ = ["BlockCheck", "ExtCheck", "OBJECT_CACHE_BYTES", "VerifyReport", "is_accepted", "verify_chain"]
@@ -551,8 +551,8 @@ def _recompute(block: dict, context: _Context) -> list:
     _check_params(name, params)
     try:
         strategy = make(name, params)
-        results = [(objects.weights(u["weights"], f"update from {u['worker']}"), u["num_examples"])
-                   for u in block["updates"]]
+        updates = [block["updates"][i] for i in summation_order(block)]  # the order the owner added them in
+        results = [(objects.weights(u["weights"], f"update from {u['worker']}"), u["num_examples"]) for u in updates]
         previous = None
         if strategy.needs_reference:
             if context.accepted is None:

@@ -3,13 +3,16 @@
 Every check here is about what a peer sent: an update counts only if its worker was asked, answers
 once, claims no more examples than it may, and is signed against this round's head and base weights;
 its weights must parse like the global model's (or its masked form). What fails is refused with a
-reason, counted, and logged in one line.
+reason, counted, and logged in one line. Rules that fold (`Strategy.fold`) take each update as it
+arrives (`Stream`); the others get all of them at the round's close.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -18,8 +21,11 @@ from ..aggregate import update_norm
 from ..ipfs import IPFSError, same_cid
 from ..payloads import PayloadError, fetch_weights
 from ..secagg import masked_like
+from ..strategies import Aggregate, RoundContext, Running, StrategyError
 from .inbox import Inbox
 from .state import JobRun
+
+log = logging.getLogger("grid_ipfs.client")
 
 FETCH_TIMEOUT = 30.0  # seconds to fetch one update's weights before the update is rejected
 FETCH_THREADS = 4  # concurrent update downloads per round
@@ -29,9 +35,47 @@ FETCH_THREADS = 4  # concurrent update downloads per round
 class Collected:
     worker: str
     update: messages.Update
-    weights: list
+    weights: list | None
+    """The update's weights, or None when they went into the round's `Stream` as they arrived."""
     message: bytes
     """The update message exactly as the worker signed and published it: the block links it."""
+    norm: float | None = None
+    """How far the update moved the model (L2 of its delta), for the outlier screen; None unscreened."""
+
+
+class Stream:
+    """The round's aggregate, built while its updates arrive: each one is added to the strategy's fold
+    as its weights are fetched and then dropped, so the owner holds one model copy, not one per worker.
+
+    The block records the order of adding (`fold`), which `chain verify` repeats. An update refused
+    after it was added (the outlier screen, a secure round started over) cannot be taken out of a float
+    sum: the kept ones are then added again, in the same order, from the owner's own daemon, which
+    holds their blocks since they were fetched (a local read, paid only on that rare path).
+    """
+
+    def __init__(self, strategy, context: RoundContext, reload: Callable[[Collected], list]):
+        self.strategy, self.context, self.reload = strategy, context, reload
+        self.running = Running(strategy, context)
+        self.order: list[str] = []
+        """Workers in the order their updates were added."""
+
+    def add(self, worker: str, weights: list, num_examples: int) -> None:
+        self.running.add(weights, num_examples)  # StrategyError, and nothing added, when they do not fit
+        self.order.append(worker)
+
+    def reset(self) -> None:
+        self.running, self.order = Running(self.strategy, self.context), []
+
+    def result(self, collected: dict[str, Collected]) -> tuple[Aggregate, list[str]]:
+        """The aggregate of exactly `collected`, and the order its updates were added in."""
+        kept = [w for w in self.order if w in collected]
+        if kept != self.order or len(kept) != len(collected):
+            log.info("re-adding %d kept updates from the local daemon (%d were refused after they were added)",
+                     len(collected), len(self.order) - len(kept))
+            self.reset()
+            for worker in kept + sorted(set(collected) - set(kept)):
+                self.add(worker, self.reload(collected[worker]), collected[worker].update.num_examples)
+        return self.running.result(), list(self.order)
 
 
 def refusal(job: JobRun, update: messages.Update, sender: str, round_msg: messages.Round, expected: set[str],
@@ -65,32 +109,41 @@ def inflated(job: JobRun, update: messages.Update, sender: str) -> str | None:
     return None
 
 
+def fetch_update(ipfs, job: JobRun, update: messages.Update, sender: str) -> list:
+    """An update's weights by CID, parsed like the global model's (or its masked form)."""
+    like = masked_like(job.accepted.weights) if not job.strategy.readable_updates else job.accepted.weights
+    return fetch_weights(ipfs, update.weights, like=like, source=f"update {update.weights} from {sender[:12]}",
+                         timeout=FETCH_TIMEOUT)
+
+
 def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], collected: dict[str, Collected],
             refused: dict[str, str], first_attempt: int, *, allowed: set[str] | None = None,
-            on_update=lambda worker, received, expected: None) -> None:
+            on_update=lambda worker, received, expected: None, stream: Stream | None = None) -> None:
     """Take updates for this attempt until every expected worker answered or the deadline passed.
 
     Weights are fetched in a small thread pool as updates arrive: a remote fetch is mostly waiting
     (js-ipfs pays ~0.27 s per block-tree layer), so fetching one after another made the round's length
-    grow with the number of workers. Results are settled here, in this thread; the aggregation order
-    is fixed later (sorted by worker id).
+    grow with the number of workers. Results are settled here, in this thread: with a `stream`, each
+    update's weights are added to it and dropped (the block records that order); without, they are kept
+    for an aggregate over all of them (sorted by worker id).
     """
     job = inbox.job
-    like = masked_like(job.accepted.weights) if not job.strategy.readable_updates else job.accepted.weights
+    screened = bool(job.spec.max_norm_ratio) and job.strategy.readable_updates
     pending: dict[Future, tuple[messages.Update, str, bytes]] = {}
-
-    def fetch(update: messages.Update, sender: str) -> list:
-        return fetch_weights(ipfs, update.weights, like=like, source=f"update {update.weights} from {sender[:12]}",
-                             timeout=FETCH_TIMEOUT)
 
     def settle(future: Future) -> None:
         update, sender, data = pending.pop(future)
         try:
-            collected[sender] = Collected(sender, update, future.result(), data)
-        except (IPFSError, PayloadError) as exc:
+            weights = future.result()
+            norm = update_norm(weights, job.accepted.weights) if screened else None
+            if stream is not None:
+                stream.add(sender, weights, update.num_examples)
+                weights = None
+        except (IPFSError, PayloadError, StrategyError) as exc:
             refused.setdefault(sender, f"bad weights: {exc}")
             inbox.reject(round_msg.round, sender, refused[sender])
             return
+        collected[sender] = Collected(sender, update, weights, data, norm)
         on_update(sender, len(collected), len(expected))
 
     with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch") as pool:
@@ -106,7 +159,7 @@ def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], c
                         refused.setdefault(sender, reason)
                     inbox.reject(round_msg.round, sender, reason)
                     continue
-                pending[pool.submit(fetch, update, sender)] = (update, sender, data)
+                pending[pool.submit(fetch_update, ipfs, job, update, sender)] = (update, sender, data)
             for future in [f for f in pending if f.done()]:
                 settle(future)
         wait(list(pending))  # arrived before the deadline: each fetch finishes within its own timeout
@@ -121,7 +174,7 @@ def screen_outliers(inbox: Inbox, collected: dict[str, Collected], refused: dict
     job = inbox.job
     if len(collected) < 3 or not job.spec.max_norm_ratio or not job.strategy.readable_updates:
         return
-    norms = {w: update_norm(c.weights, job.accepted.weights) for w, c in collected.items()}
+    norms = {w: c.norm for w, c in collected.items()}  # measured as each update arrived (`collect`)
     typical = sorted(norms.values())[len(norms) // 2]
     for worker, norm in norms.items():
         if typical > 0 and norm > job.spec.max_norm_ratio * typical:

@@ -22,11 +22,11 @@ from ..chain.verify import is_accepted
 from ..identity import Identity
 from ..ipfs import IPFSError, cid_str, parse_cid, same_cid
 from ..ipfs.rpc import IPFSClient
-from ..payloads import weights_to_bytes
-from ..strategies import Aggregate, RoundContext, StrategyError, run
+from ..payloads import PayloadError, weights_to_bytes
+from ..strategies import Aggregate, RoundContext, StrategyError, run, streams
 from ..text import printable
 from .blocks import callback_fields, evaluate, round_block, weighted_metrics
-from .collect import Collected, collect, screen_outliers, selection
+from .collect import Collected, Stream, collect, fetch_update, screen_outliers, selection
 from .inbox import REANNOUNCE_EVERY, Inbox
 from .job import CallbackList, ClientCallback, JobFailed, JobResult, JobSpec, RoundResult, load_eval
 from .pofl import await_endorsements, run_contest
@@ -205,8 +205,9 @@ class Client:
         tries = job.spec.accept_retries + 1 if job.accept is not None else 1
         attempt, why = 0, ""
         for try_ in range(1, tries + 1):
-            collected, refused, attempt = self._gather_updates(inbox, r, attempt)
-            outcome, why = self._close_round(inbox, r, collected, refused, attempt, started, dropped_before, try_)
+            collected, refused, attempt, stream = self._gather_updates(inbox, r, attempt)
+            outcome, why = self._close_round(inbox, r, collected, refused, attempt, started, dropped_before, try_,
+                                             stream)
             if outcome.accepted:
                 return outcome
             job.result.turned_down.append(outcome)
@@ -216,19 +217,23 @@ class Client:
         raise JobFailed(f"round {r} of job {job.id}: every aggregate failed the acceptance rule {job.accept} "
                         f"({tries} tries; last: {why}); the rejected tries are in the chain, head {job.result.head}")
 
-    def _gather_updates(self, inbox: Inbox, r: int, after_attempt: int) -> tuple[dict, dict, int]:
+    def _gather_updates(self, inbox: Inbox, r: int, after_attempt: int) -> tuple[dict, dict, int, Stream | None]:
         """Announce round `r` and collect until `min_workers` good updates arrived; an attempt short of
         them at its deadline is announced again (same global weights), at most `max_retries` times.
         Updates of earlier attempts of this call still count; those of attempts up to `after_attempt`
-        (a rejected try of the round) do not. Returns (collected, refused, last attempt number)."""
+        (a rejected try of the round) do not. Returns (collected, refused, last attempt number, and the
+        stream their weights went into, or None when the rule needs them all at once)."""
         job, spec = inbox.job, inbox.job.spec
         collected: dict[str, Collected] = {}
         refused: dict[str, str] = {}  # worker -> reason its update was refused this round
         first, secure, selected = after_attempt + 1, not job.strategy.readable_updates, None
         job.extends = cid_str(job.chain.head)
+        stream = self._stream(job, r)
         for attempt in range(first, first + spec.max_retries + 1):
             self.publish(job.message)  # late joiners and restarted workers learn about the job
             selected, collected, refused = selection(job, r, attempt == first, selected, collected, refused)
+            if stream is not None and not collected:
+                stream.reset()  # a secure round starts over with a fixed set
             round_msg = messages.Round(job=job.id, round=r, weights=job.accepted.weights_cid,
                                        deadline=time.time() + spec.round_timeout, selected=selected, attempt=attempt,
                                        head=job.extends,
@@ -238,15 +243,14 @@ class Client:
             expected = set(selected) if selected is not None else set(job.workers)
             self.callbacks.on_round_start(r, len(expected), round_msg.deadline)
             collect(self.ipfs, inbox, round_msg, expected, collected, refused, attempt if secure else first,
-                    allowed=self.allowed_workers,
-                    on_update=partial(self.callbacks.on_update, r))
+                    allowed=self.allowed_workers, on_update=partial(self.callbacks.on_update, r), stream=stream)
             if secure and set(collected) != expected:  # a missing update leaves its masks in the sum
                 log.warning("round %d of job %s: secure aggregation needs every selected worker; %d of %d "
                             "answered", r, job.id, len(collected), len(expected))
             else:
                 screen_outliers(inbox, collected, refused)
                 if len(collected) >= spec.min_workers:
-                    return collected, refused, attempt
+                    return collected, refused, attempt, stream
             self.callbacks.on_round_retry(r, attempt - after_attempt, len(collected), spec.min_workers)
             if attempt < first + spec.max_retries:
                 log.warning("round %d of job %s: %d of %d required updates by the deadline; announcing it again "
@@ -256,12 +260,17 @@ class Client:
                         f"the deadline ({spec.round_timeout:.0f}s), {spec.max_retries + 1} attempt(s)")
 
     def _close_round(self, inbox: Inbox, r: int, collected: dict[str, Collected], refused: dict[str, str],
-                     attempts: int, started: float, dropped_before: int, try_: int = 1) -> tuple[RoundResult, str]:
+                     attempts: int, started: float, dropped_before: int, try_: int = 1,
+                     stream: Stream | None = None) -> tuple[RoundResult, str]:
         """Aggregate, evaluate, judge, append the block; (the round's result, the acceptance rule's why)."""
         job, spec = inbox.job, inbox.job.spec
-        ordered = [collected[w] for w in sorted(collected)]  # deterministic order: verify recomputes this
+        ordered = [collected[w] for w in sorted(collected)]  # the block lists updates by worker id
         seq = self._seq_of(job.extends) + 1  # append(extends=) refuses if the head moved: the block lands here
-        result = self._aggregate(job, r, seq, ordered)
+        fold = None
+        if stream is None:
+            result = self._aggregate(job, r, seq, ordered)
+        else:
+            result, fold = self._finish(job, r, stream, collected)
         weights, weights_cid = result.weights, cid_str(self.ipfs.add(weights_to_bytes(result.weights)))
         metrics = {**weighted_metrics(ordered), **evaluate(job.model, weights, job.eval_xy),
                    "rejected_updates": float(len(refused)), "attempts": float(attempts),
@@ -291,6 +300,9 @@ class Client:
             ext["pofl"] = contest.pofl
         if ext:
             block["ext"] = ext
+        if fold is not None and fold != sorted(fold):  # the order the stream added them in, for verify
+            position = {worker: i for i, worker in enumerate(sorted(collected))}
+            block["fold"] = [position[worker] for worker in fold]
         head = self._append(job, r, block)
         outcome = RoundResult(r, weights_cid, head, len(ordered), metrics, time.monotonic() - started, attempts,
                               dict(Counter(reason.split(":")[0] for reason in refused.values())), accepted, try_)
@@ -303,6 +315,22 @@ class Client:
             self.publish(messages.Head(job=job.id, round=r, head=head, weights=weights_cid))
             self.callbacks.on_round_end(outcome)
         return outcome, why
+
+    def _stream(self, job: JobRun, r: int) -> Stream | None:
+        """A stream for round `r` when the rule folds and nothing needs every update's weights at the
+        close: miners' rival aggregates are recomputed from them (so a job with miners holds them all)."""
+        if not streams(job.strategy) or job.spec.miners:
+            return None
+        seq = self._seq_of(job.extends) + 1
+        context = RoundContext(job.accepted.weights, r, seq, job.accepted.state)
+        return Stream(job.strategy, context, lambda c: fetch_update(self.ipfs, job, c.update, c.worker))
+
+    def _finish(self, job: JobRun, r: int, stream: Stream, collected: dict[str, Collected]
+                ) -> tuple[Aggregate, list[str]]:
+        try:
+            return stream.result(collected)
+        except (StrategyError, IPFSError, PayloadError) as exc:
+            raise JobFailed(f"round {r} of job {job.id}: {exc}") from None
 
     def _aggregate(self, job: JobRun, r: int, seq: int, ordered: list[Collected]) -> Aggregate:
         """The strategy's aggregate, with the context chain verify supplies from the chain: the newest

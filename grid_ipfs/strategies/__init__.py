@@ -14,8 +14,10 @@ from .base import (
                    REQUIRED,
                    STRATEGIES,
                    Aggregate,
+                   Fold,
                    Param,
                    RoundContext,
+                   Running,
                    Strategy,
                    StrategyError,
                    aggregate,
@@ -28,6 +30,7 @@ from .base import (
                    register,
                    run,
                    strategy_class,
+                   streams,
 )
 from .builtin import (
                    Bulyan,
@@ -43,8 +46,8 @@ from .builtin import (
 )
 from .fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerState
 
-__all__ = ["RECORD_ONLY", "REQUIRED", "STRATEGIES", "Aggregate", "Bulyan", "DPFedAvg", "FedAdagrad", "FedAdam",
-           "FedAvg", "FedAvgM", "FedProx", "FedYogi", "Krum", "Median", "MultiKrum", "Param", "RoundContext",
-           "SecureDPFedAvg", "SecureFedAvg", "ServerState", "Strategy", "StrategyError", "TrimmedMean", "aggregate",
-           "canonical_name", "check_params", "integer", "make", "names", "number", "register", "run",
-           "strategy_class"]
+__all__ = ["Aggregate", "Bulyan", "DPFedAvg", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi",
+           "Fold", "Krum", "Median", "MultiKrum", "Param", "RECORD_ONLY", "REQUIRED", "RoundContext", "Running",
+           "STRATEGIES", "SecureDPFedAvg", "SecureFedAvg", "ServerState", "Strategy", "StrategyError", "TrimmedMean",
+           "aggregate", "canonical_name", "check_params", "integer", "make", "names", "number", "register", "run",
+           "strategy_class", "streams"]

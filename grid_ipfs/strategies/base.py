@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -99,6 +99,16 @@ class Aggregate:
     state: Any = None
 
 
+class Fold(Protocol):
+    """A round's aggregate built one update at a time (`Strategy.fold`): `add` in a fixed order, then
+    `result` once. The order of `add` is part of the result (float sums): whoever recomputes adds in
+    the same order, which the block records."""
+
+    def add(self, weights: Weights, num_examples: int) -> None: ...
+
+    def result(self) -> Aggregate: ...
+
+
 class Strategy:
     """An aggregation rule. Subclass it, declare `name`, `params` and flags, implement `aggregate`, and
     decorate it with `@register`: the client, `chain verify`, miners and `chain privacy` then know it."""
@@ -142,9 +152,21 @@ class Strategy:
         `configure_fit`): e.g. FedProx's `proximal_mu`, secure aggregation's flag."""
         return {}
 
+    def fold(self, context: RoundContext) -> Fold | None:
+        """A running aggregate that takes the round's updates one at a time, or None when the rule must
+        see them all at once (the robust rules). With a fold, the owner adds each update as it is fetched
+        and holds one model copy, not one per worker; `aggregate` is then the fold over the results in
+        order, so the owner's streaming and `chain verify`'s recompute are the same arithmetic."""
+        return None
+
     def aggregate(self, results: Results, context: RoundContext) -> Aggregate:
         """The round's new global weights from its updates (in the caller's fixed order) and context."""
-        raise NotImplementedError
+        fold = self.fold(context)
+        if fold is None:
+            raise NotImplementedError(f"{type(self).__name__} implements neither fold nor aggregate")
+        for weights, num_examples in results:
+            fold.add(weights, num_examples)
+        return fold.result()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.given.items())})"
@@ -236,14 +258,64 @@ def run(strategy: Strategy, results: Results, context: RoundContext) -> Aggregat
         check_num_examples(num_examples, f"result {index}: ")
     if len(results) == 0:
         raise StrategyError("nothing to aggregate: no results")
-    if strategy.needs_reference and context.reference is None:
-        raise StrategyError(f"{strategy.name} needs the previous global weights (reference=)")
+    _check_context(strategy, context)
     try:
         out = strategy.aggregate(results, context)
     except StrategyError:
         raise
     except ValueError as exc:
         raise StrategyError(str(exc)) from None
+    return _checked(strategy, out)
+
+
+class Running:
+    """`run` one update at a time, for a strategy with a `fold`: the same checks (example counts, the
+    reference, finite output) and the same bits as `run` over the updates in the order added."""
+
+    def __init__(self, strategy: Strategy, context: RoundContext) -> None:
+        _check_context(strategy, context)
+        try:
+            fold = strategy.fold(context)
+        except ValueError as exc:
+            raise StrategyError(str(exc)) from None
+        if fold is None:
+            raise StrategyError(f"{strategy.name} cannot aggregate one update at a time")
+        self.strategy, self._fold, self.count = strategy, fold, 0
+
+    def add(self, weights: Weights, num_examples: int) -> None:
+        """Fold in one update; StrategyError (the fold unchanged) when it does not fit the first."""
+        try:
+            check_num_examples(num_examples, f"result {self.count}: ")
+            self._fold.add(weights, num_examples)
+        except StrategyError:
+            raise
+        except ValueError as exc:
+            raise StrategyError(str(exc)) from None
+        self.count += 1
+
+    def result(self) -> Aggregate:
+        if self.count == 0:
+            raise StrategyError("nothing to aggregate: no results")
+        try:
+            out = self._fold.result()
+        except StrategyError:
+            raise
+        except ValueError as exc:
+            raise StrategyError(str(exc)) from None
+        return _checked(self.strategy, out)
+
+
+def streams(strategy: Strategy) -> bool:
+    """Whether `strategy` aggregates one update at a time (it overrides `Strategy.fold`)."""
+    return type(strategy).fold is not Strategy.fold
+
+
+def _check_context(strategy: Strategy, context: RoundContext) -> None:
+    if strategy.needs_reference and context.reference is None:
+        raise StrategyError(f"{strategy.name} needs the previous global weights (reference=)")
+
+
+def _checked(strategy: Strategy, out: object) -> Aggregate:
     if not isinstance(out, Aggregate):
         raise StrategyError(f"{type(strategy).__name__}.aggregate returned {type(out).__name__}, not an Aggregate")
     for index, tensor in enumerate(out.weights):  # no reader accepts such weights: never publish them

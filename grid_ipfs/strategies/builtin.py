@@ -1,7 +1,8 @@
 """The stateless strategies: FedAvg and FedProx, the robust rules, DP-FedAvg and the secure rules.
 
 Each is a thin declaration over a pure function of `grid_ipfs.aggregate` (the math lives there, in
-float64, one cast at the end, so `chain verify` recomputes it bit for bit). Flower's names select them
+float64, one cast at the end, so `chain verify` recomputes it bit for bit). The averaging rules give a
+`fold` over the module's running aggregates, so the owner adds updates as they arrive. Flower's names select them
 too: `FedMedian`, `FedTrimmedAvg`, `Krum`, `MultiKrum`, `FedProx`, `Bulyan`.
 """
 
@@ -17,14 +18,27 @@ _SCALE_BITS = Param(math_.SCALE_BITS, integer(0, 63), "fractional bits of the ma
 _BYZANTINE = Param(1, integer(0, MAX_COUNT), "number of arbitrary (Byzantine) updates tolerated")
 
 
+class WeightsFold:
+    """A `Fold` over one of `grid_ipfs.aggregate`'s running aggregates (`add`, `result() -> weights`)."""
+
+    def __init__(self, running) -> None:
+        self.running = running
+
+    def add(self, weights, num_examples: int) -> None:
+        self.running.add(weights, num_examples)
+
+    def result(self) -> Aggregate:
+        return Aggregate(self.running.result())
+
+
 @register
 class FedAvg(Strategy):
     """The mean of the updates weighted by their examples (McMahan et al., 2017)."""
 
     name, aliases = "fedavg", ("FedAvg",)
 
-    def aggregate(self, results, context: RoundContext) -> Aggregate:
-        return Aggregate(math_.fedavg(results))
+    def fold(self, context: RoundContext) -> WeightsFold:
+        return WeightsFold(math_.RunningFedAvg())
 
 
 @register
@@ -108,11 +122,11 @@ class DPFedAvg(Strategy):
               "seed": Param(0, integer(0, 2 ** 64 - 1), "seeds the noise with the block's round and seq")}
     needs_reference = needs_position = adds_noise = True
 
-    def aggregate(self, results, context: RoundContext) -> Aggregate:
+    def fold(self, context: RoundContext) -> WeightsFold:
         v = self.values
-        return Aggregate(math_.dp_fedavg(results, reference=context.reference, clip=v["clip"],
-                                         noise_multiplier=v["noise_multiplier"], seed=v["seed"],
-                                         round=context.round, seq=context.seq))
+        return WeightsFold(math_.RunningDPFedAvg(context.reference, clip=v["clip"],
+                                                 noise_multiplier=v["noise_multiplier"], seed=v["seed"],
+                                                 round=context.round, seq=context.seq))
 
 
 @register
@@ -126,8 +140,8 @@ class SecureFedAvg(Strategy):
     def fit_config(self) -> dict:
         return {"secure_aggregation": True}
 
-    def aggregate(self, results, context: RoundContext) -> Aggregate:
-        return Aggregate(math_.secure_fedavg(results, scale_bits=self.values["scale_bits"]))
+    def fold(self, context: RoundContext) -> WeightsFold:
+        return WeightsFold(math_.RunningMaskedSum(self.values["scale_bits"]))
 
 
 @register
@@ -143,7 +157,8 @@ class SecureDPFedAvg(Strategy):
         return {"secure_aggregation": True, "dp_clip": float(self.values["clip"]),
                 "dp_noise": float(self.values["noise_multiplier"])}
 
-    def aggregate(self, results, context: RoundContext) -> Aggregate:
+    def fold(self, context: RoundContext) -> WeightsFold:
         v = self.values
-        return Aggregate(math_.secure_dp_fedavg(results, reference=context.reference, clip=v["clip"],
-                                                noise_multiplier=v["noise_multiplier"], scale_bits=v["scale_bits"]))
+        return WeightsFold(math_.RunningSecureDPFedAvg(context.reference, clip=v["clip"],
+                                                       noise_multiplier=v["noise_multiplier"],
+                                                       scale_bits=v["scale_bits"]))

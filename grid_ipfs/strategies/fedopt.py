@@ -55,9 +55,12 @@ class _ServerOptimizer(Strategy):
     def _owner(self) -> tuple:
         return (self.name, tuple(sorted((k, float(v)) for k, v in self.values.items())))
 
-    def aggregate(self, results, context: RoundContext) -> Aggregate:
+    def fold(self, context: RoundContext) -> _StepFold:
+        return _StepFold(self, context)
+
+    def step(self, mean: list, context: RoundContext) -> Aggregate:
+        """The server step from FedAvg's float64 mean of the round's updates."""
         reference = [np.asarray(r) for r in context.reference]
-        mean = math_.fedavg_float64(results)
         math_.check_shapes(mean, reference, index=None)
         ref = [r.astype(np.float64) for r in reference]
         delta = [m - r for m, r in zip(mean, ref)]
@@ -70,6 +73,19 @@ class _ServerOptimizer(Strategy):
 
     def _step(self, ref: list, delta: list, state: ServerState | None) -> tuple[list, ServerState]:
         raise NotImplementedError
+
+
+class _StepFold:
+    """FedAvg's running mean of the updates; the server step once, in `result`."""
+
+    def __init__(self, strategy: _ServerOptimizer, context: RoundContext) -> None:
+        self.strategy, self.context, self.mean = strategy, context, math_.RunningFedAvg()
+
+    def add(self, weights, num_examples: int) -> None:
+        self.mean.add(weights, num_examples)
+
+    def result(self) -> Aggregate:
+        return self.strategy.step(self.mean.mean_float64(), self.context)
 
 
 @register
