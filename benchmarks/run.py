@@ -199,6 +199,23 @@ def _targets(results: dict) -> list[list[str]]:
                 measured = f"{r['val_accuracy']:.4f} ({delta}), verify {'ok' if r['verify_ok'] else 'FAILED'}"
             rows.append(["strategies", f"{r['strategy']}: val_accuracy >= {BASELINE}'s - {TARGET_ACC_DROP}, chain "
                          "verifies", measured, verdict(r["met"])])
+    sc = results.get("scale")
+    if ok(sc) and len(sc) > 1 and sc[-1]["workers"] > sc[0]["workers"]:
+        from benchmarks.scale import RSS_TARGET_COPIES
+
+        growth = sc[-1]["client_peak_rss_mb"] - sc[0]["client_peak_rss_mb"]
+        copies = growth / sc[0]["weights_mb"]
+        rows.append(["scale", f"owner peak RSS growth {sc[0]['workers']} -> {sc[-1]['workers']} workers < "
+                     f"{RSS_TARGET_COPIES:g} model copies", f"{growth:.0f} MB = {copies:.1f} copies",
+                     verdict(copies < RSS_TARGET_COPIES)])
+    c = results.get("compression")
+    if ok(c):
+        from benchmarks.compression import TARGET_POINTS, TARGET_RATIO
+
+        for r in c["rows"]:
+            if r["met"] is not None:
+                rows.append(["compression", f"{r['task']} int8: >= {TARGET_RATIO:g}x fewer bytes, <= {TARGET_POINTS} "
+                             "points lost", f"{r['ratio']:.2f}x, {r['points']:+.2f} points", verdict(r["met"])])
     for name in ORDER:
         r = results.get(name)
         if isinstance(r, dict) and "skipped" in r:

@@ -161,7 +161,8 @@ class Miner(Peer):
             raise ContestError(f"candidate {propose.candidate}: {unproven}")
         like = followed.model.get_weights()
         reference = self._weights(propose.reference, like)
-        results = [(self._weights(cid_str(u["weights"]), like), u["num_examples"]) for u in candidate["updates"]]
+        results = [(self._weights(cid_str(u["weights"]), like, base=reference), u["num_examples"])
+                   for u in candidate["updates"]]
         state = _Round(propose.candidate, candidate, results, reference)
         followed.rounds[propose.round] = state
 
@@ -230,10 +231,11 @@ class Miner(Peer):
             raise ContestError(f"candidate {cid} is signed by {block['signer'][:12]}, not the job's owner")
         return block
 
-    def _weights(self, cid: str, like: list) -> list:
+    def _weights(self, cid: str, like: list, base: list | None = None) -> list:
+        """Weights by CID; an update compressed against the round's `base` weights is decoded against them."""
         from .payloads import fetch_weights
 
-        return fetch_weights(self.client, cid, like=like)
+        return fetch_weights(self.client, cid, like=like, base=base)
 
     def _evaluate(self, followed: _Followed, weights: list) -> dict:
         from .training import evaluate

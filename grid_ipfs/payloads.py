@@ -11,6 +11,9 @@ the one place that turns such bytes into Python objects, so it is where the safe
 * Weights are safetensors files: a JSON header plus raw little-endian tensors, so parsing runs no code.
   Keys are `w0000`, `w0001`, ... in `model.get_weights()` order; the header metadata carries the format
   name and the tensor count so a stray safetensors file from elsewhere is recognised as such.
+* A worker may send its update compressed (`update_to_bytes`: the change from the round's base weights
+  as float16 or per-tensor-scaled int8, deflated); it decodes only against those base weights, and the
+  inflation stops at the size the model's weights could need.
 * JSON is canonical (sorted keys, no spaces, UTF-8, no NaN), so equal documents are equal bytes and get
   equal CIDs.
 
@@ -226,26 +229,36 @@ def _canonical_header(data: bytes) -> bytes:
 
 
 def fetch_weights(store, cid, *, like: list[np.ndarray] | None = None, source: str | None = None,
-                  **timeout) -> list[np.ndarray]:
+                  base: list[np.ndarray] | None = None, **timeout) -> list[np.ndarray]:
     """The weights file `cid` from `store` (an `IPFSClient`, or anything with its `cat`), fetched with
-    the weights size limit and parsed by `weights_from_bytes` (checked against `like`). The one way a
-    role reads weights by CID; pass `timeout=` to bound the fetch (default: the store's own)."""
+    the weights size limit and parsed by `weights_from_bytes` (checked against `like`; a compressed
+    update is decoded against `base`). The one way a role reads weights by CID; pass `timeout=` to bound
+    the fetch (default: the store's own)."""
     shown = str(cid)
     data = store.cat(cid, max_size=MAX_WEIGHTS_BYTES, **timeout)
-    return weights_from_bytes(data, source=source or f"weights {shown}", like=like)
+    return weights_from_bytes(data, source=source or f"weights {shown}", like=like, base=base)
 
 
 def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int = MAX_WEIGHTS_BYTES,
-                       like: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """Parse safetensors bytes written by `weights_to_bytes` into a list of writable arrays.
+                       like: list[np.ndarray] | None = None, base: list[np.ndarray] | None = None
+                       ) -> list[np.ndarray]:
+    """Parse safetensors bytes written by `weights_to_bytes` (or a compressed update of `update_to_bytes`,
+    decoded against `base`) into a list of writable arrays.
 
     Checks, in order: size, safetensors structure, our format metadata, keys exactly `w0000..w{n-1}`, and
     (with `like`, typically `model.get_weights()`) the same count, shapes and dtypes. Finally every value
     must be finite: one NaN from a diverged or malicious worker would poison a whole aggregate.
     """
     _check_size(data, max_bytes, source, "a safetensors weights file")
+    if bytes(data[:len(DEFLATE_MAGIC)]) == DEFLATE_MAGIC:
+        data = _inflate(data, source, like)
     expected = "expected a safetensors weights file"
     metadata = _safetensors_metadata(data, source)
+    if metadata.get("format") == DELTA_FORMAT:
+        weights = _decode_delta(data, metadata, base, source)
+        if like is not None:
+            _check_like(weights, like, source)
+        return _finite(weights, source)
     if metadata.get("format") != WEIGHTS_FORMAT:
         raise PayloadError(source, f"{expected} with metadata format {WEIGHTS_FORMAT!r}, got "
                                    f"{metadata.get('format')!r}")
@@ -270,11 +283,137 @@ def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int =
 
     if like is not None:
         _check_like(weights, like, source)
+    return _finite(weights, source)
+
+
+def _finite(weights: list[np.ndarray], source: str) -> list[np.ndarray]:
     for i, w in enumerate(weights):
         if np.issubdtype(w.dtype, np.inexact) and not np.isfinite(w).all():
             bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
             raise PayloadError(source, f"tensor {i} has {bad} non-finite values (NaN or Inf)")
     return weights
+
+
+# -- compressed updates ---------------------------------------------------------------------------------
+
+COMPRESSIONS = ("float16", "int8")
+"""What a job may ask its workers to send (`JobSpec.compression`): the update's change from the round's
+base weights, each float tensor as float16, or as int8 with one float32 scale per tensor (max |delta| /
+127, round to nearest), then deflated. Decoding is exact float32 arithmetic (`base + q * scale`), so
+the owner, miners and `chain verify` turn the same bytes into the same weights, and the chain records
+what was sent (the update's CID names the compressed file)."""
+DELTA_FORMAT = "grid_ipfs.delta.v1"
+DEFLATE_MAGIC = b"grid_ipfs.deflate.v1\n"
+"""Prefix of a deflated weights file: unlike a safetensors file's first 8 bytes, never a valid header length."""
+
+
+def is_delta(data: bytes) -> bool:
+    """Whether `data` is a compressed update (decoded only against a base), judged by its first bytes
+    or its header's format; anything else (garbage included) is not."""
+    if bytes(data[:len(DEFLATE_MAGIC)]) == DEFLATE_MAGIC:
+        return True
+    try:
+        return _safetensors_metadata(data, "weights").get("format") == DELTA_FORMAT
+    except PayloadError:
+        return False
+
+
+def update_to_bytes(weights: list[np.ndarray], base: list[np.ndarray], compression: str) -> bytes:
+    """A compressed update (see `COMPRESSIONS`): `weights - base` quantized, as a deflated safetensors
+    file in `DELTA_FORMAT`. Tensors that are not floating point go as they are."""
+    import zlib
+
+    from safetensors.numpy import save
+
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    if len(weights) != len(base):
+        raise ValueError(f"{len(weights)} tensors, {len(base)} base tensors")
+    tensors: dict[str, np.ndarray] = {}
+    for i, (w, b) in enumerate(zip(weights, base)):
+        w, b = np.asarray(w), np.asarray(b)
+        if not np.issubdtype(w.dtype, np.floating):
+            tensors[weight_key(i)] = np.asarray(w, order="C")
+            continue
+        delta = w.astype(np.float32) - b.astype(np.float32)
+        if compression == "float16":
+            tensors[weight_key(i)] = np.asarray(delta.astype(np.float16), order="C")
+        else:
+            peak = float(np.max(np.abs(delta))) if delta.size else 0.0
+            scale = np.float32(peak / 127.0)
+            q = np.rint(delta / scale) if scale > 0 else np.zeros_like(delta)
+            tensors[weight_key(i)] = np.asarray(np.clip(q, -127, 127).astype(np.int8), order="C")
+            tensors[_scale_key(i)] = np.asarray(scale, dtype=np.float32)
+    data = save(tensors, metadata={"format": DELTA_FORMAT, "count": str(len(weights)), "compression": compression})
+    return DEFLATE_MAGIC + zlib.compress(_canonical_header(data), 6)
+
+
+def _scale_key(index: int) -> str:
+    return f"s{index:04d}"
+
+
+def _inflate(data: bytes, source: str, like: list[np.ndarray] | None) -> bytes:
+    """The deflated file, inflated to at most what the weights could need (a bomb stops there)."""
+    import zlib
+
+    limit = MAX_WEIGHTS_BYTES
+    if like is not None:  # the tensors of `like` at full width, plus room for a header
+        limit = min(limit, sum(np.asarray(w).nbytes for w in like) + 64 * len(like) + 4096)
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(bytes(data[len(DEFLATE_MAGIC):]), limit + 1)
+    except zlib.error as exc:
+        raise PayloadError(source, f"expected a deflated weights file ({exc})") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadError(source, f"a deflated weights file inflating past {limit} bytes")
+    if not inflater.eof:
+        raise PayloadError(source, "a deflated weights file that ends early")
+    return out
+
+
+def _decode_delta(data: bytes, metadata: dict, base: list[np.ndarray] | None, source: str) -> list[np.ndarray]:
+    from safetensors.numpy import load
+
+    compression = metadata.get("compression")
+    if compression not in COMPRESSIONS:
+        raise PayloadError(source, f"a compressed update with compression {str(compression)[:20]!r}, "
+                                   f"not one of {', '.join(COMPRESSIONS)}")
+    if base is None:
+        raise PayloadError(source, "a compressed update, and no base weights to decode it against")
+    try:
+        tensors = load(bytes(data))
+    except Exception as exc:  # safetensors raises its own SafetensorError and others
+        raise PayloadError(source, f"expected a compressed update ({type(exc).__name__}: {_shorten(str(exc))})") \
+            from None
+    n = len(base)
+    scales = {_scale_key(i) for i, b in enumerate(base)
+              if compression == "int8" and np.issubdtype(np.asarray(b).dtype, np.floating)}
+    if metadata.get("count") != str(n) or set(tensors) != {weight_key(i) for i in range(n)} | scales:
+        raise PayloadError(source, f"a compressed update of {n} tensors, like its base weights; got keys "
+                                   f"{sorted(tensors)[:6]}")
+    out = []
+    for i, b in enumerate(base):
+        b, t = np.asarray(b), tensors[weight_key(i)]
+        if t.shape != b.shape:
+            raise PayloadError(source, f"tensor {i}: shape {t.shape}, its base's is {b.shape}")
+        if not np.issubdtype(b.dtype, np.floating):
+            if t.dtype != b.dtype:
+                raise PayloadError(source, f"tensor {i}: {t.dtype}, its base's is {b.dtype}")
+            out.append(np.array(t, copy=True))
+            continue
+        want = np.float16 if compression == "float16" else np.int8
+        if t.dtype != want:
+            raise PayloadError(source, f"tensor {i}: {t.dtype}, a {compression} update holds {np.dtype(want)}")
+        delta = t.astype(np.float32)
+        if compression == "int8":
+            scale = tensors[_scale_key(i)]
+            if scale.shape != () or scale.dtype != np.float32 or not (np.isfinite(scale) and scale >= 0):
+                raise PayloadError(source, f"tensor {i}: its scale must be one finite float32 >= 0")
+            with np.errstate(over="ignore"):
+                delta = delta * scale
+        with np.errstate(over="ignore", invalid="ignore"):
+            out.append((b.astype(np.float32) + delta).astype(b.dtype))
+    return out
 
 
 def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
@@ -366,4 +505,5 @@ __all__ = [
     "MAX_WEIGHTS_HEADER_BYTES", "MODEL_UNCOMPRESSED_FACTOR",
     "PayloadError", "WEIGHTS_FORMAT", "json_from_bytes", "json_to_bytes", "model_from_bytes",
     "model_to_bytes", "weight_key", "weights_from_bytes", "weights_to_bytes",
+    "COMPRESSIONS", "DELTA_FORMAT", "is_delta", "update_to_bytes",
 ]

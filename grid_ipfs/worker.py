@@ -139,7 +139,7 @@ class Worker(Peer):
         if (job.owner, job.job) in self.refused:
             return
         model = self.job_model(job, sender, self.x_train, self.y_train,
-                               check=lambda: (proximal_mu(job.config), secure_dp(job.config),
+                               check=lambda: (proximal_mu(job.config), secure_dp(job.config), compression(job.config),
                                               self._ceilings(job.config), self._room()))
         if model is None:
             return
@@ -150,7 +150,7 @@ class Worker(Peer):
         log.info("joined job %s (model %s, %s)", job.job, job.model, job.config)
 
     def train_round(self, round_: messages.Round) -> None:
-        from .payloads import weights_to_bytes
+        from .payloads import update_to_bytes, weights_to_bytes
         from .training import evaluate
 
         joined = self.jobs[round_.job]
@@ -200,7 +200,9 @@ class Worker(Peer):
                 weight = 1
             new_weights = mask_update(new_weights, weight, joined.mask_key, self.identity.id,
                                       round_.mask_keys, mask_context(round_.job, round_.round, round_.attempt))
-        cid = self.client.add(weights_to_bytes(new_weights))
+        packed = compression(joined.job.config) if joined.mask_key is None else None
+        cid = self.client.add(update_to_bytes(new_weights, global_weights, packed) if packed
+                              else weights_to_bytes(new_weights))
         # this worker's part of the round (fetch, evaluate, train, add; not its turn's wait in a pool): with
         # every worker on its own machine, the slowest selected one's is the round's critical path
         metrics = {**metrics, "compute_s": round(time.monotonic() - started - queued, 3)}
@@ -350,6 +352,18 @@ def _close_model(model: object) -> None:
 def proximal_mu(config: dict) -> float:
     """The job config's `proximal_mu` (FedProx; absent means 0); ValueError unless a finite number >= 0."""
     return check_number(config.get("proximal_mu", 0.0), "config.proximal_mu")
+
+
+def compression(config: dict) -> str | None:
+    """The job config's `compression` (`payloads.COMPRESSIONS`; absent: None); ValueError on another value."""
+    from .payloads import COMPRESSIONS
+
+    value = config.get("compression")
+    if value is not None and value not in COMPRESSIONS:
+        raise ValueError(f"config.compression must be one of {', '.join(COMPRESSIONS)}, got {str(value)[:20]!r}")
+    if value is not None and config.get("secure_aggregation") is True:
+        raise ValueError("config.compression: masked updates (secure aggregation) are sent as they are")
+    return value
 
 
 def secure_dp(config: dict) -> tuple[float, float] | None:

@@ -82,6 +82,41 @@ def test_strategies_params_are_ones_the_client_accepts():
             check_params(name, setting)
 
 
+def test_compression_meets_only_int8_at_four_times_fewer_bytes_and_half_a_point_on_a_verified_chain():
+    from benchmarks import compression
+    from benchmarks.run import _targets
+
+    def row(task, mode, size, acc, ok=True):
+        return {"task": task, "compression": mode, "update_bytes": size, "val_accuracy": acc, "verify_ok": ok,
+                "verify_reason": "" if ok else "block 1: weights differ", "job_s": 10.0}
+
+    rows = compression.judge([row("digits", "none", 4000, 0.95), row("digits", "float16", 2000, 0.95),
+                              row("digits", "int8", 990, 0.946), row("cnn", "none", 4000, 0.80),
+                              row("cnn", "int8", 1010, 0.80), row("mlp", "none", 4000, 0.9),
+                              row("mlp", "int8", 900, 0.8945, ok=False)])
+    assert [(r["task"], r["compression"], r["met"]) for r in rows] == [
+        ("digits", "none", None), ("digits", "float16", None), ("digits", "int8", True), ("cnn", "none", None),
+        ("cnn", "int8", False), ("mlp", "none", None), ("mlp", "int8", False)]
+    assert rows[2]["points"] == pytest.approx(0.4) and rows[4]["ratio"] == pytest.approx(4000 / 1010)
+    text = compression.render({"rows": rows})
+    assert "FAILED: block 1: weights differ" in text and text.count("**met**") == 1
+    targets = _targets({"compression": {"rows": rows}})
+    assert [t[3] for t in targets] == ["**met**", "**missed**", "**missed**"]
+
+
+def test_scale_reports_the_owner_s_memory_growth_in_model_copies():
+    from benchmarks import scale
+    from benchmarks.run import _targets
+
+    rows = [{"workers": n, "nodes": 4, "s_per_round": 1.0, "critical_s": 0.5, "coordination": 0.5, "fetch_s": 0.1,
+             "client_peak_rss_mb": rss, "weights_mb": 4.9, "rounds": 3, "repeats": 1, "aggregate_s": None}
+            for n, rss in ((1, 700.0), (64, 709.0))]
+    assert "grows by 9 MB = 1.8 model copies (target < 2): **met**" in scale.render(rows)
+    assert _targets({"scale": rows})[0][2:] == ["9 MB = 1.8 copies", "**met**"]
+    rows[-1]["client_peak_rss_mb"] = 720.0
+    assert "**missed**" in scale.render(rows)
+
+
 def test_only_keeps_the_other_benchmarks_sections_marked_as_carried_over(tmp_path, monkeypatch):
     import json
 

@@ -201,15 +201,20 @@ class _Objects:
         if bytes(cid.digest) not in self.seen:
             self._fetch(cid, max_size, what)
 
-    def weights(self, cid: CID, what: str, source: str | None = None) -> list:
-        """The arrays of weights file `cid`; _Bad when not retrievable, PayloadError when not weights."""
-        from ..payloads import MAX_WEIGHTS_BYTES, weights_from_bytes
+    def weights(self, cid: CID, what: str, source: str | None = None, *, base: list | None = None,
+                base_cid: CID | None = None) -> list:
+        """The arrays of weights file `cid` (a compressed update decoded against `base`, the weights
+        `base_cid` names); _Bad when not retrievable, PayloadError when not weights."""
+        from ..payloads import MAX_WEIGHTS_BYTES, is_delta, weights_from_bytes
 
-        key = bytes(cid.digest)
-        if key in self.parsed:
-            self.parsed.move_to_end(key)
-            return self.parsed[key]
-        arrays = weights_from_bytes(self._fetch(cid, MAX_WEIGHTS_BYTES, what), source=source or what)
+        plain, keyed = bytes(cid.digest), bytes(cid.digest) + (bytes(base_cid.digest) if base is not None else b"")
+        for key in (plain, keyed):  # a full weights file is the same whatever the base; a delta is not
+            if key in self.parsed:
+                self.parsed.move_to_end(key)
+                return self.parsed[key]
+        data = self._fetch(cid, MAX_WEIGHTS_BYTES, what)
+        key = keyed if is_delta(data) else plain
+        arrays = weights_from_bytes(data, source=source or what, base=base)
         for array in arrays:
             array.flags.writeable = False
         self.parsed[key] = arrays
@@ -551,13 +556,15 @@ def _recompute(block: dict, context: _Context) -> list:
     _check_params(name, params)
     try:
         strategy = make(name, params)
-        updates = [block["updates"][i] for i in summation_order(block)]  # the order the owner added them in
-        results = [(objects.weights(u["weights"], f"update from {u['worker']}"), u["num_examples"]) for u in updates]
-        previous = None
-        if strategy.needs_reference:
-            if context.accepted is None:
-                raise ValueError("the previous global weights could not be read")
+        previous = None  # what the round's workers trained from: a compressed update decodes against it
+        if context.accepted is not None:
             previous = objects.weights(context.accepted["weights"], "previous global weights")
+        elif strategy.needs_reference:
+            raise ValueError("the previous global weights could not be read")
+        updates = [block["updates"][i] for i in summation_order(block)]  # the order the owner added them in
+        results = [(objects.weights(u["weights"], f"update from {u['worker']}", base=previous,
+                                    base_cid=context.accepted["weights"] if previous is not None else None),
+                    u["num_examples"]) for u in updates]
         out = run(strategy, results, RoundContext(previous, block["round"], block["seq"], context.state))
         expected, context.pending_state = out.weights, out.state
     except (ValueError, TypeError) as exc:  # PayloadError is a ValueError; so are the rules' own errors

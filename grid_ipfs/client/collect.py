@@ -110,10 +110,12 @@ def inflated(job: JobRun, update: messages.Update, sender: str) -> str | None:
 
 
 def fetch_update(ipfs, job: JobRun, update: messages.Update, sender: str) -> list:
-    """An update's weights by CID, parsed like the global model's (or its masked form)."""
-    like = masked_like(job.accepted.weights) if not job.strategy.readable_updates else job.accepted.weights
+    """An update's weights by CID, parsed like the global model's (or its masked form); a compressed one
+    is decoded against the round's base weights, which its worker signed it against."""
+    readable = job.strategy.readable_updates
+    like = job.accepted.weights if readable else masked_like(job.accepted.weights)
     return fetch_weights(ipfs, update.weights, like=like, source=f"update {update.weights} from {sender[:12]}",
-                         timeout=FETCH_TIMEOUT)
+                         base=job.accepted.weights if readable else None, timeout=FETCH_TIMEOUT)
 
 
 def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], collected: dict[str, Collected],

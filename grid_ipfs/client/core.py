@@ -147,6 +147,8 @@ class Client:
         config = {"epochs": spec.epochs, "batch_size": spec.batch_size, "rounds": spec.rounds}
         if spec.proximal_mu:
             config["proximal_mu"] = float(spec.proximal_mu)
+        if spec.compression:
+            config["compression"] = spec.compression
         config.update(spec.strategy.fit_config())  # what the workers need for the rule (Flower's configure_fit)
         return messages.Job(job=job_id, model=model_cid, owner=self.identity.id, config=config)
 

@@ -12,6 +12,7 @@ from .. import messages
 from ..aggregate import AcceptRule, parse_accept
 from ..errors import GridError
 from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES, number_problem
+from ..payloads import COMPRESSIONS
 from ..secagg import masked_like
 from ..strategies import STRATEGIES, RoundContext, Strategy, StrategyError, make, run, strategy_class
 
@@ -87,10 +88,13 @@ class JobSpec:
     than its join did). No default number fits every federation, and a wrong one silently reweights
     honest workers; an owner who knows the shard sizes sets it, everyone else relies on allow-lists and
     robust rules."""
+    compression: str | None = None
+    """What the workers send (`payloads.COMPRESSIONS`): "float16" or "int8" deltas from the round's base
+    weights, deflated; None: full float32 weights. Recorded in genesis; each update's file says its own."""
 
     _RECORDED = ("rounds", "min_workers", "fraction", "epochs", "batch_size", "round_timeout", "max_retries",
                  "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept",
-                 "accept_retries", "miners", "proposal_timeout", "secure_aggregation", "max_examples")
+                 "accept_retries", "miners", "proposal_timeout", "secure_aggregation", "max_examples", "compression")
 
     def __post_init__(self) -> None:
         """Paths given as strings become `Path`s, and a spec that describes no job fails here, in one line
@@ -141,6 +145,10 @@ class JobSpec:
                     f"{_shown(self.secure_aggregation)} with {_shown(self.aggregation)}")
         if self.secure_aggregation and self.miners:
             return "secure aggregation hides single updates, so miners cannot aggregate them their way"
+        if self.compression is not None and self.compression not in COMPRESSIONS:
+            return f"compression must be one of {', '.join(COMPRESSIONS)} or None, got {_shown(self.compression)}"
+        if self.compression is not None and secure:
+            return "compression quantizes readable updates; masked updates (secure aggregation) go as they are"
         if cls.stateful and self.miners:
             return (f"{cls.name} keeps server state across rounds; a miner's rival aggregate would fork it, so "
                     "it runs without miners")
@@ -186,6 +194,8 @@ class JobSpec:
             del config["secure_aggregation"]
         if self.max_examples is None:
             del config["max_examples"]
+        if self.compression is None:
+            del config["compression"]
         return config
 
     @classmethod
