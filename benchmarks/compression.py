@@ -40,16 +40,16 @@ def run(ctx: common.Context) -> dict:
     from grid_ipfs.data import DataError
 
     tasks = [digits_task(ctx.workdir / "digits", workers=4, rounds=3 if ctx.quick else 5)]
-    skipped = None
+    not_run = None  # a task that could not run; not "skipped", which would hide the tasks that did
     if not ctx.quick:
         try:
             tasks.append(fashion_task(ctx.workdir / "fashion", fashion_root(), 12_000, 2_000, 3))
         except DataError as exc:
-            skipped = f"fashion_cnn: {exc}"
+            not_run = f"fashion_cnn: {exc}"
     rows = []
     for task in tasks:
         rows += measure_task(ctx, task)
-    return {"rows": judge(rows), "skipped": skipped} if skipped else {"rows": judge(rows)}
+    return {"rows": judge(rows), "not_run": not_run} if not_run else {"rows": judge(rows)}
 
 
 def measure_task(ctx: common.Context, task) -> list[dict]:
@@ -124,7 +124,7 @@ def render(r: dict) -> str:
                    cell(row, "val_accuracy", "{:.4f}"), cell(row, "points", "{:+.2f}"),
                    "ok" if row["verify_ok"] else f"FAILED: {row['verify_reason']}", cell(row, "job_s", "{:.0f}"),
                    verdict(row["met"]) if row["met"] is not None else ""] for row in r["rows"]])
-    skipped = f"\n\nNot run: {r['skipped']}." if r.get("skipped") else ""
+    skipped = f"\n\nNot run: {r['not_run']}." if r.get("not_run") else ""
     return (f"{body}{skipped}\n\nBytes are the update files the chain links (mean over every update of every "
             f"round), fetched back from node {VERIFY_NODE}; every chain verified there (updates decoded against "
             f"their round's base, aggregates recomputed bit for bit, metrics re-evaluated). Target for int8: "

@@ -1,12 +1,12 @@
-"""flower: the digits task of `overhead` on Flower, against the grid.
+"""flower: the tasks of `overhead` (digits MLP) and `overhead_cnn` (Fashion-MNIST CNN) on Flower, against the grid.
 
-Same model file, shards, held-out set, rounds, epochs, batch size and seeds as `benchmarks.overhead`.
+Same model file, shards, held-out set, rounds, epochs, batch size and seeds as those benchmarks.
 Flower runs as its deployment-style legacy API needs no extra service: `flwr.server.start_server` and three
 `flwr.client.start_client` processes over gRPC on 127.0.0.1 (`benchmarks.flower_app`). Its Ray-based
 simulation is not used (an extra heavy dependency, and it runs clients as actors, not as processes like
 the grid's workers). `s_per_round` is the mean round time on the server (clients sampled -> new global
 model evaluated); `ratio_grid_over_flower` divides the grid's seconds per round (from `overhead` in the
-same run, else measured here) by it.
+same run, or `overhead_cnn` for the CNN; else measured here) by it. Target: ratio <= 1.0 on each task.
 
 Flower lives in its own small environment, `benchmarks/.venv-flwr`, layered over the project's venv
 (a `.pth` file adds `.venv`'s site-packages after its own): installing `flwr` into `.venv` would downgrade
@@ -28,12 +28,14 @@ import time
 from pathlib import Path
 
 from benchmarks import common, overhead
-from benchmarks.common import cell, log, table
+from benchmarks.common import cell, log, table, verdict
 from grid_ipfs.ipfs.devnet import free_port
 
 NAME = "flower"
 DEFAULT_REPEATS = (3, 2)
 FLWR_VERSION = "1.41.0"
+TARGET_RATIO = 1.0
+"""Issue 14: the grid's seconds per round no more than Flower's, on each task."""
 OVERLAY = common.BENCH_DIR / ".venv-flwr"
 
 
@@ -150,52 +152,80 @@ def run_flower(python: str, task: overhead.Task, directory: Path, timeout: float
     return {"flwr_version": record["flwr_version"], "round_s": round_s, "acc": rounds[-1]["accuracy"]}
 
 
-def grid_reference(ctx: common.Context, task: overhead.Task) -> tuple[float, str]:
-    """The grid's seconds per round on this task: from this run's `overhead`, else measured now."""
-    previous = ctx.previous.get("overhead")
+def grid_reference(ctx: common.Context, task: overhead.Task, section: str) -> tuple[float, str]:
+    """The grid's seconds per round on this task: from this run's `section` (overhead, overhead_cnn), else
+    measured now on a grid of the same shape."""
+    previous = ctx.previous.get(section)
     if isinstance(previous, dict) and previous.get("grid_s_per_round") is not None \
             and previous.get("rounds") == task.rounds:
-        return previous["grid_s_per_round"], "the overhead benchmark of this run"
-    log("flower: no overhead result in this run; measuring the grid on the same task")
+        return previous["grid_s_per_round"], f"the {section} benchmark of this run"
+    log(f"flower: no {section} result in this run; measuring the grid on the same task")
     grid_ctx = common.Context(repeats=ctx.repeats, quick=ctx.quick, workdir=ctx.workdir)
-    grid = overhead.compare(grid_ctx, task, ctx.workdir / "grid")
-    return grid["grid_s_per_round"], "measured by this benchmark (overhead was not run)"
+    grid = overhead.compare(grid_ctx, task, ctx.workdir / f"grid-{task.name}")
+    return grid["grid_s_per_round"], f"measured by this benchmark ({section} was not run)"
+
+
+def tasks(ctx: common.Context) -> tuple[list[tuple[overhead.Task, str]], str | None]:
+    """(task, the section whose grid figure it reuses) for the digits MLP and, when its data set is
+    installed, the Fashion-MNIST CNN of `overhead_cnn` (same sizes); else why the CNN is not run."""
+    from benchmarks import overhead_cnn
+    from grid_ipfs.data import DataError
+
+    out = [(overhead.digits_task(ctx.workdir / "task", rounds=overhead.rounds_for(ctx)), "overhead")]
+    n_train, n_test, rounds = overhead_cnn.SIZES[ctx.quick]
+    try:
+        cnn = overhead_cnn.fashion_task(ctx.workdir / "task-cnn", overhead_cnn.fashion_root(), n_train, n_test,
+                                        rounds)
+    except DataError as exc:
+        return out, f"fashion_cnn: {exc}"
+    return [*out, (cnn, "overhead_cnn")], None
 
 
 def run(ctx: common.Context) -> dict:
-    task = overhead.digits_task(ctx.workdir / "task", rounds=overhead.rounds_for(ctx))
-    ctx.info.update(task.describe())
     try:
         python = flwr_python(ctx.info)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         return {"skipped": f"Flower could not be installed or imported here: {exc}"}
-    samples, version = [], None
-    for rep in range(ctx.repeats):
-        result = run_flower(python, task, ctx.workdir / f"flower{rep}")
-        version = result["flwr_version"]
-        samples.append({"s_per_round": statistics.fmean(result["round_s"]), "acc": result["acc"]})
-        log(f"flower repeat {rep + 1}/{ctx.repeats}: {samples[-1]['s_per_round']:.3f} s/round, "
-            f"acc {result['acc']:.4f}, rounds {[round(x, 2) for x in result['round_s']]}")
-    grid_s, source = grid_reference(ctx, task)
-    out = {"flwr_version": version}
-    out.update(common.fold(samples, ["s_per_round", "acc"]))
-    out["ratio_grid_over_flower"] = round(grid_s / out["s_per_round"], 3)
-    out.update(grid_s_per_round=grid_s, grid_source=source, task=task.name, workers=len(task.shards),
-               rounds=task.rounds, epochs=task.epochs, batch_size=task.batch_size, repeats=ctx.repeats,
-               transport="flwr.server.start_server + flwr.client.start_client, gRPC on 127.0.0.1",
-               environment=ctx.info.get("flwr_env"))
-    return out
+    chosen, not_run = tasks(ctx)
+    rows = []
+    for task, section in chosen:
+        samples, version = [], None
+        for rep in range(ctx.repeats):
+            result = run_flower(python, task, ctx.workdir / f"flower-{task.name}-{rep}")
+            version = result["flwr_version"]
+            samples.append({"s_per_round": statistics.fmean(result["round_s"]), "acc": result["acc"]})
+            log(f"flower {task.name} repeat {rep + 1}/{ctx.repeats}: {samples[-1]['s_per_round']:.3f} s/round, "
+                f"acc {result['acc']:.4f}, rounds {[round(x, 2) for x in result['round_s']]}")
+        grid_s, source = grid_reference(ctx, task, section)
+        row = {"flwr_version": version, **common.fold(samples, ["s_per_round", "acc"])}
+        row["ratio_grid_over_flower"] = round(grid_s / row["s_per_round"], 3)
+        row.update(grid_s_per_round=grid_s, grid_source=source, task=task.name, workers=len(task.shards),
+                   rounds=task.rounds, epochs=task.epochs, batch_size=task.batch_size, repeats=ctx.repeats)
+        rows.append(row)
+    out = {"rows": rows, "transport": "flwr.server.start_server + flwr.client.start_client, gRPC on 127.0.0.1",
+           "environment": ctx.info.get("flwr_env")}
+    return {**out, "not_run": not_run} if not_run else out
+
+
+def flower_rows(r: dict) -> list[dict]:
+    """The per-task rows of a result (one flat row in results written before the CNN was added)."""
+    return r["rows"] if "rows" in r else [r]
 
 
 def render(r: dict) -> str:
+    rows = flower_rows(r)
     body = table(["Flower", "task", "workers", "rounds", "Flower s/round", "Flower acc", "grid s/round",
-                  "grid / Flower"],
-                 [[r["flwr_version"], r["task"], r["workers"], r["rounds"], cell(r, "s_per_round", "{:.3f}"),
-                   cell(r, "acc", "{:.4f}"), f"{r['grid_s_per_round']:.3f}", f"{r['ratio_grid_over_flower']:.2f}"]])
-    return (f"{body}\n\nFlower {r['flwr_version']} via {r['transport']} ({r['environment']}); same model file, "
-            f"shards, seeds, {r['epochs']} epoch(s) of batch {r['batch_size']}, per-round evaluation on each "
-            f"client's validation split and of the global model on the held-out set. Grid figure from "
-            f"{r['grid_source']}; the grid/Flower ratio uses the medians.")
+                  "grid / Flower", f"target <= {TARGET_RATIO:g}"],
+                 [[row["flwr_version"], row["task"], row["workers"], row["rounds"],
+                   cell(row, "s_per_round", "{:.3f}"), cell(row, "acc", "{:.4f}"), f"{row['grid_s_per_round']:.3f}",
+                   f"{row['ratio_grid_over_flower']:.2f}", verdict(row["ratio_grid_over_flower"] <= TARGET_RATIO)]
+                  for row in rows])
+    sources = "; ".join(f"{row['task']} from {row['grid_source']}" for row in rows)
+    not_run = f"\n\nNot run: {r['not_run']}." if r.get("not_run") else ""
+    return (f"{body}{not_run}\n\nFlower {rows[0]['flwr_version']} via {r['transport']} ({r['environment']}); "
+            f"same model file, shards, seeds, epochs and batch size as the grid, per-round evaluation on each "
+            f"client's validation split and of the global model on the held-out set. Grid figures: {sources}; "
+            f"the grid/Flower ratio uses the medians.")
 
 
 if __name__ == "__main__":

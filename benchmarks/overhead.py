@@ -117,7 +117,10 @@ def run_grid_job(grid, task: Task, head_dir: Path, job_id: str, callbacks: list 
         result = client.submit(spec)
         submit_s = time.perf_counter() - t0
     round_s = [r.seconds for r in result.rounds]
+    critical = [r.metrics.get("critical_path_s") for r in result.rounds]
+    coordination = [1 - c / s for c, s in zip(critical, round_s) if c is not None and s > 0]
     return {"round_s": round_s, "acc": result.rounds[-1].metrics.get("val_accuracy"), "submit_s": submit_s,
+            "coordination": statistics.fmean(coordination) if coordination else None,
             "join_s": submit_s - sum(round_s), "updates": [r.updates for r in result.rounds]}
 
 
@@ -151,6 +154,7 @@ def compare(ctx: common.Context, task: Task, grid_dir: Path) -> dict:
                 "inprocess_steady_s_per_round": mean(p["round_s"][1:]),
                 "grid_first_round_s": g["round_s"][0], "inprocess_first_round_s": p["round_s"][0],
                 "grid_acc": g["acc"], "inprocess_acc": p["acc"], "join_s": g["join_s"],
+                "coordination": g["coordination"],
             }
             sample["overhead_s_per_round"] = sample["grid_s_per_round"] - sample["inprocess_s_per_round"]
             sample["overhead_steady_s_per_round"] = (sample["grid_steady_s_per_round"]
@@ -166,7 +170,7 @@ def compare(ctx: common.Context, task: Task, grid_dir: Path) -> dict:
         grid.stop()
     out = {"task": task.name, "workers": len(task.shards), "rounds": task.rounds}
     out.update(common.fold(samples, ["grid_s_per_round", "inprocess_s_per_round", "overhead_s_per_round",
-                                     "grid_acc", "inprocess_acc", "overhead_ratio", "acc_diff"]))
+                                     "grid_acc", "inprocess_acc", "overhead_ratio", "acc_diff", "coordination"]))
     out["detail"] = common.fold(samples, ["grid_steady_s_per_round", "inprocess_steady_s_per_round",
                                           "overhead_steady_s_per_round", "grid_first_round_s",
                                           "inprocess_first_round_s", "join_s"], digits=3)
@@ -196,8 +200,8 @@ def render(r: dict, ratio: bool = False) -> str:
     if ratio:
         header.append("overhead ratio")
         row.append(cell(r, "overhead_ratio", "{:.3f}"))
-    header += ["grid acc", "in-process acc"]
-    row += [cell(r, "grid_acc", "{:.4f}"), cell(r, "inprocess_acc", "{:.4f}")]
+    header += ["coordination share", "grid acc", "in-process acc"]
+    row += [cell(r, "coordination", "{:.0%}"), cell(r, "grid_acc", "{:.4f}"), cell(r, "inprocess_acc", "{:.4f}")]
     body = table(header, [row])
     d = r["detail"]
     targets = [f"overhead <= {TARGET_OVERHEAD_S} s/round: {verdict(r['overhead_s_per_round'] <= TARGET_OVERHEAD_S)}",
@@ -215,7 +219,9 @@ def render(r: dict, ratio: bool = False) -> str:
             f"{r['workers']} IID shards, {r['epochs']} local epoch(s) of batch {r['batch_size']}, "
             f"{r['test_examples']} held-out examples evaluated every round; median (min–max) over "
             f"{r['repeats']} repeat(s). Round 1 includes Keras tracing the new model on every worker:\n\n{steady}\n\n"
-            f"Workers joined the grid job in {cell(d, 'join_s')} s (not part of any round).")
+            f"Workers joined the grid job in {cell(d, 'join_s')} s (not part of any round). `coordination share` "
+            f"is the part of a grid round outside its critical path (the blocks' `critical_path_s`, the slowest "
+            f"worker's own fetch, evaluate, fit and add): announcing, the owner's fetches, aggregating, chaining.")
 
 
 if __name__ == "__main__":

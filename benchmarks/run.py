@@ -187,6 +187,19 @@ def _targets(results: dict) -> list[list[str]]:
 
             rows.append([key, f"overhead / in-process time <= {CNN_RATIO}", f"{o['overhead_ratio']:.3f}",
                          verdict(o["overhead_ratio"] <= CNN_RATIO)])
+            if o.get("coordination") is not None:
+                from benchmarks.overhead_cnn import TARGET_COORDINATION
+
+                rows.append([key, f"coordination <= {TARGET_COORDINATION:.0%} of the round",
+                             f"{o['coordination']:.1%}", verdict(o["coordination"] <= TARGET_COORDINATION)])
+    f = results.get("flower")
+    if ok(f):
+        from benchmarks.flower import TARGET_RATIO as FLOWER_RATIO
+        from benchmarks.flower import flower_rows
+
+        for r in flower_rows(f):
+            rows.append(["flower", f"{r['task']}: grid / Flower s/round <= {FLOWER_RATIO:g}",
+                         f"{r['ratio_grid_over_flower']:.2f}", verdict(r["ratio_grid_over_flower"] <= FLOWER_RATIO)])
     s = results.get("strategies")
     if ok(s):
         from benchmarks.strategies import BASELINE, TARGET_ACC_DROP

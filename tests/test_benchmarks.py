@@ -117,6 +117,32 @@ def test_scale_reports_the_owner_s_memory_growth_in_model_copies():
     assert "**missed**" in scale.render(rows)
 
 
+def test_flower_judges_each_task_and_still_renders_a_result_from_before_the_cnn():
+    from benchmarks import flower
+    from benchmarks.run import _targets
+
+    def row(task, grid, flwr):
+        return {"flwr_version": "1.41.0", "task": task, "workers": 3, "rounds": 5, "s_per_round": flwr,
+                "acc": 0.9, "grid_s_per_round": grid, "grid_source": "x", "ratio_grid_over_flower": grid / flwr}
+
+    result = {"rows": [row("digits_mlp", 0.5, 1.0), row("fashion_cnn", 3.0, 2.0)], "transport": "gRPC",
+              "environment": "venv"}
+    text = flower.render(result)
+    assert "| 0.50 | **met** |" in text and "| 1.50 | **missed** |" in text
+    assert [t[3] for t in _targets({"flower": result})] == ["**met**", "**missed**"]
+    old = {**row("digits_mlp", 0.84, 0.55), "transport": "gRPC", "environment": "venv"}  # results.json of 498c7e5
+    assert "| 1.53 | **missed** |" in flower.render(old) and len(_targets({"flower": old})) == 1
+
+
+def test_overhead_cnn_judges_the_coordination_share_when_it_was_measured():
+    from benchmarks.run import _targets
+
+    base = {"overhead_s_per_round": 0.5, "acc_diff": 0.0, "overhead_ratio": 0.04}
+    assert [t[1:] for t in _targets({"overhead_cnn": {**base, "coordination": 0.12}})][-1] == \
+        ["coordination <= 10% of the round", "12.0%", "**missed**"]
+    assert not any("coordination" in t[1] for t in _targets({"overhead_cnn": base}))
+
+
 def test_only_keeps_the_other_benchmarks_sections_marked_as_carried_over(tmp_path, monkeypatch):
     import json
 

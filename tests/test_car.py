@@ -410,7 +410,7 @@ def test_export_import_and_verify_car_across_devnets_that_never_met(make_devnet,
     with first.nodes[0].client() as client:
         _, cids = build_chain(client, rounds=3)
         head = cid_str(cids[-1])
-        big = bytes(range(256)) * 3000  # 768 KB: a multi-chunk UnixFS file, read back through the CAR
+        big = bytes(range(256)) * 12000  # 3 MB: a UnixFS file of 1 MiB raw leaves, read back through the CAR
         big_cid = client.add(big)
         client.dag_export(big_cid, tmp_path / "big.car")
     with CarStore(tmp_path / "big.car") as store:
