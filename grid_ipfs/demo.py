@@ -14,11 +14,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .runtime import prepare_process
+from .runtime import quiet_tensorflow
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepare_process()  # before anything loads TensorFlow; an entry point's choice
+    quiet_tensorflow()  # before anything loads TensorFlow; an entry point's choice
     parser = argparse.ArgumentParser(prog="python -m grid_ipfs.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=3)

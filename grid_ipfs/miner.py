@@ -37,7 +37,7 @@ from .ipfs.pubsub import PubsubMessage
 from .ipfs.rpc import IPFSClient
 from .payloads import PayloadError
 from .peer import Peer, connect
-from .runtime import prepare_process
+from .runtime import prepare_owner_process
 from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args
 from .sandbox import add_arguments as add_isolation_arguments
 from .strategies import STRATEGIES, StrategyError, aggregate
@@ -317,7 +317,7 @@ def build_parser(prog: str = "python -m grid_ipfs.miner") -> argparse.ArgumentPa
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepare_process()  # before anything loads TensorFlow; an entry point's choice
+    prepare_owner_process()  # before anything loads TensorFlow; an entry point's choice
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -26,7 +26,7 @@ from .data import DataError, load_shard
 from .identity import Identity, IdentityError, read_id_list
 from .ipfs import IPFSError
 from .ipfs.rpc import IPFSClient
-from .runtime import prepare_process
+from .runtime import quiet_tensorflow
 from .vetting import policy_from_args
 from .worker import Worker, add_training_arguments, training_options
 
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepare_process()
+    quiet_tensorflow()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

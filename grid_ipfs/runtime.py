@@ -1,7 +1,8 @@
 """Process-wide settings that only an entry point may make: importing grid_ipfs changes no global.
 
-The CLIs (`python -m grid_ipfs.worker`, `.client`, `.miner`, `.chain`, `.demo`) call `prepare_process()`
-first thing; a program that uses grid_ipfs as a library decides for itself (e.g. by exporting the two
+The CLIs (`python -m grid_ipfs.worker`, `.pool`, `.chain`, `.demo`) call `quiet_tensorflow()` first
+thing; the owner's (`.client`, `.miner`) call `prepare_owner_process()`, which also tunes the
+allocator. A program that uses grid_ipfs as a library decides for itself (e.g. by exporting the
 variables before it starts).
 """
 
@@ -29,8 +30,10 @@ def return_large_frees() -> bool:
     freed. By default glibc raises that threshold to the size of the largest block freed so far (up to
     32 MiB), so after the first update a role keeps every later model-sized buffer in its heap arenas,
     one set per fetch thread: measured on a 4.9 MB model, 64 updates parsed and averaged in 4 threads
-    raised peak RSS by 99 MB with the default and 60 MB with this. Only an entry point should call it
-    (it changes the process's allocator); does nothing where glibc is absent or when the operator set
+    raised peak RSS by 99 MB with the default and 60 MB with this. For the owner's roles only: a process
+    that trains pays a page fault per fresh page of every large per-step tensor instead (Keras `fit` of
+    the same model measured 2x slower), so workers keep glibc's default. Only an entry point should call
+    it (it changes the process's allocator); does nothing where glibc is absent or when the operator set
     `MALLOC_MMAP_THRESHOLD_` themselves. Returns whether the setting was made."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
@@ -44,7 +47,7 @@ def return_large_frees() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
-def prepare_process() -> None:
-    """What every grid_ipfs CLI sets first thing: `quiet_tensorflow()` and `return_large_frees()`."""
+def prepare_owner_process() -> None:
+    """What the owner's CLIs (client, miner) set first thing: `quiet_tensorflow()` and `return_large_frees()`."""
     quiet_tensorflow()
     return_large_frees()

@@ -37,7 +37,7 @@ from .kerasstate import KERAS_LOCK
 from .limits import check_number
 from .payloads import PayloadError, fetch_weights
 from .peer import Peer, connect
-from .runtime import prepare_process
+from .runtime import quiet_tensorflow
 from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args
 from .sandbox import add_arguments as add_isolation_arguments
 from .secagg import MaskKey, dp_share, mask_context, mask_update, sign_mask_key, unsigned_mask_keys
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
          make_worker: Callable[..., Worker] | None = None) -> int:
     """Run a worker until SIGINT/SIGTERM. `parser` and `make_worker(args, **worker_kwargs)` let a variant
     (another `Worker` subclass with extra options) reuse the whole command line and lifecycle."""
-    prepare_process()  # before anything loads TensorFlow; an entry point's choice
+    quiet_tensorflow()  # before anything loads TensorFlow; an entry point's choice
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -22,8 +22,8 @@ def test_large_frees_go_back_to_the_kernel_unless_the_operator_chose_a_threshold
     assert _run(code, MALLOC_MMAP_THRESHOLD_="65536") == "False"
 
 
-def test_prepare_process_quiets_tensorflow_without_overriding_the_user():
-    code = ("import os; from grid_ipfs.runtime import prepare_process; prepare_process(); "
+def test_prepare_owner_process_quiets_tensorflow_without_overriding_the_user():
+    code = ("import os; from grid_ipfs.runtime import prepare_owner_process; prepare_owner_process(); "
             "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], os.environ['TF_ENABLE_ONEDNN_OPTS'])")
     assert _run(code) == "3 0"
     assert _run(code, TF_CPP_MIN_LOG_LEVEL="1") == "1 0"

@@ -10,7 +10,7 @@ from grid_ipfs import messages
 from grid_ipfs.aggregate import RunningFedAvg
 from grid_ipfs.chain import ChainError, ChainLog, validate_block, verify_chain
 from grid_ipfs.chain.blocks import summation_order
-from grid_ipfs.client.collect import Collected, Stream
+from grid_ipfs.client.collect import FETCH_MEMORY, FETCH_THREADS, Collected, Stream, fetch_threads
 from grid_ipfs.payloads import weights_to_bytes
 from grid_ipfs.secagg import masked_like
 from grid_ipfs.strategies import STRATEGIES, RoundContext, Running, Strategy, StrategyError, make, run, streams
@@ -225,3 +225,15 @@ def test_genesis_has_no_fold():
     genesis = get_block(store, log.append(genesis_fields(store, rng), OWNER))
     with pytest.raises(ChainError, match="fold"):
         validate_block({**genesis, "fold": []})
+
+
+def test_fetch_threads_shrink_with_the_model_so_updates_in_flight_stay_within_the_budget():
+    def model(mb: float) -> list:
+        return [np.zeros(int(mb * (1 << 20)) // 4, np.float32)]
+
+    assert fetch_threads(model(4.9)) == FETCH_THREADS  # the scale benchmark's model: 4 at once, as before
+    assert fetch_threads(model(48)) == 2 and fetch_threads(model(200)) == 1
+    for mb in (0.01, 4.9, 20, 48, 100, 500):
+        threads = fetch_threads(model(mb))
+        assert 1 <= threads <= FETCH_THREADS
+        assert threads == 1 or threads * 2 * mb * (1 << 20) <= FETCH_MEMORY

@@ -64,7 +64,7 @@ from ..ipfs import IPFSError, cid_str, parse_cid, same_cid
 from ..ipfs.car import MAX_CAR_BYTES, CarReader, CarStore
 from ..ipfs.rpc import IPFSClient
 from ..payloads import PayloadError
-from ..runtime import prepare_process
+from ..runtime import quiet_tensorflow
 from . import ChainError, read_head, verify_chain, walk
 from .export import ExportError, check_request, export_model, load_genesis_model
 from .log import MAX_BLOCKS
@@ -400,7 +400,7 @@ def privacy(client: IPFSClient, head: str, delta: float, as_json: bool, max_bloc
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepare_process()  # before anything loads TensorFlow; an entry point's choice
+    quiet_tensorflow()  # before anything loads TensorFlow; an entry point's choice
     parser = argparse.ArgumentParser(prog="python -m grid_ipfs.chain", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

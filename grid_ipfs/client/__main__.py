@@ -16,7 +16,7 @@ from ..identity import Identity, IdentityError, default_key_path, id_options_joi
 from ..ipfs import IPFSError
 from ..ipfs.rpc import IPFSClient
 from ..payloads import PayloadError
-from ..runtime import prepare_process
+from ..runtime import prepare_owner_process
 from ..strategies import canonical_name, check_params
 from .core import Client
 from .job import SECURE_RULES, ClientCallback, JobFailed, JobSpec
@@ -103,7 +103,7 @@ def _param(text: str) -> tuple[str, float | int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepare_process()  # before anything loads TensorFlow; an entry point's choice
+    prepare_owner_process()  # before anything loads TensorFlow; an entry point's choice
     from ..strategies import names
 
     parser = argparse.ArgumentParser(prog="python -m grid_ipfs.client",
