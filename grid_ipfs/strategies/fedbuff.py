@@ -1,0 +1,136 @@
+"""Buffered asynchronous aggregation (FedBuff; Nguyen et al., 2022), the pure math of issue 15's async mode.
+
+In an asynchronous job a worker trains from whichever global version it has and names it; by the time
+its update arrives the owner may have moved on `staleness` versions. FedBuff keeps a buffer: each
+update contributes its *change* from the version it started from, down-weighted by a function of its
+staleness, and every K accepted updates the owner applies the buffer's weighted mean change to the
+newest global weights with a server learning rate:
+
+    new = global + server_lr * sum_i s(tau_i) * n_i * (w_i - base_i) / sum_i n_i
+
+With every update fresh (tau = 0), s = 1 and server_lr = 1 this is FedAvg of the buffer's models
+started from `global`. The sums run in float64 in the order the updates were added (recorded on the
+chain), then round to the global weights' dtype once, so whoever replays that order gets the same bits.
+Nothing here knows about IPFS, messages or blocks: the orchestration (who sends what, which versions
+exist) lives in the roles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .base import StrategyError
+
+Weights = Sequence[np.ndarray]
+
+
+def _constant(staleness: int) -> float:
+    return 1.0
+
+
+def _polynomial(staleness: int, a: float = 0.5) -> float:
+    return (1.0 + staleness) ** -a
+
+
+def _hinge(staleness: int, a: float = 10.0, b: float = 4.0) -> float:
+    return 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
+
+
+STALENESS_FUNCTIONS: dict[str, tuple[Callable[..., float], dict[str, tuple[float, float]]]] = {
+    "constant": (_constant, {}),
+    "polynomial": (_polynomial, {"a": (0.0, 10.0)}),
+    "hinge": (_hinge, {"a": (0.0, 1000.0), "b": (0.0, 1000.0)}),
+}
+"""Staleness weights s(tau) from FedAsync (Xie et al., 2019) that FedBuff uses, with each parameter's
+allowed range. `polynomial` with a = 0.5 is FedBuff's 1/sqrt(1 + tau), the default."""
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """A staleness weight s(tau), named and parametrised as the chain records it."""
+
+    name: str = "polynomial"
+    params: Mapping[str, float] = field(default_factory=lambda: {"a": 0.5})
+
+    def __post_init__(self) -> None:
+        if self.name not in STALENESS_FUNCTIONS:
+            raise StrategyError(f"unknown staleness function {self.name!r}; known: {', '.join(STALENESS_FUNCTIONS)}")
+        _, ranges = STALENESS_FUNCTIONS[self.name]
+        unknown = sorted(set(self.params) - set(ranges))
+        if unknown:
+            raise StrategyError(f"staleness {self.name} takes no param {unknown[0]!r} (takes: {sorted(ranges)})")
+        for key, value in self.params.items():
+            low, high = ranges[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low <= value <= high:
+                raise StrategyError(f"staleness {self.name} param {key} must be a number in [{low:g}, {high:g}], "
+                                    f"not {value!r}")
+
+    def weight(self, staleness: int) -> float:
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+            raise StrategyError(f"staleness must be a non-negative integer, not {staleness!r}")
+        function, _ = STALENESS_FUNCTIONS[self.name]
+        return float(function(staleness, **self.params))
+
+    def record(self) -> dict:
+        """What a block records: {"name", "params"}."""
+        return {"name": self.name, "params": dict(self.params)}
+
+
+def too_stale(staleness: int, bound: int) -> str | None:
+    """Why an update `staleness` versions behind is refused under `bound`, or None."""
+    if staleness > bound:
+        return f"stale beyond the bound: {staleness} versions behind, at most {bound} accepted"
+    return None
+
+
+class Buffer:
+    """FedBuff's server buffer for one aggregation: `add` each accepted update in arrival order, then
+    `apply` to the newest global weights. Holds one float64 sum (two model copies), whatever K is."""
+
+    def __init__(self, staleness: Staleness | None = None):
+        self.staleness = staleness or Staleness()
+        self.total: list[np.ndarray] | None = None
+        self.examples = 0
+        self.count = 0
+
+    def add(self, weights: Weights, base: Weights, num_examples: int, staleness: int) -> None:
+        """Fold one update: `weights` trained from `base` (the version it names), `staleness` versions ago."""
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+            raise StrategyError(f"num_examples must be a positive integer, not {num_examples!r}")
+        if len(weights) != len(base) or any(w.shape != b.shape for w, b in zip(weights, base)):
+            raise StrategyError("an update's tensors do not match the shapes of the version it names")
+        scale = self.staleness.weight(staleness) * num_examples
+        change = [scale * (np.asarray(w, np.float64) - np.asarray(b, np.float64)) for w, b in zip(weights, base)]
+        if self.total is None:
+            self.total = change
+        else:
+            if any(t.shape != c.shape for t, c in zip(self.total, change)):
+                raise StrategyError("an update's tensors do not match the buffer's")
+            for t, c in zip(self.total, change):
+                t += c
+        self.examples += num_examples
+        self.count += 1
+
+    def apply(self, global_weights: Weights, server_lr: float = 1.0) -> list[np.ndarray]:
+        """The new global weights: `global_weights` moved by `server_lr` times the buffer's mean change."""
+        if self.total is None:
+            raise StrategyError("an empty buffer has nothing to apply")
+        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) or not 0 < server_lr <= 10:
+            raise StrategyError(f"server_lr must be a number in (0, 10], not {server_lr!r}")
+        if len(global_weights) != len(self.total) or any(g.shape != t.shape
+                                                          for g, t in zip(global_weights, self.total)):
+            raise StrategyError("the global weights do not match the buffer's tensors")
+        out = []
+        for g, t in zip(global_weights, self.total):
+            dtype = np.asarray(g).dtype
+            with np.errstate(over="ignore", invalid="ignore"):
+                moved = (np.asarray(g, np.float64) + server_lr * (t / self.examples)).astype(dtype)
+            if not np.isfinite(moved).all():
+                raise StrategyError(f"the buffer's aggregate does not fit {dtype} (an update overflowed)")
+            out.append(moved)
+        return out
