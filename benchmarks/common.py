@@ -77,9 +77,13 @@ def stats(samples: Sequence[float]) -> dict[str, float]:
 
 
 def fold(repeats: Sequence[dict], keys: Iterable[str], digits: int = 4) -> dict:
-    """One row from per-repeat rows: `key` is the median over repeats, `key_min` / `key_max` the extremes."""
+    """One row from per-repeat rows: `key` is the median over repeats, `key_min` / `key_max` the extremes;
+    None when no repeat measured it (so a table shows "-" and no target is judged on a NaN)."""
     out: dict = {}
     for key in keys:
+        if all(r.get(key) is None for r in repeats):
+            out[key] = out[f"{key}_min"] = out[f"{key}_max"] = None
+            continue
         s = stats([r[key] for r in repeats if r.get(key) is not None])
         out[key] = round(s["median"], digits)
         out[f"{key}_min"] = round(s["min"], digits)

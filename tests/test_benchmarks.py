@@ -158,3 +158,7 @@ def test_only_keeps_the_other_benchmarks_sections_marked_as_carried_over(tmp_pat
     assert results["pubsub"] == {"p50_ms": 3.0} and results["strategies"] == {"new": True}
     assert results["meta"]["benchmarks"]["pubsub"]["carried_over"].startswith("2026-01-01 00:00:00 UTC")
     assert "flwr" not in results["meta"]["versions"]
+
+
+def test_fold_keeps_none_when_no_repeat_measured_a_figure():
+    assert fold([{"x": None}, {}], ["x"]) == {"x": None, "x_min": None, "x_max": None}

@@ -59,6 +59,8 @@ SKIP_BLOCKS: dict[str, dict[str, str]] = {
                              "the rules are trained in tests/test_beyond.py and tests/test_privacy.py",
         "grid_ipfs.miner --api A": "a miner runs until stopped and needs a --miners job: tests/test_beyond.py "
                                    "(options checked against --help)",
+        "grid_ipfs.pool --api": "a pool runs until stopped: tests/test_pool.py hosts 8 workers through it "
+                                "(options checked against --help)",
     },
     "docs/deployment.md": {
         "docker compose": "needs Docker and the Kubo image (tests/test_compose.py checks the compose file)",

@@ -56,17 +56,35 @@ def test_each_update_contributes_its_change_from_the_version_it_names():
         np.testing.assert_allclose(got, g + 0.125, rtol=1e-6)
 
 
-def test_the_same_order_gives_the_same_bits():
+def test_the_result_is_the_recorded_formula_bit_for_bit_in_the_order_added():
+    """What `chain verify` will recompute: float64 sums in the order added, one cast at the end."""
     base = model(0)
     updates = [(model(i), 3 + i, i % 3) for i in range(1, 8)]
-
-    def run() -> list[bytes]:
-        buffer = Buffer()
+    buffer = Buffer()
+    for weights, n, tau in updates:
+        buffer.add(weights, base, n, tau)
+    got = buffer.apply(base, server_lr=0.7)
+    for k, g in enumerate(base):
+        total = np.zeros(g.shape, np.float64)
         for weights, n, tau in updates:
-            buffer.add(weights, base, n, tau)
-        return [w.tobytes() for w in buffer.apply(base, server_lr=0.7)]
+            total += ((1.0 / math.sqrt(1 + tau)) * n) * (weights[k].astype(np.float64) - g.astype(np.float64))
+        want = (g.astype(np.float64) + 0.7 * (total / sum(n for _, n, _ in updates))).astype(np.float32)
+        assert got[k].tobytes() == want.tobytes()
 
-    assert run() == run()
+
+def test_defaults_are_each_function_s_own_and_numpy_counts_are_counts():
+    assert Staleness("constant").weight(50) == 1.0
+    assert Staleness("hinge").weight(5) == pytest.approx(1 / 11)  # a = 10, b = 4
+    assert Staleness("polynomial", {"a": 1.0}).weight(np.int64(3)) == 0.25
+    assert Staleness().record() == {"name": "polynomial", "params": {}}
+
+
+def test_an_update_with_fewer_tensors_than_the_buffer_is_refused():
+    buffer = Buffer()
+    buffer.add(model(1), model(0), 5, 0)
+    with pytest.raises(StrategyError, match="do not match the buffer's"):
+        buffer.add(model(2)[:1], model(0)[:1], 5, 0)
+    assert buffer.count == 1
 
 
 @pytest.mark.parametrize("name, params, match", [
@@ -82,15 +100,15 @@ def test_bad_staleness_functions_are_refused_in_one_line(name, params, match):
         Staleness(name, params)
 
 
-@pytest.mark.parametrize("tau", [-1, True, 1.5, "2", None])
+@pytest.mark.parametrize("tau", [-1, True, 1.5, "2", None, 10**400, 2**20 + 1])
 def test_a_staleness_that_is_not_a_count_is_refused(tau):
-    with pytest.raises(StrategyError, match="staleness must be a non-negative integer"):
+    with pytest.raises(StrategyError, match="staleness must be a non-negative integer of at most"):
         Buffer().add(model(1), model(0), 5, tau)
 
 
-@pytest.mark.parametrize("n", [0, -3, True, 2.0, None])
+@pytest.mark.parametrize("n", [0, -3, True, 2.0, None, 10**400])
 def test_an_example_count_that_is_not_positive_is_refused(n):
-    with pytest.raises(StrategyError, match="num_examples must be a positive integer"):
+    with pytest.raises(StrategyError, match="num_examples must be a positive integer of at most"):
         Buffer().add(model(1), model(0), n, 0)
 
 

@@ -198,7 +198,7 @@ class _Objects:
 
     def check(self, cid: CID, max_size: int, what: str) -> None:
         """_Bad unless `cid` is retrievable within `max_size` bytes."""
-        if bytes(cid.digest) not in self.seen:
+        if _key(cid) not in self.seen:
             self._fetch(cid, max_size, what)
 
     def weights(self, cid: CID, what: str, source: str | None = None, *, base: list | None = None,
@@ -207,7 +207,7 @@ class _Objects:
         `base_cid` names); _Bad when not retrievable, PayloadError when not weights."""
         from ..payloads import MAX_WEIGHTS_BYTES, is_delta, weights_from_bytes
 
-        plain, keyed = bytes(cid.digest), bytes(cid.digest) + (bytes(base_cid.digest) if base is not None else b"")
+        plain, keyed = _key(cid), _key(cid) + (_key(base_cid) if base is not None else b"")
         for key in (plain, keyed):  # a full weights file is the same whatever the base; a delta is not
             if key in self.parsed:
                 self.parsed.move_to_end(key)
@@ -229,7 +229,7 @@ class _Objects:
             data = self.store.cat(cid, max_size=max_size)
         except IPFSError as exc:
             raise _Bad(f"{what} {cid_str(cid)} not retrievable: {exc}") from None
-        self.seen.add(bytes(cid.digest))
+        self.seen.add(_key(cid))
         return data
 
 
@@ -577,3 +577,9 @@ def _recompute(block: dict, context: _Context) -> list:
 def _identical(a: np.ndarray, b: np.ndarray) -> bool:
     a, b = np.asarray(a), np.asarray(b)
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _key(cid: CID) -> bytes:
+    """What names an object in `_Objects`: its codec and multihash (a CIDv0 and its CIDv1 twin agree; a
+    raw block and a dag-pb node with the same bytes do not, since `cat` reads them differently)."""
+    return cid.codec.code.to_bytes(4, "big") + bytes(cid.digest)

@@ -30,14 +30,16 @@ log = logging.getLogger("grid_ipfs.client")
 FETCH_TIMEOUT = 30.0  # seconds to fetch one update's weights before the update is rejected
 FETCH_THREADS = 4  # concurrent update downloads per round, at most
 FETCH_MEMORY = 256 << 20
-"""Bytes the owner may hold for updates in flight. A fetch holds about two model copies (the file, then
-its parsed arrays), so a model over 32 MiB is fetched by fewer threads and one over 128 MiB by one:
-the owner's memory stays bounded by this whatever the model, not by four times a large model."""
+"""Bytes the owner means to hold for updates in flight. A fetch holds about two copies of an update (the
+file, then its parsed arrays), so updates over 32 MiB are fetched by fewer threads and those over 64 MiB
+one at a time: what the owner holds in flight is this budget, or one fetch when a single update is
+larger, instead of four times a large model."""
 
 
-def fetch_threads(weights: list, budget: int = FETCH_MEMORY, most: int = FETCH_THREADS) -> int:
-    """How many updates to fetch at once: `most`, fewer when two copies each would pass `budget`."""
-    per_fetch = 2 * sum(int(w.nbytes) for w in weights)
+def fetch_threads(like: list, budget: int = FETCH_MEMORY, most: int = FETCH_THREADS) -> int:
+    """How many updates shaped like `like` (the global weights, or their masked form) to fetch at once:
+    `most`, fewer when two copies each would pass `budget`."""
+    per_fetch = 2 * sum(int(w.nbytes) for w in like)
     return max(1, min(most, budget // max(per_fetch, 1)))
 
 
@@ -158,7 +160,8 @@ def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], c
         collected[sender] = Collected(sender, update, weights, data, norm)
         on_update(sender, len(collected), len(expected))
 
-    with ThreadPoolExecutor(max_workers=fetch_threads(job.accepted.weights), thread_name_prefix="fetch") as pool:
+    like = job.accepted.weights if job.strategy.readable_updates else masked_like(job.accepted.weights)
+    with ThreadPoolExecutor(max_workers=fetch_threads(like), thread_name_prefix="fetch") as pool:
         while time.time() < round_msg.deadline:
             if not pending and expected <= (set(collected) | set(refused)):
                 break

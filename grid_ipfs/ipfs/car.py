@@ -45,7 +45,8 @@ MAX_HEADER_BYTES = 64 << 10
 """Largest header accepted (a real one is ~60 bytes per root)."""
 MAX_ROOTS = 256
 MAX_BLOCK_BYTES = 4 << 20
-"""Largest block (daemons cap blocks at 1-2 MiB; `ipfs add` chunks files at 256 KiB)."""
+"""Largest block (daemons cap blocks at 1-2 MiB; `ipfs add` chunks files at 256 KiB by default, and
+grid_ipfs adds them in 1 MiB raw leaves)."""
 MAX_CAR_BYTES = 64 << 30
 """Largest CAR file a reader takes by default; `CarStore` keeps only an index, never the file."""
 MAX_CAR_BLOCKS = 1 << 22

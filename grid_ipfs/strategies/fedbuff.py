@@ -8,7 +8,10 @@ newest global weights with a server learning rate:
 
     new = global + server_lr * sum_i s(tau_i) * n_i * (w_i - base_i) / sum_i n_i
 
-With every update fresh (tau = 0), s = 1 and server_lr = 1 this is FedAvg of the buffer's models
+This weighs updates by their examples, as FedAvg does; the paper's (1/K) sum_i s(tau_i) * delta_i is
+the case of equal counts. Staleness only ever shrinks an update's share (s <= 1, the sum of examples
+does not shrink with it), so a buffer of stale updates moves the model less. With every update
+fresh (tau = 0), s = 1 and server_lr = 1 this is FedAvg of the buffer's models
 started from `global`. The sums run in float64 in the order the updates were added (recorded on the
 chain), then round to the global weights' dtype once, so whoever replays that order gets the same bits.
 Nothing here knows about IPFS, messages or blocks: the orchestration (who sends what, which versions
@@ -18,6 +21,7 @@ exist) lives in the roles.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,12 +37,19 @@ def _constant(staleness: int) -> float:
 
 
 def _polynomial(staleness: int, a: float = 0.5) -> float:
+    if a == 0.5:  # FedBuff's default through sqrt, which IEEE 754 rounds exactly; pow is libm's to round
+        return 1.0 / math.sqrt(1.0 + staleness)
     return (1.0 + staleness) ** -a
 
 
 def _hinge(staleness: int, a: float = 10.0, b: float = 4.0) -> float:
     return 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
 
+
+MAX_STALENESS = 1 << 20
+"""Largest staleness (versions behind) the math takes; a job's own bound is far below."""
+MAX_EXAMPLES = 1 << 40
+"""Largest example count the math takes (the client caps what workers claim long before)."""
 
 STALENESS_FUNCTIONS: dict[str, tuple[Callable[..., float], dict[str, tuple[float, float]]]] = {
     "constant": (_constant, {}),
@@ -54,11 +65,15 @@ class Staleness:
     """A staleness weight s(tau), named and parametrised as the chain records it."""
 
     name: str = "polynomial"
-    params: Mapping[str, float] = field(default_factory=lambda: {"a": 0.5})
+    params: Mapping[str, float] = field(default_factory=dict)
+    """The function's params; those left out take the function's own defaults (polynomial a = 0.5,
+    hinge a = 10, b = 4)."""
 
     def __post_init__(self) -> None:
         if self.name not in STALENESS_FUNCTIONS:
             raise StrategyError(f"unknown staleness function {self.name!r}; known: {', '.join(STALENESS_FUNCTIONS)}")
+        if not isinstance(self.params, Mapping):
+            raise StrategyError(f"staleness params must be a mapping, not {type(self.params).__name__}")
         _, ranges = STALENESS_FUNCTIONS[self.name]
         unknown = sorted(set(self.params) - set(ranges))
         if unknown:
@@ -71,14 +86,25 @@ class Staleness:
                                     f"not {value!r}")
 
     def weight(self, staleness: int) -> float:
-        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
-            raise StrategyError(f"staleness must be a non-negative integer, not {staleness!r}")
+        staleness = _count(staleness, "staleness", 0, MAX_STALENESS)
         function, _ = STALENESS_FUNCTIONS[self.name]
         return float(function(staleness, **self.params))
 
     def record(self) -> dict:
         """What a block records: {"name", "params"}."""
         return {"name": self.name, "params": dict(self.params)}
+
+
+def _count(value: object, what: str, low: int, high: int) -> int:
+    """`value` as an int in low..high (numpy integers too; bools, floats and strings are not counts)."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or not low <= number <= high:
+        kind = "a non-negative" if low == 0 else "a positive"
+        raise StrategyError(f"{what} must be {kind} integer of at most {high}, not {value!r}")
+    return number
 
 
 def too_stale(staleness: int, bound: int) -> str | None:
@@ -100,8 +126,7 @@ class Buffer:
 
     def add(self, weights: Weights, base: Weights, num_examples: int, staleness: int) -> None:
         """Fold one update: `weights` trained from `base` (the version it names), `staleness` versions ago."""
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-            raise StrategyError(f"num_examples must be a positive integer, not {num_examples!r}")
+        num_examples = _count(num_examples, "num_examples", 1, MAX_EXAMPLES)
         if len(weights) != len(base) or any(w.shape != b.shape for w, b in zip(weights, base)):
             raise StrategyError("an update's tensors do not match the shapes of the version it names")
         scale = self.staleness.weight(staleness) * num_examples
@@ -109,7 +134,7 @@ class Buffer:
         if self.total is None:
             self.total = change
         else:
-            if any(t.shape != c.shape for t, c in zip(self.total, change)):
+            if len(change) != len(self.total) or any(t.shape != c.shape for t, c in zip(self.total, change)):
                 raise StrategyError("an update's tensors do not match the buffer's")
             for t, c in zip(self.total, change):
                 t += c
