@@ -28,7 +28,7 @@ from grid_ipfs.ipfs import (
     same_cid,
 )
 from grid_ipfs.ipfs.errors import TRANSPORT_ERRORS, transport_error_class
-from grid_ipfs.ipfs.rpc import DEFAULT_TIMEOUT, IPFSClient
+from grid_ipfs.ipfs.rpc import DEFAULT_TIMEOUT, KEEPALIVE_EXPIRY, IPFSClient
 from grid_ipfs.ipfs.timeouts import resolve
 
 API = "/ip4/127.0.0.1/tcp/5999"
@@ -264,3 +264,12 @@ def test_both_daemons_take_a_whole_call_limit_on_every_endpoint(clients, tmp_pat
     assert len(roots) == 1 and same_cid(roots[0], node)
     assert clients[1].block_get(node, timeout=30) == client.block_get(node, timeout=None)
     assert client.wait_ready(timeout=Timeout(total=10))["ID"]
+
+
+def test_idle_connections_expire_before_js_ipfs_closes_them():
+    """Node's HTTP server (js-ipfs) closes a keep-alive connection idle for 5 s; reusing one at that
+    moment loses the request ("Server disconnected without sending a response")."""
+    node_keep_alive_timeout = 5.0
+    assert KEEPALIVE_EXPIRY < node_keep_alive_timeout / 2
+    with IPFSClient("/ip4/127.0.0.1/tcp/1") as client:
+        assert client._http._transport._pool._keepalive_expiry == KEEPALIVE_EXPIRY

@@ -38,6 +38,12 @@ DEFAULT_API = "/ip4/127.0.0.1/tcp/5001"
 #: A client's timeout unless given: 5 s to connect, 60 s between bytes of an answer, no total.
 DEFAULT_TIMEOUT = Timeout(total=None, connect=5.0, read=60.0, write=60.0, pool=10.0)
 _CHUNK = 1 << 20
+KEEPALIVE_EXPIRY = 2.0
+"""Seconds an idle connection to the daemon is kept for reuse. js-ipfs's HTTP server (Node) closes
+idle keep-alive connections after 5 s, which is also httpx's default expiry: a request sent just
+as the server closes its connection fails with "Server disconnected without sending a response"
+(seen under 64 workers hosted on 4 js-ipfs daemons, where it lost a worker its round). Kubo keeps
+idle connections longer, so a shorter expiry costs it an occasional new connection on loopback."""
 ADD_PARAMS = {"cid-version": "1", "raw-leaves": "true", "chunker": "size-1048576"}
 """How `add` lays a file out: 1 MiB raw leaves under a CIDv1 root instead of the default 256 KiB
 dag-pb-wrapped leaves. A 4.9 MB update is 6 blocks instead of 20 (the tree is two layers deep either
@@ -85,7 +91,8 @@ class IPFSClient:
         self.api = api
         self.base_url = api_url(api)
         self.timeout: Timeout = resolve(timeout, DEFAULT_TIMEOUT)
-        self._http = httpx.Client(base_url=self.base_url + "/api/v0", timeout=self.timeout.to_httpx())
+        self._http = httpx.Client(base_url=self.base_url + "/api/v0", timeout=self.timeout.to_httpx(),
+                                  limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY))
         self._flavour: str | None = None  # "kubo" or "js-ipfs", learnt lazily from `version`
 
     # -- plumbing ---------------------------------------------------------------------------------
