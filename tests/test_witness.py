@@ -228,6 +228,31 @@ def test_check_extends_names_an_unreachable_block(chain):
     assert reason.startswith(f"cannot read block {cid_str(cids[2])}")
 
 
+def test_check_extends_survives_a_dropped_daemon_connection_but_not_a_dead_daemon(chain):
+    """The keep-alive race of js-ipfs (a reused connection closed under a request) cost 64-worker rounds."""
+    from grid_ipfs.ipfs.errors import DaemonUnreachable
+
+    store, cids = chain
+
+    class Flaky(MemoryStore):
+        def __init__(self, failures):
+            super().__init__()
+            self.failures, self.calls = failures, 0
+
+        def block_get(self, cid):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise DaemonUnreachable("/ip4/127.0.0.1/tcp/5001", "Server disconnected without sending a response")
+            return store.block_get(cid)
+
+    once = Flaky(failures=1)
+    assert check_extends(once, rec(cids[1], 1), cids[3], get_block(store, cids[3])) is None and once.calls == 3
+    dead = Flaky(failures=10**6)
+    reason = check_extends(dead, rec(cids[1], 1), cids[3], get_block(store, cids[3]))
+    assert reason.startswith(f"cannot read block {cid_str(cids[2])}") and "Server disconnected" in reason
+    assert dead.calls == 3  # READ_ATTEMPTS, then the round is refused with the reason
+
+
 def test_check_extends_walks_at_most_max_steps(chain):
     store, cids = chain
 

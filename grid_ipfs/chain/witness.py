@@ -34,7 +34,7 @@ from multiformats import CID
 
 from ..identity import is_public_id
 from ..ipfs.cids import InvalidCID, cid_str, parse_cid, same_cid
-from ..ipfs.errors import IPFSError
+from ..ipfs.errors import DaemonUnreachable, IPFSError
 from ..messages import valid_job_id
 from ..text import printable
 from .blocks import ChainError, decode_block
@@ -250,6 +250,29 @@ class Witness:
         f.truncate(size - tail + cut + 1)
 
 
+READ_ATTEMPTS = 3
+"""Tries per block when our own daemon drops the connection (`DaemonUnreachable`): a transport hiccup
+of the worker's side must not become a refusal of the owner's round."""
+
+
+def _read_block(store, cid: CID, deadline: float | None) -> bytes | None:
+    """Block `cid`, within `deadline` (a `time.monotonic()` bound on the whole walk: an owner's slow node
+    cannot hold us longer; None once it passed). Retried when the daemon connection drops, not when the
+    block is missing or slow."""
+    attempt = 1
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return None
+        try:
+            return store.block_get(cid) if left is None else store.block_get(cid, timeout=left)
+        except DaemonUnreachable:
+            if attempt == READ_ATTEMPTS:
+                raise
+        time.sleep(0.1 * attempt)  # a back-off before the next try, not a wait for a condition
+        attempt += 1
+
+
 def check_extends(store, last: WitnessRecord | None, head: CID | str, head_block: dict, *,
                   max_steps: int = MAX_STEPS, deadline: float | None = None) -> str | None:
     """None when the round's chain head `head` (whose decoded block is `head_block`) descends from the
@@ -277,13 +300,9 @@ def check_extends(store, last: WitnessRecord | None, head: CID | str, head_block
         if prev is None:  # a valid block has prev above seq 0, so this is a defensive check only
             return f"block {cid_str(cid)} at seq {block['seq']} has no prev"
         try:
-            if deadline is None:
-                data = store.block_get(prev)
-            else:  # a `time.monotonic()` bound on the whole walk: an owner's slow node cannot hold us longer
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return f"walking from head {cid_str(head)} down to seq {last.seq} took too long (at seq {seq})"
-                data = store.block_get(prev, timeout=left)
+            data = _read_block(store, prev, deadline)
+            if data is None:
+                return f"walking from head {cid_str(head)} down to seq {last.seq} took too long (at seq {seq})"
             block = decode_block(data, prev)
         except (IPFSError, ChainError) as exc:
             return f"cannot read block {cid_str(prev)} below head {cid_str(head)}: {printable(str(exc), 200)}"
