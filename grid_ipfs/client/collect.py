@@ -121,12 +121,17 @@ def inflated(job: JobRun, update: messages.Update, sender: str) -> str | None:
     return None
 
 
+def update_like(job: JobRun) -> list:
+    """What an update of this job parses as: the global weights' shapes, or their masked form."""
+    return job.accepted.weights if job.strategy.readable_updates else masked_like(job.accepted.weights)
+
+
 def fetch_update(ipfs, job: JobRun, update: messages.Update, sender: str) -> list:
     """An update's weights by CID, parsed like the global model's (or its masked form); a compressed one
     is decoded against the round's base weights, which its worker signed it against."""
     readable = job.strategy.readable_updates
-    like = job.accepted.weights if readable else masked_like(job.accepted.weights)
-    return fetch_weights(ipfs, update.weights, like=like, source=f"update {update.weights} from {sender[:12]}",
+    return fetch_weights(ipfs, update.weights, like=update_like(job),
+                         source=f"update {update.weights} from {sender[:12]}",
                          base=job.accepted.weights if readable else None, timeout=FETCH_TIMEOUT)
 
 
@@ -160,8 +165,7 @@ def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], c
         collected[sender] = Collected(sender, update, weights, data, norm)
         on_update(sender, len(collected), len(expected))
 
-    like = job.accepted.weights if job.strategy.readable_updates else masked_like(job.accepted.weights)
-    with ThreadPoolExecutor(max_workers=fetch_threads(like), thread_name_prefix="fetch") as pool:
+    with ThreadPoolExecutor(max_workers=fetch_threads(update_like(job)), thread_name_prefix="fetch") as pool:
         while time.time() < round_msg.deadline:
             if not pending and expected <= (set(collected) | set(refused)):
                 break

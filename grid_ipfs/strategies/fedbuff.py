@@ -21,13 +21,13 @@ exist) lives in the roles.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import StrategyError
+from ..limits import MAX_NUM_EXAMPLES, number_problem
+from .base import StrategyError, integer
 
 Weights = Sequence[np.ndarray]
 
@@ -48,8 +48,6 @@ def _hinge(staleness: int, a: float = 10.0, b: float = 4.0) -> float:
 
 MAX_STALENESS = 1 << 20
 """Largest staleness (versions behind) the math takes; a job's own bound is far below."""
-MAX_EXAMPLES = 1 << 40
-"""Largest example count the math takes (the client caps what workers claim long before)."""
 
 STALENESS_FUNCTIONS: dict[str, tuple[Callable[..., float], dict[str, tuple[float, float]]]] = {
     "constant": (_constant, {}),
@@ -80,8 +78,7 @@ class Staleness:
             raise StrategyError(f"staleness {self.name} takes no param {unknown[0]!r} (takes: {sorted(ranges)})")
         for key, value in self.params.items():
             low, high = ranges[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not low <= value <= high:
+            if number_problem(value, low, high) is not None:
                 raise StrategyError(f"staleness {self.name} param {key} must be a number in [{low:g}, {high:g}], "
                                     f"not {value!r}")
 
@@ -97,14 +94,10 @@ class Staleness:
 
 def _count(value: object, what: str, low: int, high: int) -> int:
     """`value` as an int in low..high (numpy integers too; bools, floats and strings are not counts)."""
-    try:
-        number = operator.index(value) if not isinstance(value, bool) else None
-    except TypeError:
-        number = None
-    if number is None or not low <= number <= high:
+    if integer(low, high)(value) is not None:
         kind = "a non-negative" if low == 0 else "a positive"
         raise StrategyError(f"{what} must be {kind} integer of at most {high}, not {value!r}")
-    return number
+    return int(value)
 
 
 def too_stale(staleness: int, bound: int) -> str | None:
@@ -126,7 +119,7 @@ class Buffer:
 
     def add(self, weights: Weights, base: Weights, num_examples: int, staleness: int) -> None:
         """Fold one update: `weights` trained from `base` (the version it names), `staleness` versions ago."""
-        num_examples = _count(num_examples, "num_examples", 1, MAX_EXAMPLES)
+        num_examples = _count(num_examples, "num_examples", 1, MAX_NUM_EXAMPLES)
         if len(weights) != len(base) or any(w.shape != b.shape for w, b in zip(weights, base)):
             raise StrategyError("an update's tensors do not match the shapes of the version it names")
         scale = self.staleness.weight(staleness) * num_examples
@@ -145,7 +138,7 @@ class Buffer:
         """The new global weights: `global_weights` moved by `server_lr` times the buffer's mean change."""
         if self.total is None:
             raise StrategyError("an empty buffer has nothing to apply")
-        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) or not 0 < server_lr <= 10:
+        if number_problem(server_lr, 0, 10, low_open=True) is not None:
             raise StrategyError(f"server_lr must be a number in (0, 10], not {server_lr!r}")
         if len(global_weights) != len(self.total) or any(g.shape != t.shape
                                                           for g, t in zip(global_weights, self.total)):
