@@ -25,6 +25,10 @@ MAX_NUM_EXAMPLES = 2 ** 53
 """Largest `num_examples` a peer may state: every count up to it is exact as a float64, and a sum of a
 round's counts times any finite weight stays finite (no OverflowError in FedAvg)."""
 
+MAX_STALENESS = 1 << 20
+"""Largest staleness (blocks between an update's base and the block it lands in) a peer or a block may
+state; a job's own bound (`--max-staleness`) is far below."""
+
 MAX_COUNT = 10 ** 6
 """Ceiling on a job's rounds, epochs and batch size and on a round's number and attempt in messages:
 far above any real job, far below anything that overflows a seed, a loop or a float."""

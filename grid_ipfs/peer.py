@@ -71,9 +71,14 @@ class Peer:
         try:
             while not self._stop.is_set():
                 try:
-                    raw = self.inbox.get(timeout=0.2)
+                    raw = self.inbox.get_nowait()
                 except queue.Empty:
-                    continue
+                    if self.idle_safely():  # all caught up: deferred work, then wait for the next message
+                        continue
+                    try:
+                        raw = self.inbox.get(timeout=0.2)
+                    except queue.Empty:
+                        continue
                 self.handle_safely(raw)
         finally:
             self.close()
@@ -100,6 +105,22 @@ class Peer:
             self.log.error("dropped a message on %s from peer %s: handling it failed: %s: %s",
                            printable(raw.topic, 80), printable(raw.sender[-8:]), type(exc).__name__,
                            printable(" ".join(str(exc).split()), 300))
+
+    def idle(self) -> bool:
+        """Called whenever every queued message has been handled; True if it did some work. Roles defer
+        work here that only the newest of several messages should get (an async job's worker trains on
+        the newest head, not on each one announced while it was busy)."""
+        return False
+
+    def idle_safely(self) -> bool:
+        """`idle`, with what it raises logged and counted in `failed`, as `handle_safely` does."""
+        try:
+            return self.idle()
+        except Exception as exc:  # noqa: BLE001 - as in handle_safely
+            self.failed += 1
+            self.log.error("deferred work failed: %s: %s", type(exc).__name__,
+                           printable(" ".join(str(exc).split()), 300))
+            return True
 
     def stop(self, *_: object) -> None:
         self._stop.set()

@@ -59,8 +59,9 @@ class LogProgress(ClientCallback):
 
     def on_round_end(self, result: RoundResult):
         m = result.metrics
-        log.info("round %d done: %d updates, loss %s, accuracy %s, val_accuracy %s, %.1fs; head %s",
-                 result.round, result.updates, _fmt(m, "loss"), _fmt(m, "accuracy"), _fmt(m, "val_accuracy"),
+        stale = f", staleness {_staleness(m)}" if "staleness_max" in m else ""
+        log.info("round %d done: %d updates%s, loss %s, accuracy %s, val_accuracy %s, %.1fs; head %s",
+                 result.round, result.updates, stale, _fmt(m, "loss"), _fmt(m, "accuracy"), _fmt(m, "val_accuracy"),
                  result.seconds, result.head)
 
     def on_job_end(self, result: JobResult):
@@ -70,9 +71,17 @@ class LogProgress(ClientCallback):
         log.error("job %s failed: %s", job.job, printable(error, 500))
 
 
+def _staleness(metrics: dict) -> str:
+    """An async block's staleness as "mean/max" versions behind ("-" for a synchronous round)."""
+    if "staleness_max" not in metrics:
+        return "-"
+    return f"{metrics['staleness_mean']:.1f}/{metrics['staleness_max']:.0f}"
+
+
 class RichProgress(ClientCallback):
     """A live table on stderr: one row per round, the current one updating as updates arrive; a try the
-    acceptance rule rejected is a red row marked ✗, with the reason under the table."""
+    acceptance rule rejected is a red row marked ✗, with the reason under the table. An async job's
+    rows are blocks, with their updates' staleness (mean/max) and the updates per minute so far."""
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
@@ -81,10 +90,15 @@ class RichProgress(ClientCallback):
         self.live: Live | None = None
         self.job = ""
         self.rejections: list[str] = []
+        self.buffered = False
+        self.started = time.monotonic()
+        self.updates = 0
 
     def _table(self) -> Table:
         table = Table(title=f"job {self.job}", expand=False)
-        for column in ("round", "updates", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
+        extra = ("staleness", "updates/min") if self.buffered else ()
+        for column in ("block" if self.buffered else "round", "updates", *extra, "loss", "accuracy", "val_loss",
+                       "val_accuracy", "seconds"):
             table.add_column(column, justify="right")
         for *row, style in self.rows:
             table.add_row(*row, style=style)
@@ -93,7 +107,7 @@ class RichProgress(ClientCallback):
             table.caption_style = "red"
         if self.current:
             c = self.current
-            table.add_row(str(c["round"]), f"{c['received']}/{c['expected']}", "…", "…", "…", "…",
+            table.add_row(str(c["round"]), f"{c['received']}/{c['expected']}", *("…",) * (len(extra) + 4),
                           f"{time.monotonic() - c['started']:.1f}", style="yellow")
         return table
 
@@ -103,6 +117,7 @@ class RichProgress(ClientCallback):
 
     def on_job_start(self, job, genesis):
         self.job = job.job
+        self.buffered, self.started = job.config.get("mode") == "async", time.monotonic()
         self.console.print(f"[bold]job {job.job}[/]: model {job.model}\n  genesis {genesis}; waiting for workers…")
         self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
@@ -122,18 +137,22 @@ class RichProgress(ClientCallback):
         self.console.print(f"  [yellow]round {round} attempt {attempt}[/]: {received} of {needed} updates by the "
                            "deadline; announcing it again")
 
-    def on_round_rejected(self, result: RoundResult, why: str):
+    def _row(self, result: RoundResult, label: str, style: str | None) -> tuple:
         m = result.metrics
-        self.rows.append((f"{result.round} ✗", str(result.updates), _fmt(m, "loss"), _fmt(m, "accuracy"),
-                          _fmt(m, "val_loss"), _fmt(m, "val_accuracy"), f"{result.seconds:.1f}", "red"))
+        self.updates += result.updates
+        minutes = max(time.monotonic() - self.started, 1e-9) / 60
+        extra = (_staleness(m), f"{self.updates / minutes:.1f}") if self.buffered else ()
+        return (label, str(result.updates), *extra, _fmt(m, "loss"), _fmt(m, "accuracy"), _fmt(m, "val_loss"),
+                _fmt(m, "val_accuracy"), f"{result.seconds:.1f}", style)
+
+    def on_round_rejected(self, result: RoundResult, why: str):
+        self.rows.append(self._row(result, f"{result.round} ✗", "red"))
         self.rejections.append(rejected_line(result, why))
         self.current = {}
         self._refresh()
 
     def on_round_end(self, result: RoundResult):
-        m = result.metrics
-        self.rows.append((str(result.round), str(result.updates), _fmt(m, "loss"), _fmt(m, "accuracy"),
-                          _fmt(m, "val_loss"), _fmt(m, "val_accuracy"), f"{result.seconds:.1f}", None))
+        self.rows.append(self._row(result, str(result.round), None))
         self.current = {}
         self._refresh()
 

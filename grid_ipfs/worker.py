@@ -69,6 +69,8 @@ class JoinedJob:
     twice, and a resumed client announces the same round again with a new deadline."""
     witness: object = None
     """The job's `chain.witness.Witness`, opened at the first round."""
+    newest: messages.Round | None = None
+    """Async jobs: the newest round announced and not yet trained on (`Worker.idle` takes it)."""
 
 
 class Worker(Peer):
@@ -81,7 +83,7 @@ class Worker(Peer):
                  val_split: float = 0.1, jobs_topic: str = messages.JOBS_TOPIC,
                  trusted_clients: set[str] | None = None, seed: int = 0, isolate: Limits | None = None,
                  isolated_jobs: int = 4, max_epochs: int = MAX_EPOCHS, max_batch_size: int = MAX_BATCH_SIZE,
-                 policy: Policy | None = None, witness_dir: Path | None = None):
+                 policy: Policy | None = None, witness_dir: Path | None = None, slowdown: float = 1.0):
         super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients, policy=policy)
         self.name = name
         self.witness_dir = witness_dir
@@ -95,6 +97,9 @@ class Worker(Peer):
         most `isolated_jobs` of them at a time (each holds a TensorFlow runtime, ~0.6 GB)."""
         self.x_train, self.y_train, self.x_val, self.y_val = train_val_split(x, y, val_split, seed=seed)
         self.seed = seed
+        self.slowdown = slowdown
+        """For experiments (`--slowdown`): each update takes this many times as long as its training
+        did, the rest spent waiting, as on a machine that much slower."""
         self.jobs: dict[str, JoinedJob] = {}
 
     def started(self) -> None:
@@ -117,19 +122,39 @@ class Worker(Peer):
                     log.warning("dropped round %d of %s: signed by %s, not the job's owner",
                                 message.round, message.job, sender[:12])
                     return
-                self.train_round(message)
+                if self.jobs[message.job].job.config.get("mode") == "async":
+                    self.jobs[message.job].newest = _newer(self.jobs[message.job].newest, message)
+                else:
+                    self.train_round(message)
             elif isinstance(message, messages.Done) and message.job in self.jobs:
                 if self.jobs[message.job].job.owner == sender:
                     log.info("job %s done (%s); head %s", message.job, message.reason, message.head)
                     _close_model(self.jobs.pop(message.job).model)
                     self.unsubscribe(messages.job_topic(message.job))
-        except TrainerDied as exc:  # the job's isolated child is gone: this job costs no more
-            self.refuse_isolated(getattr(message, "job", "?"), exc)
-        except (IPFSError, PayloadError) as exc:
-            log.warning("job %s: %s", getattr(message, "job", "?"), exc)
-        except Exception as exc:  # e.g. Keras refusing labels that do not fit the loss: this job, not the worker
-            log.error("job %s: %s failed: %s: %s", getattr(message, "job", "?"), message.TYPE,
-                      type(exc).__name__, printable(" ".join(str(exc).split()), 300))
+        except Exception as exc:  # noqa: BLE001 - sorted by _failed: this job, not the worker
+            self._failed(getattr(message, "job", "?"), message.TYPE, exc)
+
+    def idle(self) -> bool:
+        """Async jobs: train on the newest round announced while we were busy (the rounds in between are
+        versions we were too slow for; our update on the newest is the least stale we can send)."""
+        for job_id, joined in list(self.jobs.items()):
+            if joined.newest is not None:
+                round_, joined.newest = joined.newest, None
+                try:
+                    self.train_round(round_)
+                except Exception as exc:  # noqa: BLE001 - sorted by _failed
+                    self._failed(job_id, round_.TYPE, exc)
+                return True
+        return False
+
+    def _failed(self, job: str, what: str, exc: Exception) -> None:
+        if isinstance(exc, TrainerDied):  # the job's isolated child is gone: this job costs no more
+            self.refuse_isolated(job, exc)
+        elif isinstance(exc, (IPFSError, PayloadError)):
+            log.warning("job %s: %s", job, exc)
+        else:  # e.g. Keras refusing labels that do not fit the loss: this job, not the worker
+            log.error("job %s: %s failed: %s: %s", job, what, type(exc).__name__,
+                      printable(" ".join(str(exc).split()), 300))
 
     def join(self, job: messages.Job, sender: str) -> None:
         if job.job in self.jobs:
@@ -191,7 +216,10 @@ class Worker(Peer):
                 eval_metrics = model.evaluate(global_weights, deadline=round_.deadline)
             else:
                 eval_metrics = evaluate(model, global_weights, self.x_val, self.y_val)
+            trained = time.monotonic()
             new_weights, metrics = self.local_update(joined, global_weights, round_)
+        if self.slowdown > 1:
+            self._stop.wait((self.slowdown - 1) * (time.monotonic() - trained))
         if joined.mask_key is not None:  # what leaves this process is masked: only the round's sum is readable
             weight, dp = len(self.x_train), secure_dp(joined.job.config)
             if dp is not None:  # our clipped delta plus our share of the noise, equally weighted
@@ -343,6 +371,14 @@ class _RememberedWitness:
         self.kept.append(record)
 
 
+def _newer(kept: messages.Round | None, arrived: messages.Round) -> messages.Round:
+    """The round to train on next of two announcements: the later (round, attempt); on a tie the one that
+    arrived (a resumed owner announces the same round again with a new deadline)."""
+    if kept is not None and (kept.round, kept.attempt) > (arrived.round, arrived.attempt):
+        return kept
+    return arrived
+
+
 def _close_model(model: object) -> None:
     """Stop an isolated job's child (in-process Keras models need nothing)."""
     if isinstance(model, IsolatedModel):
@@ -414,6 +450,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"refuse jobs asking for more local epochs per round (default {MAX_EPOCHS})")
     parser.add_argument("--max-batch-size", type=_positive_int, default=MAX_BATCH_SIZE, metavar="N",
                         help=f"refuse jobs asking for a larger batch size (default {MAX_BATCH_SIZE})")
+    parser.add_argument("--slowdown", type=float, default=1.0, metavar="F",
+                        help="for experiments: take F times as long per update as training did, waiting the "
+                             "rest, like a machine F times slower (default 1)")
     add_vetting_arguments(parser)
 
 
@@ -422,8 +461,10 @@ def training_options(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     file read: `peer.connect`); exits through `parser.error` on a bad value."""
     if not 0 <= args.val_split < 1:
         parser.error("--val-split must be in [0, 1)")
+    if not 1 <= args.slowdown <= 1000:
+        parser.error("--slowdown must be in [1, 1000]")
     return dict(val_split=args.val_split, jobs_topic=args.topic, seed=args.seed, max_epochs=args.max_epochs,
-                max_batch_size=args.max_batch_size)
+                max_batch_size=args.max_batch_size, slowdown=args.slowdown)
 
 
 def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | None = None,

@@ -62,6 +62,10 @@ SKIP_BLOCKS: dict[str, dict[str, str]] = {
         "grid_ipfs.pool --api": "a pool runs until stopped: tests/test_pool.py hosts 8 workers through it "
                                 "(options checked against --help)",
     },
+    "docs/async.md": {
+        "client submit ...": "`...` stands for a whole submit command (options checked against --help); "
+                             "async jobs with a slow worker are trained in tests/test_async.py",
+    },
     "docs/deployment.md": {
         "docker compose": "needs Docker and the Kubo image (tests/test_compose.py checks the compose file)",
     },

@@ -1,4 +1,4 @@
-"""FedBuff's buffer and staleness weights (`grid_ipfs.strategies.fedbuff`): the math an async job's
+"""FedBuff's rebasing, server step and staleness weights (`grid_ipfs.strategies.fedbuff`): the math an async job's
 blocks will be recomputed with, checked against FedAvg where the two must agree, and attacked with
 what a peer can put in an update (its staleness, its example count, its tensors)."""
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from grid_ipfs.aggregate import fedavg
 from grid_ipfs.strategies import StrategyError
-from grid_ipfs.strategies.fedbuff import Buffer, Staleness, too_stale
+from grid_ipfs.strategies.fedbuff import AsyncConfig, Staleness, rebase, server_step, too_stale
 
 
 def model(seed: int) -> list[np.ndarray]:
@@ -21,15 +21,27 @@ def model(seed: int) -> list[np.ndarray]:
     return [rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)]
 
 
-def test_fresh_updates_at_server_lr_one_are_fedavg_of_the_buffer():
+def test_fresh_updates_at_server_lr_one_are_fedavg_of_the_buffer_bit_for_bit():
+    """A fresh update (from the newest global, tau = 0) is itself after rebasing, so a buffer of fresh
+    updates at server_lr 1 is exactly FedAvg of them, as a synchronous round would compute it."""
     base = model(0)
     updates = [(model(i), n) for i, n in ((1, 10), (2, 30), (3, 5))]
-    buffer = Buffer(Staleness("constant", {}))
-    for weights, n in updates:
-        buffer.add(weights, base, n, staleness=0)
-    for got, want in zip(buffer.apply(base), fedavg(updates)):
-        assert got.dtype == np.float32
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for weights, _ in updates:
+        for got, want in zip(rebase(weights, base, base, 1.0), weights):
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+    rebased = [(rebase(w, base, base, Staleness().weight(0)), n) for w, n in updates]
+    for got, want in zip(server_step(base, fedavg(rebased), 1.0), fedavg(updates)):
+        assert got.tobytes() == want.tobytes()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False),
+                min_size=2, max_size=8))
+def test_fuzz_a_fresh_update_is_itself_after_rebasing(values):
+    half = len(values) // 2
+    weights = [np.array(values[:half], np.float32)]
+    base = [np.array(values[half:2 * half], np.float32)]
+    assert rebase(weights, base, base, 1.0)[0].tobytes() == weights[0].tobytes()
 
 
 def test_a_stale_update_counts_for_less_and_the_default_is_one_over_sqrt():
@@ -37,39 +49,47 @@ def test_a_stale_update_counts_for_less_and_the_default_is_one_over_sqrt():
     assert Staleness("hinge", {"a": 10.0, "b": 4.0}).weight(4) == 1.0
     assert Staleness("hinge", {"a": 10.0, "b": 4.0}).weight(5) == pytest.approx(1 / 11)
     base, moved = model(0), model(1)
-    fresh, stale = Buffer(), Buffer()
-    fresh.add(moved, base, 10, staleness=0)
-    stale.add(moved, base, 10, staleness=8)
-    step_fresh = [a - b for a, b in zip(fresh.apply(base), base)]
-    step_stale = [a - b for a, b in zip(stale.apply(base), base)]
-    for f, s in zip(step_fresh, step_stale):
-        np.testing.assert_allclose(s, f / 3, rtol=1e-5, atol=1e-6)  # 1/sqrt(1 + 8)
+    fresh = rebase(moved, base, base, Staleness().weight(0))
+    stale = rebase(moved, base, base, Staleness().weight(8))
+    for f, s, b in zip(fresh, stale, base):
+        np.testing.assert_allclose(s - b, (f - b) / 3, rtol=1e-5, atol=1e-6)  # 1/sqrt(1 + 8)
 
 
 def test_each_update_contributes_its_change_from_the_version_it_names():
     """A worker two versions behind moves the newest global by what it learned, not back to its old base."""
     old, newest = model(0), model(5)
     trained = [w + 0.25 for w in old]
-    buffer = Buffer(Staleness("constant", {}))
-    buffer.add(trained, old, 7, staleness=2)
-    for got, g in zip(buffer.apply(newest, server_lr=0.5), newest):
+    rebased = rebase(trained, old, newest, 1.0)
+    for got, g in zip(server_step(newest, rebased, 0.5), newest):
         np.testing.assert_allclose(got, g + 0.125, rtol=1e-6)
 
 
-def test_the_result_is_the_recorded_formula_bit_for_bit_in_the_order_added():
-    """What `chain verify` will recompute: float64 sums in the order added, one cast at the end."""
-    base = model(0)
-    updates = [(model(i), 3 + i, i % 3) for i in range(1, 8)]
-    buffer = Buffer()
-    for weights, n, tau in updates:
-        buffer.add(weights, base, n, tau)
-    got = buffer.apply(base, server_lr=0.7)
-    for k, g in enumerate(base):
-        total = np.zeros(g.shape, np.float64)
-        for weights, n, tau in updates:
-            total += ((1.0 / math.sqrt(1 + tau)) * n) * (weights[k].astype(np.float64) - g.astype(np.float64))
-        want = (g.astype(np.float64) + 0.7 * (total / sum(n for _, n, _ in updates))).astype(np.float32)
-        assert got[k].tobytes() == want.tobytes()
+def test_with_fedavg_it_is_fedbuff_s_formula():
+    """rebase -> FedAvg -> server step is global + lr * sum s n (w - base) / sum n (to float32 rounding)."""
+    newest = model(0)
+    updates = [(model(i), model(10 + i), 3 + i, i % 3) for i in range(1, 8)]  # (weights, base, n, tau)
+    rebased = [(rebase(w, b, newest, Staleness().weight(tau)), n) for w, b, n, tau in updates]
+    got = server_step(newest, fedavg(rebased), 0.7)
+    for k, g in enumerate(newest):
+        total = sum(((1.0 / math.sqrt(1 + tau)) * n) * (w[k].astype(np.float64) - b[k].astype(np.float64))
+                    for w, b, n, tau in updates)
+        want = g.astype(np.float64) + 0.7 * (total / sum(n for _, _, n, _ in updates))
+        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-5)
+
+
+def test_each_step_is_its_float64_formula_rounded_once():
+    """What `chain verify` recomputes: the same arithmetic, so the same bits."""
+    newest, w, b = model(0), model(1), model(2)
+    got = rebase(w, b, newest, 0.5)
+    for k in range(len(newest)):
+        w64, b64 = w[k].astype(np.float64), b[k].astype(np.float64)
+        shift = (newest[k].astype(np.float64) - b64) + (0.5 - 1.0) * (w64 - b64)
+        want = np.where(shift == 0.0, w64, w64 + shift)
+        assert got[k].tobytes() == want.astype(np.float32).tobytes()
+    stepped = server_step(newest, w, 0.3)
+    for k in range(len(newest)):
+        ref = newest[k].astype(np.float64)
+        assert stepped[k].tobytes() == (ref + 0.3 * (w[k].astype(np.float64) - ref)).astype(np.float32).tobytes()
 
 
 def test_defaults_are_each_function_s_own_and_numpy_counts_are_counts():
@@ -77,14 +97,6 @@ def test_defaults_are_each_function_s_own_and_numpy_counts_are_counts():
     assert Staleness("hinge").weight(5) == pytest.approx(1 / 11)  # a = 10, b = 4
     assert Staleness("polynomial", {"a": 1.0}).weight(np.int64(3)) == 0.25
     assert Staleness().record() == {"name": "polynomial", "params": {}}
-
-
-def test_an_update_with_fewer_tensors_than_the_buffer_is_refused():
-    buffer = Buffer()
-    buffer.add(model(1), model(0), 5, 0)
-    with pytest.raises(StrategyError, match="do not match the buffer's"):
-        buffer.add(model(2)[:1], model(0)[:1], 5, 0)
-    assert buffer.count == 1
 
 
 @pytest.mark.parametrize("name, params, match", [
@@ -103,32 +115,56 @@ def test_bad_staleness_functions_are_refused_in_one_line(name, params, match):
 @pytest.mark.parametrize("tau", [-1, True, 1.5, "2", None, 10**400, 2**20 + 1])
 def test_a_staleness_that_is_not_a_count_is_refused(tau):
     with pytest.raises(StrategyError, match="staleness must be a non-negative integer of at most"):
-        Buffer().add(model(1), model(0), 5, tau)
+        Staleness().weight(tau)
+    with pytest.raises(StrategyError, match="staleness must be a non-negative integer of at most"):
+        AsyncConfig().weight(tau)
 
 
-@pytest.mark.parametrize("n", [0, -3, True, 2.0, None, 10**400])
-def test_an_example_count_that_is_not_positive_is_refused(n):
-    with pytest.raises(StrategyError, match="num_examples must be a positive integer of at most"):
-        Buffer().add(model(1), model(0), n, 0)
-
-
-def test_wrong_shapes_an_empty_buffer_a_bad_server_lr_and_overflow_are_refused():
-    buffer = Buffer()
+def test_wrong_shapes_bad_weights_a_bad_server_lr_and_overflow_are_refused():
     with pytest.raises(StrategyError, match="do not match the shapes of the version"):
-        buffer.add(model(1)[:1], model(0), 5, 0)
-    with pytest.raises(StrategyError, match="empty buffer"):
-        buffer.apply(model(0))
-    buffer.add(model(1), model(0), 5, 0)
+        rebase(model(1)[:1], model(0), model(0), 1.0)
+    with pytest.raises(StrategyError, match="do not match the shapes of the version"):
+        rebase(model(1), model(0), [w.T for w in model(0)], 1.0)
+    for weight in (-0.1, 1.5, math.nan, True, "1"):
+        with pytest.raises(StrategyError, match="staleness weight must be a number in"):
+            rebase(model(1), model(0), model(0), weight)
     for lr in (0, -1.0, math.inf, True, 11):
         with pytest.raises(StrategyError, match="server_lr must be a number"):
-            buffer.apply(model(0), server_lr=lr)
+            server_step(model(0), model(1), lr)
     with pytest.raises(StrategyError, match="global weights do not match"):
-        buffer.apply(model(0)[:1])
+        server_step(model(0)[:1], model(1), 0.5)
     huge = [np.full_like(w, 3e38) for w in model(0)]
-    overflowing = Buffer(Staleness("constant", {}))
-    overflowing.add(huge, [np.zeros_like(w) for w in huge], 1, 0)
     with pytest.raises(StrategyError, match="does not fit float32"):
-        overflowing.apply(huge, server_lr=1.0)
+        rebase(huge, [-h for h in huge], huge, 1.0)
+    with pytest.raises(StrategyError, match="does not fit float32"):
+        server_step([-h for h in huge], huge, 10.0)
+
+
+@pytest.mark.parametrize("record, match", [
+    (None, "expected a map of exactly"),
+    ({"buffer_size": 4}, "expected a map of exactly"),
+    ({**AsyncConfig().record(), "extra": 1}, "expected a map of exactly"),
+    ({**AsyncConfig().record(), "buffer_size": 0}, "buffer_size must be a positive integer"),
+    ({**AsyncConfig().record(), "buffer_size": 10**9}, "buffer_size must be a positive integer"),
+    ({**AsyncConfig().record(), "max_staleness": -1}, "max_staleness must be a non-negative integer"),
+    ({**AsyncConfig().record(), "server_lr": math.nan}, "server_lr must be a number"),
+    ({**AsyncConfig().record(), "server_lr": "1"}, "server_lr must be a number"),
+    ({**AsyncConfig().record(), "staleness": "polynomial"}, "staleness must be {name, params}"),
+    ({**AsyncConfig().record(), "staleness": {"name": ["x"], "params": {}}}, "staleness must be {name, params}"),
+    ({**AsyncConfig().record(), "staleness": {"name": "lru", "params": {}}}, "unknown staleness function"),
+    ({**AsyncConfig().record(), "staleness": {"name": "hinge", "params": [1]}}, "params must be a mapping"),
+])
+def test_a_recorded_async_config_that_is_not_one_is_refused_in_one_line(record, match):
+    with pytest.raises(StrategyError, match=match):
+        AsyncConfig.from_record(record)
+
+
+def test_an_async_config_round_trips_through_its_record_and_refuses_beyond_its_bound():
+    config = AsyncConfig(3, Staleness("hinge", {"a": 2.0}), 0.5, 2)
+    assert AsyncConfig.from_record(config.record()) == config
+    assert config.weight(2) == 1.0
+    with pytest.raises(StrategyError, match="3 versions behind, at most 2"):
+        config.weight(3)
 
 
 def test_too_stale_names_the_bound():

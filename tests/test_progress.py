@@ -21,10 +21,10 @@ def result(round: int, tries: int, val_accuracy: float, accepted: bool = True) -
                        seconds=1.25, accepted=accepted, tries=tries)
 
 
-def run(events) -> str:
+def run(events, config: dict | None = None) -> str:
     out = io.StringIO()
     progress = RichProgress(Console(file=out, width=120, force_terminal=False, color_system=None))
-    progress.on_job_start(SimpleNamespace(job="job-1", model="bafymodel"), "bafygenesis")
+    progress.on_job_start(SimpleNamespace(job="job-1", model="bafymodel", config=config or {}), "bafygenesis")
     for event in events:
         event(progress)
     progress.on_job_end(JobResult(job="job-1", model="bafymodel", head="h-last", weights="w-last"))
@@ -69,3 +69,25 @@ def test_without_rejections_there_is_no_mark_and_no_caption():
     text = run([lambda p: p.on_round_start(1, 3, time.time() + 60), lambda p: p.on_round_end(result(1, 1, 0.7))])
     assert "✗" not in text and "rejected" not in text
     assert "0.7000" in text
+
+
+def test_an_async_job_shows_blocks_with_their_staleness_and_the_updates_per_minute():
+    def block(r: int, mean: float, most: float) -> RoundResult:
+        done = result(r, 1, 0.7)
+        done.metrics.update(staleness_mean=mean, staleness_max=most)
+        return done
+
+    text = run([lambda p: p.on_round_start(1, 2, time.time() + 60), lambda p: p.on_round_end(block(1, 0.0, 0.0)),
+                lambda p: p.on_round_start(2, 2, time.time() + 60), lambda p: p.on_round_end(block(2, 1.5, 3.0))],
+               config={"mode": "async"})
+    table = text[text.rindex("job job-1"):]
+    header = next(line for line in table.splitlines() if "updates/min" in line)
+    assert "block" in header and "staleness" in header and "round" not in header, table
+    rows = [[cell.strip() for cell in line.strip("│┃ ").split("│")] for line in table.splitlines() if "1.2" in line]
+    assert [row[:3] for row in rows] == [["1", "3", "0.0/0"], ["2", "3", "1.5/3"]], table
+    assert all(float(row[3]) > 0 for row in rows), table  # updates per minute so far
+
+
+def test_a_synchronous_job_keeps_its_round_columns():
+    text = run([lambda p: p.on_round_end(result(1, 1, 0.7))])
+    assert "updates/min" not in text and "staleness" not in text

@@ -48,7 +48,7 @@ from multiformats import CID, multihash
 from ..errors import GridError
 from ..identity import Identity, is_public_id, verify
 from ..ipfs.cids import InvalidCID, cid_str, parse_cid
-from ..limits import MAX_NUM_EXAMPLES
+from ..limits import MAX_NUM_EXAMPLES, MAX_STALENESS
 from ..messages import valid_job_id
 
 __all__ = [
@@ -70,6 +70,9 @@ _REQUIRED = {"v", "job", "seq", "round", "model", "weights", "aggregation", "upd
              "signer", "sig"}
 _UPDATE_KEYS = {1: {"worker", "weights", "num_examples", "metrics"},
                 2: {"worker", "weights", "num_examples", "metrics", "message"}}
+_ASYNC_KEYS = {"base", "staleness"}
+"""What an update entry of an asynchronous job's block adds (version 2): the block its worker trained
+from (the head its signed message names) and how many blocks older than this block's prev that is."""
 _OPTIONAL = {"prev", "config", "ext", "fold"}
 EXT_MAX_DEPTH = 16
 """How deeply lists and maps may nest inside `ext` (the ext map itself is level 1)."""
@@ -208,10 +211,17 @@ def validate_block(block: object, *, signed: bool = True) -> None:
     if len(updates) > MAX_UPDATES:
         raise ChainError(f"updates: {len(updates)} updates, more than {MAX_UPDATES}")
     keys = _UPDATE_KEYS[block["v"]]
+    if block["v"] >= 2 and updates and isinstance(updates[0], dict) and _ASYNC_KEYS <= set(updates[0]):
+        keys = keys | _ASYNC_KEYS  # an async block: every entry says its base and staleness
     for i, update in enumerate(updates):
         where = f"updates[{i}]"
         if not isinstance(update, dict) or set(update) != keys:
             raise ChainError(f"{where}: expected exactly {sorted(keys)} (block version {block['v']})")
+        if "base" in keys and not isinstance(update["base"], CID):
+            raise ChainError(f"{where}.base: expected an IPLD link to the block its worker trained from")
+        if "staleness" in keys and not (_is_int(update["staleness"]) and 0 <= update["staleness"] <= MAX_STALENESS):
+            raise ChainError(f"{where}.staleness: expected an integer from 0 to {MAX_STALENESS}, "
+                             f"got {_brief(update['staleness'])}")
         if not _is_id(update["worker"]):
             raise ChainError(f"{where}.worker: not a public id: {_brief(update['worker'])}")
         if i and not updates[i - 1]["worker"] < update["worker"]:
@@ -403,7 +413,7 @@ def _normalise(fields: dict) -> dict[str, Any]:
             if not isinstance(u, dict):
                 raise ChainError(f"updates[{i}]: expected a map")
             u = dict(u)
-            for key in ("weights", "message"):
+            for key in ("weights", "message", "base"):
                 if key in u:
                     u[key] = _link(f"updates[{i}].{key}", u[key])
             if isinstance(u.get("num_examples"), numbers.Integral) and not isinstance(u["num_examples"], bool):

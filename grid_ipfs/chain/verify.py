@@ -24,6 +24,13 @@ global weights as its base. A version 1 block (written before this existed) veri
 check, and the report counts it in `unproven`; a version 1 block after a version 2 one fails (a
 writer must not drop the proof by writing the old format).
 
+Asynchronous jobs (genesis `config.async`, docs/async.md): every update entry names its `base` block
+and `staleness`. The base must be an earlier block of this chain, at most `max_staleness` accepted
+versions before (the recorded staleness is that distance); the worker's signed message must name it
+as its head, with that block's round and global weights; no message may count in two blocks. The
+aggregate is recomputed from each update decoded against its own base, rebased onto the newest
+accepted weights with its staleness weight, then the rule in the recorded order, then `server_lr`.
+
 Custom block fields: a block's optional `ext` map (see `blocks`) is checked for layout and covered
 by the signature like everything else; what it *means* is the application's. Pass `check_ext(block,
 weights) -> reason or None` to re-check it: it is called for every block, genesis first, with the
@@ -150,7 +157,7 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
     else:
         context = _Context(_Objects(store), check_objects, recompute, signer, evaluate, eval_tolerance, check_ext,
                            require_proof)
-        for index, (_, block) in enumerate(chain):
+        for index, (cid, block) in enumerate(chain):
             parent = chain[index - 1][1] if index else None
             try:
                 metrics = _check_block(block, parent, context)
@@ -161,6 +168,7 @@ def verify_chain(store: BlockStore, head: str | CID, *, check_objects: bool = Tr
                 failure = (index, _label(index, block), f"unexpected {type(exc).__name__}: {_one_line(exc)}",
                            block["seq"])
                 break
+            context.note_base(cid, block)
             if is_accepted(block):
                 context.accepted, context.accepted_metrics = block, metrics
                 context.state = context.pending_state
@@ -254,6 +262,21 @@ class _Context:
     must then use exactly it, or an owner could restart the server state by switching rules."""
     pending_state: object = None
     """The state the block being checked leads to, kept only if it is accepted."""
+    async_config: object = None
+    """An async job's `strategies.fedbuff.AsyncConfig`, from its genesis config (None: synchronous)."""
+    bases: dict = field(default_factory=dict)
+    """Async jobs: block key -> (the round updates from it are for, its global weights CID), per block
+    checked: what an update entry's `base` may name."""
+    used: set = field(default_factory=set)
+    """Async jobs: keys of the signed update messages blocks took so far (each counts once)."""
+
+    def note_base(self, cid: CID, block: dict) -> None:
+        if self.async_config is None:
+            return
+        if is_accepted(block):
+            self.bases[_key(cid)] = (block["round"] + 1, block["weights"])
+        else:  # a rejected try: updates from it retry its round from the weights before it
+            self.bases[_key(cid)] = (block["round"], self.accepted["weights"])
 
 
 def _label(index: int, block: dict) -> str:
@@ -335,6 +358,7 @@ def _check_block(block: dict, parent: dict | None, context: _Context) -> Mapping
     arrays = None
     if parent is None:  # genesis: nothing to recompute; the model is the same along the chain
         context.declared = _declared_stateful_rule(block)
+        context.async_config = _declared_async(block)
         if context.check_objects:
             objects.check(block["model"], MAX_MODEL_BYTES, "model")
         if context.recompute or wants_arrays:  # its weights are the reference of the rounds after it
@@ -344,8 +368,12 @@ def _check_block(block: dict, parent: dict | None, context: _Context) -> Mapping
         _check_custom(block, arrays, context)
         return _metrics(block, arrays, context)
     _check_declared_rule(block, context.declared)
+    _check_mode(block, context)
     if context.check_objects or context.recompute:  # first: small messages, and the most precise verdict
-        _check_contributions(objects.store, block, context.accepted)
+        if context.async_config is not None:
+            _check_async_contributions(objects.store, block, context)
+        else:
+            _check_contributions(objects.store, block, context.accepted)
     if context.recompute:
         arrays = _recompute(block, context)
     elif context.check_objects:
@@ -374,6 +402,62 @@ def _declared_stateful_rule(genesis: dict) -> tuple | None:
     if cls is None or not cls.stateful or not isinstance(params, dict):
         return None
     return name, params
+
+
+def _declared_async(genesis: dict):
+    """The genesis config's async settings (`AsyncConfig`), or None for a synchronous job."""
+    from ..strategies import StrategyError
+    from ..strategies.fedbuff import AsyncConfig
+
+    config = genesis.get("config")
+    if not isinstance(config, dict) or "async" not in config:
+        return None
+    try:
+        return AsyncConfig.from_record(config["async"])
+    except StrategyError as exc:
+        raise _Bad(f"config.async: {exc}") from None
+
+
+def _check_mode(block: dict, context: _Context) -> None:
+    """An async job's entries each name their base and staleness; a synchronous job's never do."""
+    has_bases = "base" in block["updates"][0]  # the layout holds every entry to the first's keys
+    if context.async_config is not None and not has_bases:
+        raise _Bad("the job is asynchronous (genesis config.async), but the updates name no base and staleness")
+    if context.async_config is None and has_bases:
+        raise _Bad("the updates name a base and staleness, but the job is synchronous (no genesis config.async)")
+
+
+def _check_async_contributions(store: BlockStore, block: dict, context: _Context) -> None:
+    """Each entry of an async block: its base is a block of this chain, at most `max_staleness` versions
+    before this one, as recorded; its worker's signed message extends that base for that round from its
+    global weights and says what the entry says; and no message counts in two blocks."""
+    from .contributions import ContributionError, check_entry, decode_update
+
+    config = context.async_config
+    for entry in block["updates"]:
+        who = f"update of {entry['worker']}"
+        base = context.bases.get(_key(entry["base"]))
+        if base is None:
+            raise _Bad(f"{who}: its base {cid_str(entry['base'])} is not an earlier block of this chain")
+        round_for, weights = base
+        staleness = block["round"] - round_for
+        if entry["staleness"] != staleness:
+            raise _Bad(f"{who}: staleness {entry['staleness']} recorded, but its base is {staleness} versions old")
+        if staleness < 0 or staleness > config.max_staleness:
+            raise _Bad(f"{who}: {staleness} versions behind, over the job's max_staleness {config.max_staleness}")
+        link = entry["message"]
+        try:
+            envelope = decode_update(store.block_get(link), link)
+        except IPFSError as exc:
+            raise _Bad(f"{who}: message {cid_str(link)} not retrievable: {_one_line(exc)}") from None
+        except ContributionError as exc:
+            raise _Bad(f"{who}: {exc}") from None
+        reason = check_entry(entry, envelope, job=block["job"], round=round_for, prev=entry["base"], base=weights)
+        if reason is not None:
+            raise _Bad(reason)
+        if _key(link) in context.used:
+            raise _Bad(f"{who}: its message {cid_str(link)} is in an earlier block already")
+    context.used.update(_key(entry["message"]) for entry in block["updates"])
 
 
 def _check_declared_rule(block: dict, declared: tuple | None) -> None:
@@ -562,16 +646,34 @@ def _recompute(block: dict, context: _Context) -> list:
         elif strategy.needs_reference:
             raise ValueError("the previous global weights could not be read")
         updates = [block["updates"][i] for i in summation_order(block)]  # the order the owner added them in
-        results = [(objects.weights(u["weights"], f"update from {u['worker']}", base=previous,
-                                    base_cid=context.accepted["weights"] if previous is not None else None),
-                    u["num_examples"]) for u in updates]
+        if context.async_config is not None:
+            results = [(_rebased(u, previous, context), u["num_examples"]) for u in updates]
+        else:
+            results = [(objects.weights(u["weights"], f"update from {u['worker']}", base=previous,
+                                        base_cid=context.accepted["weights"] if previous is not None else None),
+                        u["num_examples"]) for u in updates]
         out = run(strategy, results, RoundContext(previous, block["round"], block["seq"], context.state))
         expected, context.pending_state = out.weights, out.state
+        if context.async_config is not None:
+            from ..strategies.fedbuff import server_step
+
+            expected = server_step(previous, expected, context.async_config.server_lr)
     except (ValueError, TypeError) as exc:  # PayloadError is a ValueError; so are the rules' own errors
         raise _Bad(f"cannot recompute {name}: {exc}") from None
     if not (len(actual) == len(expected) and all(_identical(a, e) for a, e in zip(actual, expected))):
         raise _Bad(f"weights differ from {name} of its {len(results)} updates")
     return actual
+
+
+def _rebased(entry: dict, newest: list, context: _Context) -> list:
+    """An async block's update as the owner folded it: decoded against its own base's weights, then
+    rebased onto the newest accepted weights with its staleness weight (`strategies.fedbuff`)."""
+    from ..strategies.fedbuff import rebase
+
+    _, base_cid = context.bases[_key(entry["base"])]  # checked by _check_async_contributions
+    base = context.objects.weights(base_cid, "base weights")
+    weights = context.objects.weights(entry["weights"], f"update from {entry['worker']}", base=base, base_cid=base_cid)
+    return rebase(weights, base, newest, context.async_config.weight(entry["staleness"]))
 
 
 def _identical(a: np.ndarray, b: np.ndarray) -> bool:

@@ -102,6 +102,25 @@ def _param(text: str) -> tuple[str, float | int]:
         raise ValueError(f"--param {text!r}: {value!r} is not a number") from None
 
 
+def _async_options(args: argparse.Namespace):
+    """The `AsyncConfig` of `--mode async` and its options (None for sync); ValueError in one line."""
+    from ..strategies.fedbuff import AsyncConfig, Staleness
+
+    if args.mode != "async":
+        return None
+    name, _, given = args.staleness.partition(":")
+    params = {}
+    for item in filter(None, given.split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            params[key.strip()] = float(value) if sep else None
+        except ValueError:
+            raise ValueError(f"--staleness {args.staleness!r}: {value!r} is not a number") from None
+        if not sep:
+            raise ValueError(f"--staleness {args.staleness!r}: expected NAME:P=V,..., got {item!r}")
+    return AsyncConfig(args.buffer_size, Staleness(name.strip(), params), args.server_lr, args.max_staleness)
+
+
 def main(argv: list[str] | None = None) -> int:
     prepare_owner_process()  # before anything loads TensorFlow; an entry point's choice
     from ..strategies import names
@@ -150,6 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--compression", choices=("float16", "int8"), default=None,
                    help="workers send their change from the round's weights as float16, or as int8 with a scale "
                         "per tensor, deflated (int8: about 4x fewer bytes); recorded on the chain (default: off)")
+    s.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="sync: each round waits for its workers; async (FedBuff): workers train on the newest "
+                        "global they have and every --buffer-size updates make a block (docs/async.md)")
+    s.add_argument("--buffer-size", type=int, default=4, metavar="K",
+                   help="async: accepted updates per block (default 4); a block also closes at --round-timeout "
+                        "with at least one")
+    s.add_argument("--staleness", default="polynomial", metavar="NAME[:P=V,...]",
+                   help="async: how a stale update is down-weighted: polynomial (1/(1+tau)^a, a=0.5), hinge "
+                        "(a=10, b=4) or constant (default polynomial), e.g. hinge:a=5,b=2")
+    s.add_argument("--server-lr", type=float, default=1.0, metavar="LR",
+                   help="async: how far each block moves the global weights towards its buffer's aggregate (default 1)")
+    s.add_argument("--max-staleness", type=int, default=8, metavar="N",
+                   help="async: refuse updates trained from a global more than N blocks old (default 8)")
     s.add_argument("--job", dest="job_id", help="job id (default: MODEL-STEM-RANDOM)")
     s.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("resume", help="continue a job from its chain after the client stopped")
@@ -184,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--max-examples must be >= 1")
         try:
             aggregation, params = _aggregation_options(args)
+            async_config = _async_options(args)
         except ValueError as exc:
             parser.error(str(exc))
     try:
@@ -197,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                            aggregation_params=params, seed=args.seed, proximal_mu=args.proximal_mu,
                            accept=args.accept, miners=args.miners, proposal_timeout=args.proposal_timeout,
                            secure_aggregation=aggregation in SECURE_RULES, max_examples=args.max_examples,
-                           compression=args.compression)
+                           compression=args.compression, async_config=async_config)
         ipfs = IPFSClient(args.api)
         ipfs.wait_ready(timeout=5)
         identity = Identity.load_or_create(args.key or default_key_path("client"))

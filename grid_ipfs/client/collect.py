@@ -53,6 +53,10 @@ class Collected:
     """The update message exactly as the worker signed and published it: the block links it."""
     norm: float | None = None
     """How far the update moved the model (L2 of its delta), for the outlier screen; None unscreened."""
+    base: str | None = None
+    """Async jobs: the head the update trained from (None in synchronous rounds: the round's head)."""
+    staleness: int | None = None
+    """Async jobs: versions between its base and the block it goes into (`client.buffered`)."""
 
 
 class Stream:

@@ -25,6 +25,7 @@ from ..ipfs.rpc import IPFSClient
 from ..payloads import PayloadError, weights_to_bytes
 from ..strategies import Aggregate, RoundContext, StrategyError, run, streams
 from ..text import printable
+from . import buffered
 from .blocks import callback_fields, evaluate, round_block, weighted_metrics
 from .collect import Collected, Stream, collect, fetch_update, screen_outliers, selection
 from .inbox import REANNOUNCE_EVERY, Inbox
@@ -79,6 +80,7 @@ class Client:
         job = JobRun(self._job_message(job_id, model_cid, spec), spec, chain, model, eval_xy, spec.strategy,
                      Accepted(genesis, 0, weights, weights_cid, metrics), JobResult(job_id, model_cid, genesis,
                                                                                     weights_cid), accept)
+        buffered.note_head(job, genesis, 0, True, weights_cid)
         self._pin(job, genesis)
         return self._run(job, first_round=1)
 
@@ -119,6 +121,7 @@ class Client:
         log.info("resuming job %s after round %d of %d (head %s)", job_id, kept["round"], spec.rounds, head)
         job = JobRun(self._job_message(job_id, model_cid, spec), spec, chain, model, eval_xy, spec.strategy,
                      accepted, JobResult(job_id, model_cid, head, accepted.weights_cid), accept)
+        _note_heads(job, blocks)
         self._pin(job, head)
         return self._run(job, first_round=kept["round"] + 1)
 
@@ -150,6 +153,8 @@ class Client:
         if spec.compression:
             config["compression"] = spec.compression
         config.update(spec.strategy.fit_config())  # what the workers need for the rule (Flower's configure_fit)
+        if spec.async_config is not None:
+            config["mode"] = "async"  # workers take the newest head announced while they trained
         return messages.Job(job=job_id, model=model_cid, owner=self.identity.id, config=config)
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -206,8 +211,9 @@ class Client:
         dropped_before = job.dropped.total()
         tries = job.spec.accept_retries + 1 if job.accept is not None else 1
         attempt, why = 0, ""
+        gather = partial(buffered.gather, self) if job.spec.async_config is not None else self._gather_updates
         for try_ in range(1, tries + 1):
-            collected, refused, attempt, stream = self._gather_updates(inbox, r, attempt)
+            collected, refused, attempt, stream = gather(inbox, r, attempt)
             outcome, why = self._close_round(inbox, r, collected, refused, attempt, started, dropped_before, try_,
                                              stream)
             if outcome.accepted:
@@ -273,8 +279,11 @@ class Client:
             result = self._aggregate(job, r, seq, ordered)
         else:
             result, fold = self._finish(job, r, stream, collected)
+        if spec.async_config is not None:  # the buffer's aggregate, a server_lr of the way from the global
+            result = buffered.stepped(job, r, result)
         weights, weights_cid = result.weights, cid_str(self.ipfs.add(weights_to_bytes(result.weights)))
         metrics = {**weighted_metrics(ordered), **evaluate(job.model, weights, job.eval_xy),
+                   **buffered.staleness_metrics(ordered),
                    "rejected_updates": float(len(refused)), "attempts": float(attempts),
                    "dropped_messages": float(job.dropped.total() - dropped_before),
                    **_time_split(ordered, time.monotonic() - started)}
@@ -282,7 +291,8 @@ class Client:
         accepted, why = _judge(job, r, metrics)
         if job.accept is not None:
             params["accept"] = str(job.accept)
-        updates = [update_entry(messages.Envelope(c.update, c.worker), self.put_message(c.message)) for c in ordered]
+        updates = [{**update_entry(messages.Envelope(c.update, c.worker), self.put_message(c.message)),
+                    **buffered.entry_fields(c)} for c in ordered]
         contest = None
         if spec.miners:  # our aggregate becomes a candidate that the miners' rivals may beat
             candidate = round_block(job.id, r, job.message.model, weights_cid, name, params, updates, metrics)
@@ -306,6 +316,8 @@ class Client:
             position = {worker: i for i, worker in enumerate(sorted(collected))}
             block["fold"] = [position[worker] for worker in fold]
         head = self._append(job, r, block)
+        buffered.remember_used(job, collected)
+        buffered.note_head(job, head, r, accepted, weights_cid if accepted else job.accepted.weights_cid)
         outcome = RoundResult(r, weights_cid, head, len(ordered), metrics, time.monotonic() - started, attempts,
                               dict(Counter(reason.split(":")[0] for reason in refused.values())), accepted, try_)
         if contest is not None:
@@ -386,6 +398,16 @@ class Client:
     def publish(self, message) -> bool:
         topic = self.jobs_topic if isinstance(message, messages.Job) else messages.topic_of(message)
         return self.ipfs.pubsub_publish(topic, messages.encode(message, self.identity))
+
+
+def _note_heads(job: JobRun, blocks: list) -> None:
+    """On resume, the chain's heads as bases of an async job's updates (oldest first; only the recent stay)."""
+    weights = None
+    for cid, block in reversed(blocks):
+        accepted = is_accepted(block)
+        if accepted:
+            weights = cid_str(block["weights"])
+        buffered.note_head(job, cid_str(cid), block["round"], accepted, weights)
 
 
 def _judge(job: JobRun, r: int, metrics: dict) -> tuple[bool, str]:

@@ -43,9 +43,11 @@ class Inbox:
         """The subscription's callback: queue one raw pubsub message."""
         self.job.inbox.put(raw)
 
-    def drain(self, timeout: float, round_: messages.Round | None = None, first_attempt: int = 1) -> list[Arrived]:
+    def drain(self, timeout: float, round_: messages.Round | None = None, first_attempt: int = 1,
+              rounds: range | None = None) -> list[Arrived]:
         """Handle what arrives within `timeout`; return the updates for `round_` (from attempt
-        `first_attempt` on: earlier attempts belong to a rejected try of the round). Whatever decoding a
+        `first_attempt` on: earlier attempts belong to a rejected try of the round), or with `rounds`
+        (async jobs) those for any of them. Whatever decoding a
         message raises is a `malformed` drop, whatever handling it raises a `failed` drop, each one log
         line (only JobFailed, KeyboardInterrupt and the like pass)."""
         updates: list[Arrived] = []
@@ -61,7 +63,7 @@ class Inbox:
                 self.drop("malformed", f"from peer {raw.sender[-8:]}: {exc}")
                 continue
             try:
-                if self._handle(envelope, raw.data, round_, first_attempt):
+                if self._handle(envelope, raw.data, round_, first_attempt, rounds):
                     updates.append((envelope.message, envelope.sender, bytes(raw.data)))
                     end = time.monotonic()  # hand it over now; anything else already queued comes along
             except JobFailed:
@@ -81,7 +83,7 @@ class Inbox:
                     printable(reason, 300))
 
     def _handle(self, envelope: messages.Envelope, data: bytes, round_: messages.Round | None,
-                first_attempt: int) -> bool:
+                first_attempt: int, rounds: range | None = None) -> bool:
         """Act on one verified message; True for an update of `round_` to collect."""
         msg, sender, job = envelope.message, envelope.sender, self.job
         if getattr(msg, "job", None) != job.id:
@@ -89,7 +91,9 @@ class Inbox:
         elif isinstance(msg, messages.Join):
             self._joined(msg, sender, round_)
         elif isinstance(msg, messages.Update):
-            if round_ is None or msg.round != round_.round or msg.attempt < first_attempt:
+            if rounds is not None and msg.round in rounds:
+                return True
+            if round_ is None or msg.round != round_.round or msg.attempt < first_attempt or rounds is not None:
                 self.drop("late", f"update for round {msg.round} (attempt {msg.attempt}) from {sender[:12]}")
             else:
                 return True

@@ -15,6 +15,7 @@ from ..limits import MAX_COUNT, MAX_NUM_EXAMPLES, number_problem
 from ..payloads import COMPRESSIONS
 from ..secagg import masked_like
 from ..strategies import STRATEGIES, RoundContext, Strategy, StrategyError, make, run, strategy_class
+from ..strategies.fedbuff import AsyncConfig
 
 SECURE_RULES = tuple(name for name, cls in STRATEGIES.items() if not cls.readable_updates)
 """The registered rules over masked updates (`grid_ipfs.secagg`), as the strategies declare them."""
@@ -91,6 +92,10 @@ class JobSpec:
     compression: str | None = None
     """What the workers send (`payloads.COMPRESSIONS`): "float16" or "int8" deltas from the round's base
     weights, deflated; None: full float32 weights. Recorded in genesis; each update's file says its own."""
+    async_config: AsyncConfig | None = None
+    """Asynchronous rounds (FedBuff, `strategies.fedbuff`): workers train on the newest global they have,
+    and a block aggregates every `buffer_size` accepted updates, each weighed by its staleness. None:
+    synchronous rounds. Recorded in genesis as `async`."""
 
     _RECORDED = ("rounds", "min_workers", "fraction", "epochs", "batch_size", "round_timeout", "max_retries",
                  "max_norm_ratio", "aggregation", "aggregation_params", "seed", "proximal_mu", "accept",
@@ -149,6 +154,14 @@ class JobSpec:
             return f"compression must be one of {', '.join(COMPRESSIONS)} or None, got {_shown(self.compression)}"
         if self.compression is not None and secure:
             return "compression quantizes readable updates; masked updates (secure aggregation) go as they are"
+        if self.async_config is not None:
+            if not isinstance(self.async_config, AsyncConfig):
+                return f"async_config must be an AsyncConfig or None, got {type(self.async_config).__name__}"
+            if not cls.minable():  # readable, noiseless, stateless: what a rebased update can be fed to
+                return (f"async rounds rebase each update onto the newest global weights; {cls.name} "
+                        "masks updates, adds noise or keeps server state, so it runs synchronously")
+            if self.miners:
+                return "async rounds are aggregated as updates arrive, without a contest: run them without miners"
         if cls.stateful and self.miners:
             return (f"{cls.name} keeps server state across rounds; a miner's rival aggregate would fork it, so "
                     "it runs without miners")
@@ -196,11 +209,18 @@ class JobSpec:
             del config["max_examples"]
         if self.compression is None:
             del config["compression"]
+        if self.async_config is not None:
+            config["async"] = self.async_config.record()
         return config
 
     @classmethod
     def from_config(cls, config: dict, **overrides) -> JobSpec:
         known = {k: v for k, v in config.items() if k in cls._RECORDED}
+        if "async" in config:
+            try:
+                known["async_config"] = AsyncConfig.from_record(config["async"])
+            except StrategyError as exc:
+                raise InvalidJobSpec(f"job config: {exc}") from None
         if "accept" in known and "accept_retries" not in known and "max_retries" in known:
             known["accept_retries"] = known["max_retries"]  # chains from before the two settings were apart
         known.update({k: v for k, v in overrides.items() if v is not None})

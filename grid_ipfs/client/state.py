@@ -65,6 +65,12 @@ class JobRun:
     """The head the current round's announcements name: its workers sign against it, its block links it."""
     pinned: str | None = None
     """The head this node pins recursively: every block, model, weights and message the chain links."""
+    bases: dict = field(default_factory=dict)
+    """Async jobs: recent heads updates may name -> `buffered.Base` (round, global weights)."""
+    used: dict = field(default_factory=dict)
+    """Async jobs: (worker, update weights CID) of updates recent blocks took -> their round."""
+    carried: list = field(default_factory=list)
+    """Async jobs: updates that arrived after a buffer filled, for the next one."""
 
     @property
     def id(self) -> str:

@@ -1,4 +1,4 @@
-"""Buffered asynchronous aggregation (FedBuff; Nguyen et al., 2022), the pure math of issue 15's async mode.
+"""Buffered asynchronous aggregation (FedBuff; Nguyen et al., 2022): the pure math of `--mode async`.
 
 In an asynchronous job a worker trains from whichever global version it has and names it; by the time
 its update arrives the owner may have moved on `staleness` versions. FedBuff keeps a buffer: each
@@ -8,14 +8,14 @@ newest global weights with a server learning rate:
 
     new = global + server_lr * sum_i s(tau_i) * n_i * (w_i - base_i) / sum_i n_i
 
-This weighs updates by their examples, as FedAvg does; the paper's (1/K) sum_i s(tau_i) * delta_i is
-the case of equal counts. Staleness only ever shrinks an update's share (s <= 1, the sum of examples
-does not shrink with it), so a buffer of stale updates moves the model less. With every update
-fresh (tau = 0), s = 1 and server_lr = 1 this is FedAvg of the buffer's models
-started from `global`. The sums run in float64 in the order the updates were added (recorded on the
-chain), then round to the global weights' dtype once, so whoever replays that order gets the same bits.
-Nothing here knows about IPFS, messages or blocks: the orchestration (who sends what, which versions
-exist) lives in the roles.
+Here that is two steps around the job's own rule, so robust rules apply to async jobs too. `rebase`
+turns each update into the model it stands for on the newest global, `global + s(tau) * (w - base)`
+(a fresh update, tau = 0 from the newest global, is itself bit for bit); the job's rule aggregates the
+rebased updates as it would a synchronous round's (FedAvg then gives the formula above); `server_step`
+moves the global weights `server_lr` of the way to that aggregate (1: all the way, the aggregate
+itself). Each step computes in float64 and rounds once to the weights' dtype, so whoever replays the
+recorded order of arrival gets the same bits. Staleness only ever shrinks an update's change (s <= 1).
+Nothing here knows about IPFS, messages or blocks: which versions exist is the roles' business.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..limits import MAX_NUM_EXAMPLES, number_problem
+from ..limits import MAX_STALENESS, number_problem
 from .base import StrategyError, integer
 
 Weights = Sequence[np.ndarray]
@@ -45,9 +45,6 @@ def _polynomial(staleness: int, a: float = 0.5) -> float:
 def _hinge(staleness: int, a: float = 10.0, b: float = 4.0) -> float:
     return 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
 
-
-MAX_STALENESS = 1 << 20
-"""Largest staleness (versions behind) the math takes; a job's own bound is far below."""
 
 STALENESS_FUNCTIONS: dict[str, tuple[Callable[..., float], dict[str, tuple[float, float]]]] = {
     "constant": (_constant, {}),
@@ -68,7 +65,7 @@ class Staleness:
     hinge a = 10, b = 4)."""
 
     def __post_init__(self) -> None:
-        if self.name not in STALENESS_FUNCTIONS:
+        if not isinstance(self.name, str) or self.name not in STALENESS_FUNCTIONS:
             raise StrategyError(f"unknown staleness function {self.name!r}; known: {', '.join(STALENESS_FUNCTIONS)}")
         if not isinstance(self.params, Mapping):
             raise StrategyError(f"staleness params must be a mapping, not {type(self.params).__name__}")
@@ -107,48 +104,99 @@ def too_stale(staleness: int, bound: int) -> str | None:
     return None
 
 
-class Buffer:
-    """FedBuff's server buffer for one aggregation: `add` each accepted update in arrival order, then
-    `apply` to the newest global weights. Holds one float64 sum (two model copies), whatever K is."""
+def rebase(weights: Weights, base: Weights, reference: Weights, weight: float) -> list[np.ndarray]:
+    """The update `weights` (trained from `base`) as the model it stands for on `reference`, the newest
+    global weights: `reference + weight * (weights - base)`, in float64, rounded once to each tensor's
+    dtype. It is computed as `weights + shift`, `shift = (reference - base) + (weight - 1) * (weights - base)`
+    (kept as is where the shift is 0), so that with `base` equal to `reference` and `weight` 1 it is
+    `weights` again, bit for bit, at any magnitude and sign of zero."""
+    if number_problem(weight, 0.0, 1.0) is not None:
+        raise StrategyError(f"a staleness weight must be a number in [0, 1], not {weight!r}")
+    if not (len(weights) == len(base) == len(reference)) or any(
+            np.shape(w) != np.shape(b) or np.shape(w) != np.shape(r) for w, b, r in zip(weights, base, reference)):
+        raise StrategyError("an update's tensors do not match the shapes of the version it names")
+    out = []
+    for w, b, r in zip(weights, base, reference):
+        dtype = np.asarray(r).dtype
+        w64, b64 = np.asarray(w, np.float64), np.asarray(b, np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            shift = (np.asarray(r, np.float64) - b64) + (weight - 1.0) * (w64 - b64)
+            moved = np.where(shift == 0.0, w64, w64 + shift).astype(dtype)  # -0.0 + 0.0 would be +0.0
+        _finite(moved, "a rebased update")
+        out.append(moved)
+    return out
 
-    def __init__(self, staleness: Staleness | None = None):
-        self.staleness = staleness or Staleness()
-        self.total: list[np.ndarray] | None = None
-        self.examples = 0
-        self.count = 0
 
-    def add(self, weights: Weights, base: Weights, num_examples: int, staleness: int) -> None:
-        """Fold one update: `weights` trained from `base` (the version it names), `staleness` versions ago."""
-        num_examples = _count(num_examples, "num_examples", 1, MAX_NUM_EXAMPLES)
-        if len(weights) != len(base) or any(w.shape != b.shape for w, b in zip(weights, base)):
-            raise StrategyError("an update's tensors do not match the shapes of the version it names")
-        scale = self.staleness.weight(staleness) * num_examples
-        change = [scale * (np.asarray(w, np.float64) - np.asarray(b, np.float64)) for w, b in zip(weights, base)]
-        if self.total is None:
-            self.total = change
-        else:
-            if len(change) != len(self.total) or any(t.shape != c.shape for t, c in zip(self.total, change)):
-                raise StrategyError("an update's tensors do not match the buffer's")
-            for t, c in zip(self.total, change):
-                t += c
-        self.examples += num_examples
-        self.count += 1
+def server_step(reference: Weights, aggregate: Weights, server_lr: float) -> list[np.ndarray]:
+    """The new global weights: `reference` moved `server_lr` of the way to the buffer's `aggregate`
+    (float64, one rounding); at 1.0 the aggregate itself."""
+    if number_problem(server_lr, 0.0, MAX_SERVER_LR, low_open=True) is not None:
+        raise StrategyError(f"server_lr must be a number in (0, {MAX_SERVER_LR:g}], not {server_lr!r}")
+    if server_lr == 1.0:
+        return [np.asarray(a) for a in aggregate]
+    if len(reference) != len(aggregate) or any(np.shape(r) != np.shape(a) for r, a in zip(reference, aggregate)):
+        raise StrategyError("the global weights do not match the aggregate's tensors")
+    out = []
+    for r, a in zip(reference, aggregate):
+        dtype = np.asarray(r).dtype
+        ref = np.asarray(r, np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            moved = (ref + server_lr * (np.asarray(a, np.float64) - ref)).astype(dtype)
+        _finite(moved, "the server step")
+        out.append(moved)
+    return out
 
-    def apply(self, global_weights: Weights, server_lr: float = 1.0) -> list[np.ndarray]:
-        """The new global weights: `global_weights` moved by `server_lr` times the buffer's mean change."""
-        if self.total is None:
-            raise StrategyError("an empty buffer has nothing to apply")
-        if number_problem(server_lr, 0, 10, low_open=True) is not None:
-            raise StrategyError(f"server_lr must be a number in (0, 10], not {server_lr!r}")
-        if len(global_weights) != len(self.total) or any(g.shape != t.shape
-                                                          for g, t in zip(global_weights, self.total)):
-            raise StrategyError("the global weights do not match the buffer's tensors")
-        out = []
-        for g, t in zip(global_weights, self.total):
-            dtype = np.asarray(g).dtype
-            with np.errstate(over="ignore", invalid="ignore"):
-                moved = (np.asarray(g, np.float64) + server_lr * (t / self.examples)).astype(dtype)
-            if not np.isfinite(moved).all():
-                raise StrategyError(f"the buffer's aggregate does not fit {dtype} (an update overflowed)")
-            out.append(moved)
-        return out
+
+def _finite(array: np.ndarray, what: str) -> None:
+    if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+        raise StrategyError(f"{what} does not fit {array.dtype} (an update overflowed)")
+
+
+MAX_SERVER_LR = 10.0
+MAX_BUFFER = 10_000
+"""Largest buffer (K): a block records at most this many updates (`chain.blocks.MAX_UPDATES`)."""
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """An asynchronous job's settings, as its genesis config records them (`record`): aggregate every
+    `buffer_size` accepted updates, weigh each by `staleness`, step with `server_lr`, and refuse updates
+    more than `max_staleness` versions behind."""
+
+    buffer_size: int = 4
+    staleness: Staleness = field(default_factory=Staleness)
+    server_lr: float = 1.0
+    max_staleness: int = 8
+
+    def __post_init__(self) -> None:
+        _count(self.buffer_size, "buffer_size", 1, MAX_BUFFER)
+        _count(self.max_staleness, "max_staleness", 0, MAX_STALENESS)
+        if not isinstance(self.staleness, Staleness):
+            raise StrategyError(f"staleness must be a Staleness, not {type(self.staleness).__name__}")
+        if number_problem(self.server_lr, 0.0, MAX_SERVER_LR, low_open=True) is not None:
+            raise StrategyError(f"server_lr must be a number in (0, {MAX_SERVER_LR:g}], not {self.server_lr!r}")
+
+    def weight(self, staleness: int) -> float:
+        """s(staleness); StrategyError beyond `max_staleness` (such an update is refused, never weighed)."""
+        reason = too_stale(_count(staleness, "staleness", 0, MAX_STALENESS), self.max_staleness)
+        if reason is not None:
+            raise StrategyError(reason)
+        return self.staleness.weight(staleness)
+
+    def record(self) -> dict:
+        return {"buffer_size": int(self.buffer_size), "staleness": self.staleness.record(),
+                "server_lr": float(self.server_lr), "max_staleness": int(self.max_staleness)}
+
+    @classmethod
+    def from_record(cls, record: object) -> AsyncConfig:
+        """The settings a genesis config records (whoever wrote it); StrategyError naming what is wrong."""
+        keys = {"buffer_size", "staleness", "server_lr", "max_staleness"}
+        if not isinstance(record, Mapping) or set(record) != keys:
+            raise StrategyError(f"async settings: expected a map of exactly {sorted(keys)}")
+        staleness = record["staleness"]
+        if not isinstance(staleness, Mapping) or set(staleness) != {"name", "params"} or not isinstance(
+                staleness["name"], str):
+            raise StrategyError("async settings: staleness must be {name, params}")
+        params = staleness["params"]
+        return cls(record["buffer_size"], Staleness(staleness["name"], dict(params) if isinstance(params, Mapping)
+                                                    else params), record["server_lr"], record["max_staleness"])
