@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from grid_ipfs import messages
-from grid_ipfs.client import JobSpec
 from grid_ipfs.chain.contributions import message_cid
+from grid_ipfs.client import JobSpec
 from grid_ipfs.client.buffered import Base, head_key, note_head, refusal, staleness_metrics
 from grid_ipfs.client.collect import Collected
 from grid_ipfs.client.job import InvalidJobSpec
