@@ -9,6 +9,7 @@ One module per benchmark, each runnable alone (`python -m benchmarks.transfer` p
 * `flower`       the digits task on Flower (gRPC server and clients on localhost) against the grid
 * `scale`        1, 4, 16, 64 workers hosted in one pool process on 4 nodes: s/round, critical path, owner peak RSS
 * `compression`  float16 / int8 updates against float32: bytes per update, accuracy, chains verified
+* `asynchrony`   sync against async rounds (FedBuff), one worker slowed 5x or all equal: time to a target accuracy
 * `profile`      pyinstrument on the client and on one worker during a digits grid job
 * `strategies`   FedAvgM, FedAdam, FedYogi, FedAdagrad, Bulyan against FedAvg on a 7-worker grid, chains verified
 
@@ -17,5 +18,6 @@ a private temporary directory and stops them by PID in `finally` blocks; `run.py
 anything still running that names that directory. Nothing here is imported by grid_ipfs.
 """
 
-ORDER = ["transfer", "pubsub", "overhead", "overhead_cnn", "flower", "scale", "compression", "profile", "strategies"]
+ORDER = ["transfer", "pubsub", "overhead", "overhead_cnn", "flower", "scale", "compression", "asynchrony", "profile",
+         "strategies"]
 """Every benchmark, in the order `run.py` runs them (flower reuses the grid figure of overhead)."""

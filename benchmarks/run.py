@@ -229,6 +229,21 @@ def _targets(results: dict) -> list[list[str]]:
             if r["met"] is not None:
                 rows.append(["compression", f"{r['task']} int8: >= {TARGET_RATIO:g}x fewer bytes, <= {TARGET_POINTS} "
                              "points lost", f"{r['ratio']:.2f}x, {r['points']:+.2f} points", verdict(r["met"])])
+    a = results.get("asynchrony")
+    if ok(a):
+        from benchmarks.asynchrony import TARGET_POINTS as ASYNC_POINTS
+        from benchmarks.asynchrony import TARGET_RATIO as ASYNC_RATIO
+
+        for r in a["rows"]:
+            if r["met"] is None:
+                continue
+            if r["speeds"] == "one slowed":
+                measured = "never reached" if r["ratio"] is None else f"{r['ratio']:.2f}x sooner"
+                rows.append(["asynchrony", f"{r['task']}, one worker 5x slower: async reaches {r['target']:g} > "
+                             f"{ASYNC_RATIO:g}x sooner than sync", measured, verdict(r["met"])])
+            else:
+                rows.append(["asynchrony", f"{r['task']}, equal speeds: async final accuracy within {ASYNC_POINTS:g} "
+                             "point of sync", f"{r['points']:+.2f} points", verdict(r["met"])])
     for name in ORDER:
         r = results.get(name)
         if isinstance(r, dict) and "skipped" in r:

@@ -104,6 +104,30 @@ def test_compression_meets_only_int8_at_four_times_fewer_bytes_and_half_a_point_
     assert [t[3] for t in targets] == ["**met**", "**missed**", "**missed**"]
 
 
+def test_asynchrony_compares_time_to_target_with_a_slow_worker_and_final_accuracy_with_equal_ones():
+    from benchmarks import asynchrony
+    from benchmarks.run import _targets
+
+    def row(task, speeds, mode, to_target, acc, ok=True):
+        return {"task": task, "speeds": speeds, "mode": mode, "target": 0.9, "blocks": 8, "updates": 32,
+                "to_target_s": to_target, "val_accuracy": acc, "seconds": 60.0, "staleness_mean": 0.5,
+                "verify_ok": ok, "verify_reason": "" if ok else "block 2: weights differ"}
+
+    slow, equal = "one slowed", "equal"
+    rows = asynchrony.judge([row("digits", slow, "sync", 40.0, 0.93), row("digits", slow, "async", 10.0, 0.94),
+                             row("digits", equal, "sync", 20.0, 0.95), row("digits", equal, "async", 22.0, 0.935),
+                             row("cnn", slow, "sync", None, 0.7), row("cnn", slow, "async", 30.0, 0.8),
+                             row("cnn", equal, "sync", 20.0, 0.80), row("cnn", equal, "async", 20.0, 0.80, ok=False)])
+    assert [(r["mode"], r["met"]) for r in rows] == [("sync", None), ("async", True), ("sync", None), ("async", False),
+                                                     ("sync", None), ("async", True), ("sync", None),
+                                                     ("async", False)]
+    assert rows[1]["ratio"] == 4.0 and rows[3]["points"] == pytest.approx(1.5) and rows[5]["ratio"] == float("inf")
+    text = asynchrony.render({"rows": rows})
+    assert "FAILED: block 2: weights differ" in text and "4.00x sooner" in text and "+1.50 points" in text
+    verdicts = [t[3] for t in _targets({"asynchrony": {"rows": rows}})]
+    assert verdicts == ["**met**", "**missed**", "**met**", "**missed**"]
+
+
 def test_scale_reports_the_owner_s_memory_growth_in_model_copies():
     from benchmarks import scale
     from benchmarks.run import _targets
