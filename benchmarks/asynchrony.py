@@ -10,9 +10,10 @@ never used, each aggregate recomputed bit for bit.
 Measured from the chains themselves: the seconds from genesis to the first block whose held-out
 accuracy reaches the task's target (the blocks' own `time` fields), and the final held-out accuracy.
 Targets (issue 15): with the slow worker, async reaches the target clearly sooner (sync/async time
-ratio > 1.5); with equal speeds, async's final accuracy is within 1 point of sync's, for the same
-number of updates. Tasks: the digits MLP (target 0.90) and, unless `--quick`, the Fashion-MNIST CNN
-(8,000 training and 2,000 held-out images, target 0.75; needs Debian's `dataset-fashion-mnist`).
+ratio > 1.5); with equal speeds, async's final accuracy is within 1 point of sync's, for about the
+same number of updates (blocks x 3 ~ rounds x 4). Tasks: the digits MLP (target 0.90) and, unless
+`--quick`, the Fashion-MNIST CNN (8,000 training and 2,000 held-out images, target 0.75; needs
+Debian's `dataset-fashion-mnist`).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def render(r: dict) -> str:
     skipped = f"\n\nNot run: {r['not_run']}." if r.get("not_run") else ""
     return (f"{body}{skipped}\n\n{WORKERS} worker processes on 3 daemons; 'one slowed': worker 3 runs "
             f"`--slowdown {SLOWDOWN:g}`. Sync: every round waits for all {WORKERS}; async: a block per {BUFFER} "
-            f"updates, staleness weight 1/sqrt(1+tau), server_lr 1, the same number of updates in all. Seconds "
+            f"updates, staleness weight 1/sqrt(1+tau), server_lr 1, about the same number of updates in all. Seconds "
             f"to target are read off the chain (block times from genesis); every chain verified on node "
             f"{VERIFY_NODE}. Targets: with the slowed worker async reaches the target > {TARGET_RATIO:g}x sooner; "
             f"with equal speeds its final accuracy is within {TARGET_POINTS:g} point of sync's.")
