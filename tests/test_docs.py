@@ -65,6 +65,8 @@ SKIP_BLOCKS: dict[str, dict[str, str]] = {
     "docs/async.md": {
         "client submit ...": "`...` stands for a whole submit command (options checked against --help); "
                              "async jobs with a slow worker are trained in tests/test_async.py",
+        "grid_ipfs.worker ...": "`...` stands for a worker's options, and a worker runs until stopped; "
+                                "tests/test_async.py runs one with --slowdown (options checked against --help)",
     },
     "docs/deployment.md": {
         "docker compose": "needs Docker and the Kubo image (tests/test_compose.py checks the compose file)",
