@@ -295,7 +295,7 @@ def test_the_chain_verifier_uses_the_one_escaper():
 def render(events) -> str:
     out = io.StringIO()
     progress = RichProgress(Console(file=out, width=200, force_terminal=False, color_system=None))
-    progress.on_job_start(SimpleNamespace(job="job-1", model="bafymodel"), "bafygenesis")
+    progress.on_job_start(SimpleNamespace(job="job-1", model="bafymodel", config={}), "bafygenesis")
     for event in events:
         event(progress)
     progress.live.stop()
