@@ -70,13 +70,14 @@ class LocalGrid:
 
     def worker_command(self, i: int, extra_args: list[str] | None = None) -> list[str]:
         api = self.devnet.nodes[i % len(self.devnet.nodes)].api
-        return [sys.executable, "-m", "grid_ipfs.worker", "--api", api, "--data", str(self.shards[i]),
-                "--name", f"worker{i}", "--key", str(self.directory / "keys" / f"worker{i}.key"),
+        data = ["--data", str(self.shards[i])] if self.shards[i] is not None else []
+        return [sys.executable, "-m", "grid_ipfs.worker", "--api", api, *data, "--name", f"worker{i}", "--key", str(self.directory / "keys" / f"worker{i}.key"),
                 *self.worker_args, *(extra_args or [])]
 
-    def add_worker(self, shard: str | Path, extra_args: list[str] | None = None) -> int:
-        """Start one more worker on `shard` (round-robin node); returns its index."""
-        self.shards.append(Path(shard).resolve())
+    def add_worker(self, shard: str | Path | None, extra_args: list[str] | None = None) -> int:
+        """Start one more worker on `shard` (round-robin node), any `--data` source, or None when
+        `extra_args` name the data (`--data-loader`); returns its index."""
+        self.shards.append(Path(shard).resolve() if shard is not None else None)
         self.start_worker(len(self.shards) - 1, extra_args)
         return len(self.shards) - 1
 

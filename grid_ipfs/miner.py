@@ -40,6 +40,7 @@ from .peer import Peer, connect
 from .runtime import prepare_owner_process
 from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args
 from .sandbox import add_arguments as add_isolation_arguments
+from .sources import Arrays
 from .strategies import STRATEGIES, StrategyError, aggregate
 from .text import printable
 from .vetting import Policy, policy_from_args
@@ -66,6 +67,8 @@ class _Round:
 class _Followed:
     job: messages.Job
     model: object  # keras.Model, or sandbox.IsolatedModel with --isolate
+    x_val: object  # the validation examples, fitted to this job's model input
+    y_val: object
     rounds: dict[int, _Round] = field(default_factory=dict)
 
 
@@ -136,11 +139,12 @@ class Miner(Peer):
     def follow(self, job: messages.Job, sender: str) -> None:
         if job.job in self.jobs or (job.owner, job.job) in self.refused:
             return
-        model = self.job_model(job, sender, self.x_val, self.y_val, check=self._room)
-        if model is None:
+        found = self.job_model(job, sender, Arrays(self.x_val, self.y_val, where="--eval-data"), check=self._room)
+        if found is None:
             return
+        model, (x_val, y_val) = found
         self.subscribe(messages.job_topic(job.job))
-        self.jobs[job.job] = _Followed(job, model)
+        self.jobs[job.job] = _Followed(job, model, x_val, y_val)
         log.info("following job %s (model %s)", job.job, job.model)
 
     def propose(self, followed: _Followed, propose: messages.Propose) -> None:
@@ -242,14 +246,14 @@ class Miner(Peer):
 
         if isinstance(followed.model, IsolatedModel):
             return held_out(followed.model.evaluate(weights))
-        return held_out(evaluate(followed.model, weights, self.x_val, self.y_val))
+        return held_out(evaluate(followed.model, weights, followed.x_val, followed.y_val))
 
     # -- isolation (--isolate, as in the worker) --------------------------------------------------------
 
-    def load_model(self, data: bytes, source: str):
+    def load_model(self, data: bytes, source: str, shard):
         if self.isolate is None:
-            return super().load_model(data, source)
-        return IsolatedModel(data, source=source, x_val=self.x_val, y_val=self.y_val, limits=self.isolate,
+            return super().load_model(data, source, shard)
+        return IsolatedModel(data, source=source, x_val=shard[0], y_val=shard[1], limits=self.isolate,
                              load_kwargs=self.model_options)
 
     def _room(self) -> None:

@@ -24,6 +24,8 @@ from .ipfs.rpc import IPFSClient
 from .text import printable
 
 if TYPE_CHECKING:
+    from .data import Shard
+    from .sources import LocalData
     from .vetting import Policy
 
 
@@ -142,11 +144,14 @@ class Peer:
         if subscription is not None:
             subscription.close()
 
-    def job_model(self, job: messages.Job, sender: str, x, y, *, check: Callable[[], object] | None = None):
-        """The job's model (Keras safe mode) if this peer can take part in `job`, else None after one log
-        line: the announcer must be its owner, on `trusted_clients` if set; `check()` (e.g. the job
-        config) must not raise ValueError; and the data `x, y` must fit the model. A job refused for
-        any reason but the first is remembered in `refused` (by owner and job id) and never fetched again."""
+    def job_model(self, job: messages.Job, sender: str, data: LocalData, *,
+                  check: Callable[[], object] | None = None) -> tuple[object, Shard] | None:
+        """The job's model (Keras safe mode) and this peer's examples fitted to its input, if this peer
+        can take part in `job`; else None after one log line. The announcer must be its owner, on
+        `trusted_clients` if set; `check()` (e.g. the job config) must not raise ValueError; and `data`
+        must fit the model's input (read from the vetted config, before Keras loads the model: a folder of
+        images is loaded at that size). A job refused for any reason but the first is remembered in
+        `refused` (by owner and job id) and never fetched again."""
         if job.owner != sender:
             self.log.warning("ignored job %s: announced by %s but owned by %s", job.job, sender[:12], job.owner[:12])
             return None
@@ -166,21 +171,25 @@ class Peer:
 
             source = f"model {job.model} of job {job.job}"
             try:  # a refused model (vocabulary, size) is refused for good: its CID names the same bytes
-                data = self.client.cat(job.model, max_size=MAX_MODEL_BYTES)
+                model_bytes = self.client.cat(job.model, max_size=MAX_MODEL_BYTES)
                 # vetted here too (milliseconds, no Keras), so an isolated load never spawns a child for it
-                vet_model(data, source=source, policy=self.model_options.get("policy"))
-                model = self.load_model(data, source=source)
-                check_shard_for_model(x, y, tuple(model.input_shape))
-                return model
+                report = vet_model(model_bytes, source=source, policy=self.model_options.get("policy"))
+                if report.input_shape is None:
+                    raise DataError("models with several inputs are not supported")
+                shard = data.fit_to(report.input_shape)
+                model = self.load_model(model_bytes, source=source, shard=shard)
+                check_shard_for_model(*shard, tuple(model.input_shape))
+                return model, shard
             except (DataError, ModelRefused) as exc:
                 reason = str(exc)
         self.log.warning("cannot %s job %s: %s", self.takes_part, job.job, reason)
         self.refused.add((job.owner, job.job))
         return None
 
-    def load_model(self, data: bytes, source: str):
+    def load_model(self, data: bytes, source: str, shard: Shard):
         """A job's model from its fetched bytes, with `model_options` as keywords of
-        `payloads.model_from_bytes`. Roles running jobs isolated override this to load in a child."""
+        `payloads.model_from_bytes`. Roles running jobs isolated override this to load in a child with
+        `shard`, this peer's examples fitted to the model."""
         from .payloads import model_from_bytes
 
         return model_from_bytes(data, source=source, **self.model_options)

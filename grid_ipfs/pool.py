@@ -22,11 +22,12 @@ import sys
 import threading
 from pathlib import Path
 
-from .data import DataError, load_shard
+from .data import DataError
 from .identity import Identity, IdentityError, read_id_list
 from .ipfs import IPFSError
 from .ipfs.rpc import IPFSClient
 from .runtime import quiet_tensorflow
+from .sources import open_data
 from .vetting import policy_from_args
 from .worker import Worker, add_training_arguments, training_options
 
@@ -85,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m grid_ipfs.pool", description=__doc__.split("\n")[0])
     parser.add_argument("--api", action="append", required=True, metavar="MULTIADDR",
                         help="an IPFS daemon's API multiaddr; repeat it to spread the workers round-robin")
-    parser.add_argument("--data", nargs="+", required=True, metavar="SHARD",
-                        help="one .npz shard per hosted worker; a worker is named after its file's stem")
+    parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                        help="one data source per hosted worker (an .npz shard, a .csv file with --label-column, "
+                             "or a folder of class sub-folders of images); a worker is named after its stem")
+    parser.add_argument("--label-column", default=None, metavar="NAME", help="CSV sources: the column of labels")
     parser.add_argument("--key-dir", type=Path, default=Path.home() / ".grid_ipfs", metavar="DIR",
                         help="the workers' key files, worker-NAME.key (created on first run), and their "
                              "witness files beside them (default ~/.grid_ipfs)")
@@ -113,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             IPFSClient(api).wait_ready(timeout=10)
         workers = []
         for i, (path, name) in enumerate(zip(args.data, names)):
-            x, y = load_shard(path)
+            data = open_data(path, label_column=args.label_column if Path(path).suffix.lower() == ".csv" else None)
             key = args.key_dir / f"worker-{name}.key"
-            workers.append(Worker(IPFSClient(args.api[i % len(args.api)]), Identity.load_or_create(key), x, y,
+            workers.append(Worker(IPFSClient(args.api[i % len(args.api)]), Identity.load_or_create(key), data,
                                   name=name, trusted_clients=trusted, witness_dir=key.with_suffix(".witness"),
                                   policy=policy, **options))
         pool = WorkerPool(workers)

@@ -201,6 +201,10 @@ class Report:
     total_activation: int = 0
     layers: int = 0
     weight_values: int = 0
+    input_shape: tuple | None = None
+    """The model's input shape, batch dimension first (`model.input_shape` before Keras loads it): a
+    worker fits its data to it (images are loaded at that size) before any model code runs; None for
+    a model with several inputs."""
 
 
 def vet_model(data: bytes, *, source: str = "model", policy: Policy | None = None,
@@ -497,6 +501,8 @@ class _Vetter:
             if not isinstance(layer, dict):
                 raise self.refuse(f"{where} layer {i}", "expected a layer object")
             label = self.label(layer, i)
+            if self.nesting == 1 and layer.get("class_name") != "InputLayer" and self.report.input_shape is None:
+                self.report.input_shape = shape  # the top-level model's input, once known
             if layer.get("class_name") == "InputLayer":
                 if i != 0:
                     raise self.refuse(label, "an InputLayer may only come first")
@@ -513,6 +519,8 @@ class _Vetter:
             (shape,) = self.layer(layer, [shape], label, node=0)
         if shape is None:
             raise self.refuse(where, "the input shape is unknown: cannot bound the model's size")
+        if self.nesting == 1 and self.report.input_shape is None:  # an InputLayer and nothing else
+            self.report.input_shape = shape
         return shape
 
     def functional(self, config: dict, input_shapes: list[Shape] | None, where: str) -> list[Shape]:
@@ -546,6 +554,8 @@ class _Vetter:
             if input_shapes is not None and input_shapes[k] != produced[(name, 0)]:
                 raise self.refuse(self.label(layer), f"called on shape {list(input_shapes[k])}, declares "
                                                      f"{list(produced[(name, 0)])}")
+        if self.nesting == 1 and len(inputs) == 1:
+            self.report.input_shape = produced[(inputs[0][0], 0)]
         pending = []
         for name, layer in by_name.items():
             nodes = layer.get("inbound_nodes", [])
@@ -1221,6 +1231,7 @@ LAYERS: dict[str, Rule] = {
     **{f"Global{kind}Pooling{r}D": Rule({**_FORMAT, "keepdims": _bool}, _global_pool(r))
        for kind in ("Max", "Average") for r in (1, 2, 3)},
     "Flatten": Rule(_FORMAT, _flatten),
+    "Rescaling": Rule({"scale": _num(), "offset": _num()}, _same),
     "Reshape": Rule({"target_shape": None}, _reshape),
     "Dropout": Rule({"rate": _num(0, 1), "noise_shape": _null, "seed": _optional(_int(0, 2 ** 63))}, _same),
     "GaussianNoise": Rule({"stddev": _num(0), "seed": _optional(_int(0, 2 ** 63))}, _same),

@@ -26,9 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from . import messages
-from .data import DataError, load_shard, train_val_split
+from .data import DataError, train_val_split
 from .identity import Identity, IdentityError, default_key_path
 from .ipfs import IPFSError
 from .ipfs.pubsub import PubsubMessage
@@ -41,6 +44,7 @@ from .runtime import quiet_tensorflow
 from .sandbox import IsolatedModel, Limits, TrainerDied, limits_from_args
 from .sandbox import add_arguments as add_isolation_arguments
 from .secagg import MaskKey, dp_share, mask_context, mask_update, sign_mask_key, unsigned_mask_keys
+from .sources import Arrays, Loader, LocalData, open_data
 from .text import printable
 from .vetting import Policy, policy_from_args
 from .vetting import add_arguments as add_vetting_arguments
@@ -58,10 +62,21 @@ MAX_BATCH_SIZE = 65536
 """Default `--max-batch-size`: a batch's activations are what a round holds in memory at once."""
 
 
+class Split(NamedTuple):
+    """A worker's examples for one job's model: what it trains on and what it evaluates the global on."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
 @dataclass
 class JoinedJob:
     job: messages.Job
     model: object  # keras.Model (or sandbox.IsolatedModel), loaded once per job: its optimizer state carries
+    split: Split
+    """Our examples fitted to this job's model input, split into training and validation."""
     mask_key: MaskKey | None = None
     """This job's X25519 key when the job asks for secure aggregation (announced in our join)."""
     done_rounds: set[tuple[int, int, float]] = field(default_factory=set)
@@ -74,12 +89,15 @@ class JoinedJob:
 
 
 class Worker(Peer):
-    """One worker process: a data shard, an identity, a daemon. `run()` until `stop()`."""
+    """One worker process: local data, an identity, a daemon. `run()` until `stop()`.
+
+    `data` is a `sources.LocalData` (a CSV export, a folder of images, the operator's loader) or an
+    `(x, y)` pair of arrays; each job gets it fitted to its model's input, split by `val_split`."""
 
     log = log
     takes_part = "join"
 
-    def __init__(self, client: IPFSClient, identity: Identity, x, y, *, name: str = "worker",
+    def __init__(self, client: IPFSClient, identity: Identity, data: LocalData | tuple, *, name: str = "worker",
                  val_split: float = 0.1, jobs_topic: str = messages.JOBS_TOPIC,
                  trusted_clients: set[str] | None = None, seed: int = 0, isolate: Limits | None = None,
                  isolated_jobs: int = 4, max_epochs: int = MAX_EPOCHS, max_batch_size: int = MAX_BATCH_SIZE,
@@ -95,7 +113,10 @@ class Worker(Peer):
         self.isolate, self.isolated_jobs = isolate, isolated_jobs
         """With `isolate`, each job's model lives in its own rlimited child (sandbox.IsolatedModel), at
         most `isolated_jobs` of them at a time (each holds a TensorFlow runtime, ~0.6 GB)."""
-        self.x_train, self.y_train, self.x_val, self.y_val = train_val_split(x, y, val_split, seed=seed)
+        self.data = Arrays(*data, where="data") if isinstance(data, tuple) else data
+        self.val_split = val_split
+        self._splits: list[tuple[tuple, Split]] = []
+        """The last few (fitted examples, split) pairs: jobs with models of one input share one split."""
         self.seed = seed
         self.slowdown = slowdown
         """For experiments (`--slowdown`): each update takes this many times as long as its training
@@ -103,8 +124,8 @@ class Worker(Peer):
         self.jobs: dict[str, JoinedJob] = {}
 
     def started(self) -> None:
-        log.info("%s (%s) listening on %s with %d training / %d validation examples", self.name,
-                 self.identity.id[:12], self.jobs_topic, len(self.x_train), len(self.x_val))
+        log.info("%s (%s) listening on %s; data %s, %.0f%% held out for validation", self.name,
+                 self.identity.id[:12], self.jobs_topic, self.data.description, 100 * self.val_split)
 
     # -- messages ------------------------------------------------------------------------------------
 
@@ -163,13 +184,15 @@ class Worker(Peer):
             return
         if (job.owner, job.job) in self.refused:
             return
-        model = self.job_model(job, sender, self.x_train, self.y_train,
+        found = self.job_model(job, sender, self.data,
                                check=lambda: (proximal_mu(job.config), secure_dp(job.config), compression(job.config),
                                               self._ceilings(job.config), self._room()))
-        if model is None:
+        if found is None:
             return
+        model, shard = found
         self.subscribe(messages.job_topic(job.job))
-        joined = JoinedJob(job, model, MaskKey() if job.config.get("secure_aggregation") is True else None)
+        joined = JoinedJob(job, model, self.split(shard),
+                           MaskKey() if job.config.get("secure_aggregation") is True else None)
         self.jobs[job.job] = joined
         self.publish(self._join_message(joined))
         log.info("joined job %s (model %s, %s)", job.job, job.model, job.config)
@@ -205,23 +228,23 @@ class Worker(Peer):
                             ", ".join(w[:12] for w in forged))
                 return
         started = time.monotonic()
-        model = joined.model
+        model, split = joined.model, joined.split
         global_weights = fetch_weights(self.client, round_.weights, like=model.get_weights())
         queued = time.monotonic()
         with KERAS_LOCK:  # workers hosted in one process (grid_ipfs.pool) take turns; alone, this never waits
             queued = time.monotonic() - queued
-            if not len(self.x_val):
+            if not len(split.x_val):
                 eval_metrics = {}
             elif isinstance(model, IsolatedModel):
                 eval_metrics = model.evaluate(global_weights, deadline=round_.deadline)
             else:
-                eval_metrics = evaluate(model, global_weights, self.x_val, self.y_val)
+                eval_metrics = evaluate(model, global_weights, split.x_val, split.y_val)
             trained = time.monotonic()
             new_weights, metrics = self.local_update(joined, global_weights, round_)
         if self.slowdown > 1:
             self._stop.wait((self.slowdown - 1) * (time.monotonic() - trained))
         if joined.mask_key is not None:  # what leaves this process is masked: only the round's sum is readable
-            weight, dp = len(self.x_train), secure_dp(joined.job.config)
+            weight, dp = len(split.x_train), secure_dp(joined.job.config)
             if dp is not None:  # our clipped delta plus our share of the noise, equally weighted
                 new_weights = dp_share(new_weights, global_weights, clip=dp[0], noise_multiplier=dp[1],
                                        workers=len(round_.mask_keys))
@@ -236,11 +259,11 @@ class Worker(Peer):
         metrics = {**metrics, "compute_s": round(time.monotonic() - started - queued, 3)}
         self.witness_signed(joined, round_, head_seq, str(cid))  # on disk before the signature leaves
         self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
-                                     num_examples=len(self.x_train), metrics=metrics,
+                                     num_examples=len(split.x_train), metrics=metrics,
                                      eval_metrics=eval_metrics, attempt=round_.attempt, head=round_.head,
                                      base=round_.weights))
         log.info("job %s round %d: %d examples, loss %.4f, accuracy %s, %.1fs", round_.job, round_.round,
-                 len(self.x_train), metrics.get("loss", float("nan")),
+                 len(split.x_train), metrics.get("loss", float("nan")),
                  f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a", time.monotonic() - started)
 
     # -- history: what our signatures extend ---------------------------------------------------------
@@ -299,10 +322,10 @@ class Worker(Peer):
             time=time.time()))
 
     def _join_message(self, joined: JoinedJob) -> messages.Join:
-        job, mask = joined.job.job, joined.mask_key
+        job, mask, examples = joined.job.job, joined.mask_key, len(joined.split.x_train)
         if mask is None:
-            return messages.Join(job=job, name=self.name, num_examples=len(self.x_train))
-        return messages.Join(job=job, name=self.name, num_examples=len(self.x_train), mask_key=mask.public,
+            return messages.Join(job=job, name=self.name, num_examples=examples)
+        return messages.Join(job=job, name=self.name, num_examples=examples, mask_key=mask.public,
                              mask_sig=sign_mask_key(self.identity, job, mask.public))
 
     def local_update(self, joined: JoinedJob, global_weights: list, round_: messages.Round) -> tuple[list, dict]:
@@ -319,15 +342,26 @@ class Worker(Peer):
                         proximal_mu=proximal_mu(config))
         if isinstance(joined.model, IsolatedModel):
             return joined.model.fit(global_weights, deadline=round_.deadline, **settings)
-        return fit(joined.model, global_weights, self.x_train, self.y_train, **settings)
+        return fit(joined.model, global_weights, joined.split.x_train, joined.split.y_train, **settings)
 
     # -- isolation (--isolate) -------------------------------------------------------------------------
 
-    def load_model(self, data: bytes, source: str):
+    def split(self, shard: tuple) -> Split:
+        """`shard` (our examples fitted to a model) split into training and validation; the same shard
+        gives the same split, computed once while it stays among the last few."""
+        for known, split in self._splits:
+            if known[0] is shard[0] and known[1] is shard[1]:
+                return split
+        split = Split(*train_val_split(*shard, self.val_split, seed=self.seed))
+        self._splits = [(shard, split), *self._splits[:3]]
+        return split
+
+    def load_model(self, data: bytes, source: str, shard: tuple):
         if self.isolate is None:
-            return super().load_model(data, source)
-        return IsolatedModel(data, source=source, x_train=self.x_train, y_train=self.y_train, x_val=self.x_val,
-                             y_val=self.y_val, limits=self.isolate, load_kwargs=self.model_options)
+            return super().load_model(data, source, shard)
+        split = self.split(shard)
+        return IsolatedModel(data, source=source, x_train=split.x_train, y_train=split.y_train, x_val=split.x_val,
+                             y_val=split.y_val, limits=self.isolate, load_kwargs=self.model_options)
 
     def _ceilings(self, config: dict) -> None:
         """ValueError when the job asks for more epochs or a larger batch than this worker allows."""
@@ -426,8 +460,21 @@ def build_parser(prog: str = "python -m grid_ipfs.worker") -> argparse.ArgumentP
     """The worker's command line; `main` takes an extended copy (see tests/byzantine_worker.py)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--api", required=True, help="the IPFS daemon's API multiaddr, e.g. /ip4/127.0.0.1/tcp/5001")
-    parser.add_argument("--data", required=True, help="the local shard: .npz with arrays x and y")
-    parser.add_argument("--name", default=None, help="a name for logs and the key file (default: the data file's stem)")
+    data = parser.add_argument_group("local data (never leaves this machine; only its size is announced)")
+    data.add_argument("--data", default=None, metavar="PATH",
+                      help="an .npz shard (arrays x and y), a .csv file (with --label-column), or a folder with "
+                           "one sub-folder of images per class (loaded at each model's input size)")
+    data.add_argument("--label-column", default=None, metavar="NAME",
+                      help="CSV: the column holding the labels; every other column is a numeric feature")
+    data.add_argument("--class-names", default=None, metavar="A,B,...",
+                      help="folder of images: the classes in label order (default: the sub-folders, sorted); "
+                           "needed when this worker lacks a class the others have")
+    data.add_argument("--data-loader", default=None, metavar="MODULE:FUNCTION",
+                      help="your own loader instead of --data (module:function or path/to/file.py:function) "
+                           "returning (x, y) arrays, a tf.data.Dataset or (x, y) batches; given an "
+                           "input_shape parameter, it is called with each model's input shape")
+    parser.add_argument("--name", default=None,
+                        help="a name for logs and the key file (default: the data's file or folder name)")
     parser.add_argument("--key", default=None, help="Ed25519 key file (default ~/.grid_ipfs/worker-NAME.key)")
     parser.add_argument("--witness-dir", type=Path, default=None, metavar="DIR",
                         help="record here the chain heads this worker signed updates against, a file per job "
@@ -467,6 +514,14 @@ def training_options(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 max_batch_size=args.max_batch_size, slowdown=args.slowdown)
 
 
+def local_data(args: argparse.Namespace) -> LocalData:
+    """The source `--data` / `--data-loader` name (DataError with what was expected when it cannot be read)."""
+    if args.data_loader is not None:
+        return Loader(args.data_loader)
+    class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
+    return open_data(args.data, label_column=args.label_column, class_names=class_names)
+
+
 def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | None = None,
          make_worker: Callable[..., Worker] | None = None) -> int:
     """Run a worker until SIGINT/SIGTERM. `parser` and `make_worker(args, **worker_kwargs)` let a variant
@@ -477,10 +532,14 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    name = args.name or Path(args.data).stem
+    if (args.data is None) == (args.data_loader is None):
+        parser.error("give one of --data PATH or --data-loader MODULE:FUNCTION")
+    if args.data_loader is not None and (args.label_column or args.class_names):
+        parser.error("--label-column and --class-names describe --data, not --data-loader")
+    name = args.name or (Path(args.data).stem if args.data else args.data_loader.rpartition(":")[2])
     options = training_options(args, parser)
     try:
-        x, y = load_shard(args.data)
+        data = local_data(args)
         policy = policy_from_args(args)
         client, identity, trusted = connect(args.api, args.key, f"worker-{name}", args.trust_clients)
         witness_dir = args.witness_dir or (Path(args.key) if args.key else default_key_path(f"worker-{name}")
@@ -488,9 +547,9 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
         kwargs = dict(name=name, trusted_clients=trusted, witness_dir=witness_dir, isolate=limits_from_args(args),
                       isolated_jobs=args.isolated_jobs, policy=policy, **options)
         if make_worker is None:
-            worker = Worker(client, identity, x, y, **kwargs)
+            worker = Worker(client, identity, data, **kwargs)
         else:
-            worker = make_worker(args, client, identity, x, y, **kwargs)
+            worker = make_worker(args, client, identity, data, **kwargs)
     except (DataError, IPFSError, IdentityError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -214,7 +214,7 @@ def test_the_worker_refuses_jobs_over_its_ceilings_before_fetching_anything(capl
     from grid_ipfs.worker import Worker, build_parser
 
     x, y = np.zeros((10, 2), np.float32), np.zeros(10, np.int64)
-    worker = Worker(None, Identity.generate(), x, y, max_epochs=5, max_batch_size=64)  # no daemon: nothing fetched
+    worker = Worker(None, Identity.generate(), (x, y), max_epochs=5, max_batch_size=64)  # no daemon
     for config, reason in [({"epochs": 1000, "batch_size": 8, "rounds": 1}, "config.epochs 1000 is over this "
                             "worker's --max-epochs 5"),
                            ({"epochs": 1, "batch_size": 65537, "rounds": 1}, "config.batch_size 65537 is over "
@@ -231,7 +231,7 @@ def test_a_strangers_refused_job_does_not_block_the_owners_job_of_the_same_id(ca
     from grid_ipfs.worker import Worker
 
     x, y = np.zeros((10, 2), np.float32), np.zeros(10, np.int64)
-    worker = Worker(None, Identity.generate(), x, y, max_epochs=5)  # no daemon: nothing fetched
+    worker = Worker(None, Identity.generate(), (x, y), max_epochs=5)  # no daemon: nothing fetched
     stranger = Identity.generate()
     bad = messages.Job(job="X", model=CID, owner=stranger.id, config={"epochs": 1000, "batch_size": 8, "rounds": 1})
     worker.join(bad, stranger.id)
@@ -250,9 +250,10 @@ def test_the_vetting_policy_is_a_constructor_keyword_of_worker_and_miner():
 
     x, y = np.zeros((10, 2), np.float32), np.zeros(10, np.int64)
     policy = load_policy()
-    for role in (Worker, Miner):  # no daemon: nothing fetched
-        assert role(None, Identity.generate(), x, y, policy=policy).model_options["policy"] is policy
-        assert role(None, Identity.generate(), x, y).model_options["policy"] is None
+    for make in (lambda **kw: Worker(None, Identity.generate(), (x, y), **kw),  # no daemon: nothing fetched
+                 lambda **kw: Miner(None, Identity.generate(), x, y, **kw)):
+        assert make(policy=policy).model_options["policy"] is policy
+        assert make().model_options["policy"] is None
 
 
 # -- text from peers is data ----------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def _ask(miner, store, job_id: str, params: dict, rng):
     chain, model, candidate, reference = _job(store, job_id, params, rng)
     job = messages.Job(job=job_id, model=cid_str(model), owner=OWNER.id,
                        config={"epochs": 1, "batch_size": 8, "rounds": 1})
-    followed = _Followed(job, _model())
+    followed = _Followed(job, _model(), miner.x_val, miner.y_val)
     miner.propose(followed, messages.Propose(job=job_id, round=1, candidate=candidate, reference=reference,
                                              deadline=time.time() + 60))
     rival_cid = followed.rounds[1].proposed
