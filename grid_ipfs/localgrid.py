@@ -71,7 +71,8 @@ class LocalGrid:
     def worker_command(self, i: int, extra_args: list[str] | None = None) -> list[str]:
         api = self.devnet.nodes[i % len(self.devnet.nodes)].api
         data = ["--data", str(self.shards[i])] if self.shards[i] is not None else []
-        return [sys.executable, "-m", "grid_ipfs.worker", "--api", api, *data, "--name", f"worker{i}", "--key", str(self.directory / "keys" / f"worker{i}.key"),
+        return [sys.executable, "-m", "grid_ipfs.worker", "--api", api, *data, "--name", f"worker{i}",
+                "--key", str(self.directory / "keys" / f"worker{i}.key"),
                 *self.worker_args, *(extra_args or [])]
 
     def add_worker(self, shard: str | Path | None, extra_args: list[str] | None = None) -> int:

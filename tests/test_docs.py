@@ -61,6 +61,9 @@ SKIP_BLOCKS: dict[str, dict[str, str]] = {
                                    "(options checked against --help)",
         "grid_ipfs.pool --api": "a pool runs until stopped: tests/test_pool.py hosts 8 workers through it "
                                 "(options checked against --help)",
+        "grid_ipfs.worker ...": "`...` stands for a worker's daemon and key, and a worker runs until stopped: "
+                                "tests/test_sources.py trains one job on all four kinds of data "
+                                "(options checked against --help)",
     },
     "docs/async.md": {
         "client submit ...": "`...` stands for a whole submit command (options checked against --help); "
