@@ -27,8 +27,8 @@ class TensorBoard(ClientCallback):
     scalars under `log_dir`, reading the blocks from `store` (the client's `IPFSClient`).
 
     The folder is created here (TensorBoardError now, not mid-job, when it cannot be or the tensorboard
-    package is missing). A block that cannot be read or written later costs a warning, never the job. On `resume`
-    the rounds run from then on are written (`chain tensorboard` writes the whole chain).
+    package is missing). A block that cannot be read or written later costs a warning, never the job.
+    On `resume` the rounds run from then on are written (`chain tensorboard` writes the whole chain).
     """
 
     def __init__(self, log_dir: str | os.PathLike, store):
