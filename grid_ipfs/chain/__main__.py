@@ -17,6 +17,10 @@
             seq and that the chain credits the worker only with weights it announced
     plot    draw loss and accuracy per round (training, held-out val_*, workers' eval_* of the
             incoming model; whatever numeric metrics the blocks hold) into an image: -o run.png
+    tensorboard  write every round's metrics as TensorBoard scalars into DIR (HEAD DIR; step = round):
+            run `global` the block's metrics and round/updates, round/examples, round/seconds; run
+            `workers/<id>` each worker's own; a rejected try's under `rejected/` (see
+            grid_ipfs.chain.tensorboard); the same events as `client submit --tensorboard DIR`
     export  write the global model of the head's round (or --round R) as a standalone .keras file
             (-o model.keras), or as ONNX with --onnx -o model.onnx (needs `pip install tf2onnx`);
             or, with --car FILE instead of -o, the head's whole DAG (every block, model, weights and
@@ -31,7 +35,7 @@
             signer, time, signature valid), ending `owner X signed two different blocks at seq S of
             job J: equivocation` when one id validly signed both (see grid_ipfs.chain.fork)
 
-show, verify, plot and privacy read from a daemon (--api A) or, with no daemon at all, from a CAR
+show, verify, plot, tensorboard and privacy read from a daemon (--api A) or, with no daemon at all, from a CAR
 file (--car FILE; HEAD defaults to the archive's single root): `verify --car job.car` checks the same
 things in process, every block's bytes hashed against its CID as it is read.
 
@@ -68,6 +72,7 @@ from ..runtime import quiet_tensorflow
 from . import ChainError, read_head, verify_chain, walk
 from .export import ExportError, check_request, export_model, load_genesis_model
 from .log import MAX_BLOCKS
+from .tensorboard import TensorBoardError
 
 
 def _head(args, store=None) -> str:
@@ -142,6 +147,16 @@ def plot(client: IPFSClient, head: str, output: Path, title: str | None, max_blo
     job, last = blocks[0][1]["job"], blocks[-1][1]["round"]
     drawn = "; ".join(f"{base}: {', '.join(keys)}" for base, keys in panels.items()) or "no metrics recorded"
     print(_line(f"wrote {output}: job {job}, rounds 0..{last} ({drawn})"))
+    return 0
+
+
+def tensorboard(client: IPFSClient, head: str, logdir: Path, max_blocks: int = MAX_BLOCKS) -> int:
+    from .tensorboard import write_chain
+
+    done = write_chain(reversed(list(walk(client, head, max_blocks=max_blocks))), logdir)
+    rounds = f"rounds {done.rounds[0]}..{done.rounds[1]}" if done.rounds else "no rounds"
+    print(_line(f"wrote {logdir}: {done.blocks} blocks, {rounds}, {done.scalars} scalars in {len(done.runs)} runs "
+                f"(view with: tensorboard --logdir {logdir})"))
     return 0
 
 
@@ -408,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     helps = {"show": "print the chain as a table", "verify": "audit every block down to genesis",
              "plot": "draw loss and accuracy per round into an image",
              "export": "write a round's global model to a .keras (or .onnx) file",
-             "privacy": "the DP-FedAvg privacy budget (epsilon) spent so far"}
+             "privacy": "the DP-FedAvg privacy budget (epsilon) spent so far",
+             "tensorboard": "write every round's metrics, global and per worker, as TensorBoard scalars"}
     helps["export"] += ", or the head's whole DAG to a CAR file"
-    for name in ("show", "verify", "plot", "export", "privacy"):
+    for name in ("show", "verify", "plot", "export", "privacy", "tensorboard"):
         p = sub.add_parser(name, help=helps[name], description=helps[name])
         p.add_argument("--api", required=name == "export", help="any IPFS daemon's API multiaddr")
         if name != "export":
@@ -420,8 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--head-file", help="read the head CID from this file instead")
         p.add_argument("--max-blocks", type=int, default=MAX_BLOCKS, metavar="N",
                        help=f"refuse a chain longer than N blocks (default {MAX_BLOCKS})")
-        if name != "plot":
+        if name not in ("plot", "tensorboard"):
             p.add_argument("--json", action="store_true")
+        if name == "tensorboard":
+            p.add_argument("logdir", type=Path, metavar="DIR", help="the log directory to write (created if "
+                           "need be; view with: tensorboard --logdir DIR)")
         if name == "verify":
             p.add_argument("--no-recompute", action="store_true", help="skip recomputing the aggregates")
             p.add_argument("--require-proof", action="store_true",
@@ -517,11 +536,14 @@ def main(argv: list[str] | None = None) -> int:
                 if args.car_out is not None:
                     return export_car(client, head, args.car_out, args.json, args.max_blocks)
                 return export(client, head, args)
+            if args.command == "tensorboard":
+                return tensorboard(client, head, args.logdir, args.max_blocks)
             if args.command == "privacy":
                 return privacy(client, head, args.delta, args.json, args.max_blocks)
             return verify(client, head, not args.no_recompute, args.json, args.signer, args.eval_data, eval_xy,
                           check_ext, args.max_blocks, witnesses, args.require_proof)
-    except (ChainError, IPFSError, ExportError, PayloadError, IdentityError, DataError, OSError) as exc:
+    except (ChainError, IPFSError, ExportError, PayloadError, IdentityError, DataError, OSError,
+            TensorBoardError) as exc:
         print(f"error: {_line(_one_line(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

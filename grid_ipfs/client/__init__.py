@@ -26,11 +26,13 @@ a rich display, tests and notebooks plug in their own.
 - `collect.py`: which updates count, fetching them, outlier screening;
 - `blocks.py`: a round's block fields, the callbacks' `ext`, the metrics;
 - `pofl.py`: the owner's side of the miners' contest;
+- `tensorboard.py`: the `TensorBoard` callback (each block's scalars, as `chain tensorboard` writes them);
 - `__main__.py`: the command line (`submit`, `resume`, `verify`).
 """
 
 from .core import Client
 from .job import SECURE_RULES, ClientCallback, InvalidJobSpec, JobFailed, JobResult, JobSpec, RoundResult
+from .tensorboard import TensorBoard
 
 __all__ = ["Client", "ClientCallback", "InvalidJobSpec", "JobFailed", "JobResult", "JobSpec", "RoundResult",
-           "SECURE_RULES"]
+           "SECURE_RULES", "TensorBoard"]

@@ -12,6 +12,7 @@ from pathlib import Path
 from .. import messages
 from ..aggregate import parse_accept
 from ..chain import ChainError
+from ..chain.tensorboard import TensorBoardError
 from ..identity import Identity, IdentityError, default_key_path, id_options_joined, read_id_list
 from ..ipfs import IPFSError
 from ..ipfs.rpc import IPFSClient
@@ -46,6 +47,9 @@ def _job_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
     p.add_argument("--allow-workers", help="accept updates only from the worker ids listed in this file")
     p.add_argument("--allow-miners", help="accept proposals and endorsements only from the miner ids in this file")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    p.add_argument("--tensorboard", type=Path, metavar="DIR",
+                   help="write each round's global and per-worker metrics as TensorBoard scalars under DIR "
+                        "(view with: tensorboard --logdir DIR; needs pip install 'grid-ipfs[tensorboard]')")
 
 
 def _accept_rule(text: str) -> str:
@@ -234,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         ipfs = IPFSClient(args.api)
         ipfs.wait_ready(timeout=5)
         identity = Identity.load_or_create(args.key or default_key_path("client"))
-        client = Client(ipfs, identity, head_dir=args.head_dir, callbacks=_progress(args.json),
+        callbacks = _progress(args.json)
+        if args.tensorboard is not None:  # the folder is made now: a bad one fails before the job starts
+            from .tensorboard import TensorBoard
+
+            callbacks.append(TensorBoard(args.tensorboard, ipfs))
+        client = Client(ipfs, identity, head_dir=args.head_dir, callbacks=callbacks,
                         allowed_workers=read_id_list(args.allow_workers) if args.allow_workers else None,
                         allowed_miners=read_id_list(args.allow_miners) if args.allow_miners else None,
                         jobs_topic=args.topic)
@@ -245,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                                    min_workers=args.min_workers, round_timeout=args.round_timeout,
                                    join_timeout=args.join_timeout, max_retries=args.max_retries,
                                    accept_retries=args.accept_retries)
-    except (JobFailed, IPFSError, IdentityError, ChainError, PayloadError, OSError, ValueError, TypeError) as exc:
+    except (JobFailed, IPFSError, IdentityError, ChainError, PayloadError, OSError, ValueError, TypeError,
+            TensorBoardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
