@@ -28,6 +28,19 @@ def _progress(json_mode: bool) -> list[ClientCallback]:
     return [LogProgress()] if json_mode or not sys.stderr.isatty() else [RichProgress()]
 
 
+def _dashboard(args: argparse.Namespace) -> list[ClientCallback]:
+    """The job's live page (`--dashboard PORT`), serving before the job starts; its address on stderr."""
+    if args.dashboard is None:
+        return []
+    if not 0 <= args.dashboard <= 65535:
+        raise ValueError(f"--dashboard must be a port in 0..65535, got {args.dashboard}")
+    from .dashboard import DashboardProgress
+
+    page = DashboardProgress(args.api, args.dashboard)
+    print(f"dashboard: {page.url}", file=sys.stderr, flush=True)
+    return [page]
+
+
 def _job_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
     """Options shared by submit and resume; on resume they default to the genesis block's config."""
     default = (lambda value: None) if resume else (lambda value: value)
@@ -46,6 +59,9 @@ def _job_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
     p.add_argument("--allow-workers", help="accept updates only from the worker ids listed in this file")
     p.add_argument("--allow-miners", help="accept proposals and endorsements only from the miner ids in this file")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    p.add_argument("--dashboard", type=int, metavar="PORT",
+                   help="serve the job's live page on http://127.0.0.1:PORT/ while it runs (0: any free port; "
+                        "the address is logged)")
 
 
 def _accept_rule(text: str) -> str:
@@ -234,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         ipfs = IPFSClient(args.api)
         ipfs.wait_ready(timeout=5)
         identity = Identity.load_or_create(args.key or default_key_path("client"))
-        client = Client(ipfs, identity, head_dir=args.head_dir, callbacks=_progress(args.json),
+        client = Client(ipfs, identity, head_dir=args.head_dir, callbacks=_progress(args.json) + _dashboard(args),
                         allowed_workers=read_id_list(args.allow_workers) if args.allow_workers else None,
                         allowed_miners=read_id_list(args.allow_miners) if args.allow_miners else None,
                         jobs_topic=args.topic)
