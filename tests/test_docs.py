@@ -61,6 +61,8 @@ SKIP_BLOCKS: dict[str, dict[str, str]] = {
                                    "(options checked against --help)",
         "grid_ipfs.pool --api": "a pool runs until stopped: tests/test_pool.py hosts 8 workers through it "
                                 "(options checked against --help)",
+        "grid_ipfs.chain serve": "a web server runs until stopped: tests/test_dashboard_browser.py serves a real "
+                                 "job's chain to headless Chromium (options checked against --help)",
     },
     "docs/async.md": {
         "client submit ...": "`...` stands for a whole submit command (options checked against --help); "

@@ -55,6 +55,8 @@ MAX_SHOWN_METRICS = 48
 """Metrics of one block or update the page lists (a block may hold thousands of names)."""
 MAX_PANELS = 8
 """Metric curves drawn (loss-like first, then accuracy-like, as `chain plot` orders them)."""
+TIMINGS = frozenset({"compute_s", "coordination_s", "critical_path_s"})
+"""A round's time split (seconds), recorded in its metrics: bookkeeping, not a learning curve."""
 MAX_WORKERS = 500
 """Workers the page lists (most examples first)."""
 TEXT_CHARS = 300
@@ -283,7 +285,7 @@ class ChainView:
         order = sorted(series, key=lambda base: (KINDS.index(metric_kind(base)), base != metric_kind(base), base))
         return [{"metric": base, "kind": metric_kind(base),
                  "series": [{"source": prefix, "points": points} for prefix, points in series[base].items()]}
-                for base in order[:MAX_PANELS] if base not in BOOKKEEPING]
+                for base in [b for b in order if b not in BOOKKEEPING | TIMINGS][:MAX_PANELS]]
 
     def _workers(self) -> list[dict]:
         """Per worker over the whole chain: blocks it counts in, examples, its newest round and metrics."""

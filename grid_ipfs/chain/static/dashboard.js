@@ -4,7 +4,7 @@
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
-const SOURCES = { "": "train (workers)", "val_": "held-out (owner)", "eval_": "incoming (workers' eval)" };
+const SOURCES = { "": ["train", "s0"], "val_": ["held-out", "s1"], "eval_": ["incoming", "s2"] };
 let etag = null;
 
 function el(tag, text, cls) {
@@ -90,15 +90,15 @@ function drawCurve(curve) {
   xl.textContent = "round " + fmt(x0) + " … " + fmt(x1);
   box.appendChild(xl);
   curve.series.forEach((s, i) => {
-    const cls = "s" + (i % 4);
+    const [name, cls] = SOURCES[s.source] || [s.source, "s3"];
     const good = s.points.filter((p) => Number.isFinite(p[0]) && Number.isFinite(p[1]));
     const coords = good.map((p) => sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" ");
     if (good.length > 1) box.appendChild(svg("polyline", { points: coords, class: "line " + cls }));
     for (const p of good) box.appendChild(svg("circle", { cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2.5, class: cls }));
-    const lx = L + 4 + i * 92, ly = H - 6;
+    const lx = L + 4 + i * 84, ly = H - 6;
     box.appendChild(svg("rect", { x: lx, y: ly - 8, width: 8, height: 8, class: cls }));
     const legend = svg("text", { x: lx + 11, y: ly });
-    legend.textContent = short(SOURCES[s.source] || s.source, 14);
+    legend.textContent = short(name, 10);
     box.appendChild(legend);
   });
   return box;
