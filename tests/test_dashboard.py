@@ -234,3 +234,60 @@ def test_the_script_puts_no_text_into_markup():
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "Function("):
         assert sink not in script
     assert not re.search(r"<script>|style=|\son\w+=", (STATIC / "index.html").read_text())
+
+
+def test_http_server_s_own_errors_carry_the_policy_too(server):
+    host, port = server.httpd.server_address[:2]
+    import socket
+
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n")  # a header line too long
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+    assert b"Content-Security-Policy: default-src 'self'" in answer
+
+
+# -- the owner's page (no job: what it holds before genesis, and what it keeps of peers' text) --------------
+
+
+def test_the_owner_s_page_keeps_peers_names_as_escaped_text_and_serves_before_the_job():
+    from grid_ipfs.client.dashboard import DashboardProgress
+
+    page = DashboardProgress("/ip4/127.0.0.1/tcp/9", 0)  # no daemon is touched before the job starts
+    try:
+        assert page.url.startswith("http://127.0.0.1:")
+        page.on_worker_joined("w" * 43, f"{HOSTILE}\x1b[2J\u202e\n", 1, 2)
+        live = page._live()
+        assert live["names"]["w" * 43] == f"{HOSTILE}\\x1b[2J\\u202e\\n" and live["joined"] == 1
+        assert "\x1b" not in live["events"][0]["text"] and HOSTILE in live["events"][0]["text"]
+        answer = request(page.server, "GET", "/api/state")
+        assert answer.status == 200 and json.loads(answer.body)["status"] == "waiting for the job to start"
+    finally:
+        page.close()
+
+
+# -- the command lines -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["serve", "--api", "/ip4/127.0.0.1/tcp/9", "not-a-cid"], "error: "),
+    (["serve", "--api", "/ip4/127.0.0.1/tcp/9", "bafyreigdrzdl5o4hukzvndpm5qqn5iqonolbgtgs5zwapgoe6aakihndku"],
+     "error: "),
+    (["serve", "--api", "/ip4/127.0.0.1/tcp/9", "bafyreigdrzdl5o4hukzvndpm5qqn5iqonolbgtgs5zwapgoe6aakihndku",
+      "--port", "70000"], "error: --port must be in 0..65535"),
+])
+def test_chain_serve_refuses_bad_input_in_one_line(args, message):
+    from .cli import run_cli
+
+    proc = run_cli("grid_ipfs.chain", *args, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_client_refuses_a_dashboard_port_out_of_range(tmp_path):
+    from .cli import run_cli
+
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"not used")
+    proc = run_cli("grid_ipfs.client", "submit", "--api", "/ip4/127.0.0.1/tcp/9", "--model", str(model),
+                   "--rounds", "1", "--dashboard", "-1", timeout=120)
+    assert proc.returncode == 2 and "error: --dashboard must be a port in 0..65535, got -1" in proc.stderr

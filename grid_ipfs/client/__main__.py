@@ -32,8 +32,6 @@ def _dashboard(args: argparse.Namespace) -> list[ClientCallback]:
     """The job's live page (`--dashboard PORT`), serving before the job starts; its address on stderr."""
     if args.dashboard is None:
         return []
-    if not 0 <= args.dashboard <= 65535:
-        raise ValueError(f"--dashboard must be a port in 0..65535, got {args.dashboard}")
     from .dashboard import DashboardProgress
 
     page = DashboardProgress(args.api, args.dashboard)
@@ -222,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                            *(["--eval-data", str(args.eval_data)] if args.eval_data else []),
                            *([f"--signer={args.signer}"] if args.signer else []),
                            *(["--check-ext", args.check_ext] if args.check_ext else [])])
+    if args.dashboard is not None and not 0 <= args.dashboard <= 65535:
+        parser.error(f"--dashboard must be a port in 0..65535, got {args.dashboard}")
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)

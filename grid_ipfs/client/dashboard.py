@@ -73,6 +73,8 @@ class DashboardProgress(ClientCallback):
             self.view.touch()
 
     def _advance(self, head: str) -> None:
+        if self.view is None:
+            return
         try:
             self.view.advance(head)
         except Exception as exc:  # noqa: BLE001 - the page must never stop the job
@@ -83,7 +85,11 @@ class DashboardProgress(ClientCallback):
     def on_job_start(self, job, genesis):
         store, verify_store = IPFSClient(self.api), IPFSClient(self.api)
         self._stores = [store, verify_store]
-        view = ChainView(store, genesis, source="owner")
+        try:
+            view = ChainView(store, genesis, source="owner")
+        except Exception as exc:  # noqa: BLE001 - the page must never stop the job
+            log.warning("dashboard: cannot read the chain at %s: %s", genesis, printable(exc, 300))
+            return
         view.extra = self._live
         self.state_text = "waiting for workers"
         self.verifier = Verifier(view, verify_store).start()
