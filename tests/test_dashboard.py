@@ -260,6 +260,15 @@ def test_the_owner_s_page_keeps_peers_names_as_escaped_text_and_serves_before_th
         live = page._live()
         assert live["names"]["w" * 43] == f"{HOSTILE}\\x1b[2J\\u202e\\n" and live["joined"] == 1
         assert "\x1b" not in live["events"][0]["text"] and HOSTILE in live["events"][0]["text"]
+        from grid_ipfs.client import RoundResult
+
+        turned_down = RoundResult(2, "w", "h", 2, {}, 1.0, rejected={f"bad weights {HOSTILE}": 1}, accepted=False,
+                                  tries=1)
+        page.on_round_rejected(turned_down, "val_accuracy 0.41 fails val_accuracy>=0.6\n[forged line]")
+        live = page._live()
+        assert live["rejected_tries"] == [{"round": 2, "try": 1,
+                                           "why": "val_accuracy 0.41 fails val_accuracy>=0.6\\n[forged line]"}]
+        assert live["refused"] == [{"round": 2, "reason": f"bad weights {HOSTILE}", "count": 1}]
         answer = request(page.server, "GET", "/api/state")
         assert answer.status == 200 and json.loads(answer.body)["status"] == "waiting for the job to start"
     finally:

@@ -30,7 +30,7 @@ from .waiting import wait_for
 pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
 HOSTILE = "<img src=x onerror=alert(1)>"
-ROUNDS = 4
+ROUNDS = 5
 JOB = "dash-e2e"
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 
@@ -86,7 +86,7 @@ def api_state(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """A 4-round digits job run by the client CLI with `--dashboard 0` on node 0, and `chain serve` of its
+    """A 5-round digits job run by the client CLI with `--dashboard 0` on node 0, and `chain serve` of its
     genesis on node 1; both running while the tests look."""
     root = tmp_path_factory.mktemp("dashboard")
     x_train, y_train, x_test, y_test = data.digits()
