@@ -184,8 +184,9 @@ class ChainView:
         why it was dropped (also counted in `dropped`). Only the owner's `head` and `done` count."""
         try:
             envelope = messages.decode(data)
-        except messages.MessageError as exc:
-            return self._drop(f"malformed: {exc.reason.split(':')[0]}")
+        except messages.MessageError as exc:  # one counter for them all: a reason may quote the sender
+            log.debug("dropped a message on job %s's topic: %s", self.job, printable(exc.reason, 300))
+            return self._drop("malformed")
         message = envelope.message
         if not isinstance(message, (messages.Head, messages.Done)):
             return None  # joins, rounds, updates: the job's traffic, not for this page
