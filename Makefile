@@ -5,9 +5,16 @@ PY     := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL := 3
 export TF_ENABLE_ONEDNN_OPTS := 0
 
-.PHONY: setup lint test fuzz demo bench bench-strategies clean
+.PHONY: setup chromium lint test fuzz demo bench bench-strategies clean
 
-setup: $(VENV)/.installed node_modules/.installed
+setup: $(VENV)/.installed node_modules/.installed chromium
+
+# Headless Chromium for the dashboard's browser test (Playwright drives Debian's build; it downloads none).
+chromium:
+	@test -x /usr/bin/chromium || apt-get install -y -q chromium || sudo -n apt-get install -y -q chromium \
+		|| { apt-get update -q && apt-get install -y -q chromium; } \
+		|| { sudo -n apt-get update -q && sudo -n apt-get install -y -q chromium; } \
+		|| echo "chromium not installed: tests/test_dashboard_browser.py will fail and say so"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

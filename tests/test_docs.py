@@ -64,6 +64,8 @@ SKIP_BLOCKS: dict[str, dict[str, str]] = {
         "grid_ipfs.worker ...": "`...` stands for a worker's daemon and key, and a worker runs until stopped: "
                                 "tests/test_sources.py trains one job on all four kinds of data "
                                 "(options checked against --help)",
+        "grid_ipfs.chain serve": "a web server runs until stopped: tests/test_dashboard_browser.py serves a real "
+                                 "job's chain to headless Chromium (options checked against --help)",
     },
     "docs/async.md": {
         "client submit ...": "`...` stands for a whole submit command (options checked against --help); "

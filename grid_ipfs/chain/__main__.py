@@ -34,6 +34,9 @@
             the proof: the last common block and the first two diverging blocks (cid, seq, round,
             signer, time, signature valid), ending `owner X signed two different blocks at seq S of
             job J: equivocation` when one id validly signed both (see grid_ipfs.chain.fork)
+    serve   a live, read-only web page of the chain at HEAD on 127.0.0.1 (--port, --host): rounds,
+            workers, metric curves, every block's verification; it follows the job's topic and takes
+            the heads its owner announces that extend the chain (see grid_ipfs.chain.serve)
 
 show, verify, plot, tensorboard and privacy read from a daemon (--api A) or, with no daemon at all, from a CAR
 file (--car FILE; HEAD defaults to the archive's single root): `verify --car job.car` checks the same
@@ -487,15 +490,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-blocks", type=int, default=MAX_BLOCKS, metavar="N",
                    help=f"refuse a chain longer than N blocks (default {MAX_BLOCKS})")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("serve", help="a live, read-only web page of the job's chain",
+                       description="serve a live, read-only page of the chain at HEAD (rounds, workers, metric "
+                                   "curves, every block's verification) and follow the job's topic: heads the "
+                                   "owner announces that extend the chain appear as they come (see "
+                                   "grid_ipfs.chain.serve)")
+    p.add_argument("--api", required=True, help="an IPFS daemon's API multiaddr (it must reach the job's topic)")
+    p.add_argument("head", help="a head CID of the job (genesis will do)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0: any free port)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--max-blocks", type=int, default=MAX_BLOCKS, metavar="N",
+                   help=f"refuse a chain longer than N blocks (default {MAX_BLOCKS})")
     args = parser.parse_args(id_options_joined(sys.argv[1:] if argv is None else list(argv), ("--signer",)))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    if args.command not in ("export", "import") and (args.api is None) == (args.car is None):
+    if args.command not in ("export", "import", "serve") and (args.api is None) == (args.car is None):
         parser.error("give --api ADDRESS (a daemon) or --car FILE (an archive), exactly one")
     if args.command == "export" and args.car_out is not None and (args.round is not None or args.onnx):
         parser.error("--round and --onnx are for a model file (-o), not --car")
     try:
         if args.command == "import":
             return import_car(args.api, args.file, args.json)
+        if args.command == "serve":
+            return serve_page(args)
         if args.command == "compare":
             heads = [cid_str(parse_cid(h)) for h in (args.head_a, args.head_b)]  # named before any connection
             if args.max_blocks < 1:
@@ -549,6 +565,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def serve_page(args) -> int:
+    """`serve`: until interrupted (Ctrl-C ends it with 0); the address is printed once it serves."""
+    from .serve import serve
+
+    head = cid_str(parse_cid(args.head))
+    if not 0 <= args.port <= 65535 or args.max_blocks < 1:
+        raise ChainError(f"--port must be in 0..65535 and --max-blocks >= 1, got {args.port} and {args.max_blocks}")
+    announce = lambda url, view: print(f"serving job {view.job} at {url} (head seq {view.head_seq}; following "
+                                       f"its topic; Ctrl-C stops)", flush=True)
+    try:
+        serve(args.api, head, host=args.host, port=args.port, max_blocks=args.max_blocks, ready=announce)
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:

@@ -29,6 +29,17 @@ def _progress(json_mode: bool) -> list[ClientCallback]:
     return [LogProgress()] if json_mode or not sys.stderr.isatty() else [RichProgress()]
 
 
+def _dashboard(args: argparse.Namespace) -> list[ClientCallback]:
+    """The job's live page (`--dashboard PORT`), serving before the job starts; its address on stderr."""
+    if args.dashboard is None:
+        return []
+    from .dashboard import DashboardProgress
+
+    page = DashboardProgress(args.api, args.dashboard)
+    print(f"dashboard: {page.url}", file=sys.stderr, flush=True)
+    return [page]
+
+
 def _job_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
     """Options shared by submit and resume; on resume they default to the genesis block's config."""
     default = (lambda value: None) if resume else (lambda value: value)
@@ -50,6 +61,9 @@ def _job_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
     p.add_argument("--tensorboard", type=Path, metavar="DIR",
                    help="write each round's global and per-worker metrics as TensorBoard scalars under DIR "
                         "(view with: tensorboard --logdir DIR; needs pip install 'grid-ipfs[tensorboard]')")
+    p.add_argument("--dashboard", type=int, metavar="PORT",
+                   help="serve the job's live page on http://127.0.0.1:PORT/ while it runs (0: any free port; "
+                        "the address is logged)")
 
 
 def _accept_rule(text: str) -> str:
@@ -210,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                            *(["--eval-data", str(args.eval_data)] if args.eval_data else []),
                            *([f"--signer={args.signer}"] if args.signer else []),
                            *(["--check-ext", args.check_ext] if args.check_ext else [])])
+    if args.dashboard is not None and not 0 <= args.dashboard <= 65535:
+        parser.error(f"--dashboard must be a port in 0..65535, got {args.dashboard}")
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -238,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         ipfs = IPFSClient(args.api)
         ipfs.wait_ready(timeout=5)
         identity = Identity.load_or_create(args.key or default_key_path("client"))
-        callbacks = _progress(args.json)
+        callbacks = _progress(args.json) + _dashboard(args)
         if args.tensorboard is not None:  # the folder is made now: a bad one fails before the job starts
             from .tensorboard import TensorBoard
 
