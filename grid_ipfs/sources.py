@@ -75,7 +75,7 @@ class Arrays:
             check_shard_for_model(x, self.y, (None, *dims))
         except DataError:
             raise DataError(f"{self.where}: {_shape_words(self.x.shape[1:], self.features)} but the model expects "
-                            f"inputs of shape {dims}") from None
+                            f"{dims}") from None
         return x, self.y
 
 
@@ -336,7 +336,7 @@ def _single_input(input_shape: tuple, where: str) -> tuple:
 def _shape_words(features: tuple, what: str) -> str:
     if what != "features":
         return f"{math.prod(features)} {what}"
-    return f"examples of shape {features}"
+    return f"data x has feature shape {features}"
 
 
 def _names(names: list[str], limit: int = 8) -> str:

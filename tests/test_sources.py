@@ -89,7 +89,7 @@ def test_a_bad_csv_is_one_error_naming_the_row_and_column(tmp_path, text, label,
 
 def test_csv_features_that_do_not_fit_the_model_are_named(tmp_path):
     write_csv(tmp_path / "t.csv", np.zeros((3, 10)), np.zeros(3, int))
-    with pytest.raises(DataError, match=r"10 feature columns \('p0', 'p1'.* but the model expects inputs of shape "
+    with pytest.raises(DataError, match=r"10 feature columns \('p0', 'p1'.* but the model expects "
                                         r"\(64,\)"):
         read_csv(tmp_path / "t.csv", "label").fit_to(FLAT)
 
@@ -246,7 +246,7 @@ def test_open_data_picks_the_source_from_the_path_and_refuses_misplaced_options(
         open_data(tmp_path / "s.npz", class_names=["a"])
     with pytest.raises(DataError, match="not found .*expected an .npz shard, a .csv file"):
         open_data(tmp_path / "nothing")
-    with pytest.raises(DataError, match=r"examples of shape \(64,\) but the model expects inputs of shape \(10,\)"):
+    with pytest.raises(DataError, match=r"data x has feature shape \(64,\) but the model expects \(10,\)"):
         open_data(tmp_path / "s.npz").fit_to((None, 10))
 
 
