@@ -26,7 +26,8 @@ class LocalGrid:
     its log is `pool_log()`.
 
     `worker_env[i]` adds variables to worker i's environment (e.g. `{"KERAS_BACKEND": "jax"}`: one job
-    whose workers train on different Keras backends); `start_worker` / `add_worker` take `env` too."""
+    whose workers train on different Keras backends); `start_worker` / `add_worker` take `env` too. A
+    pool is one process: it gets none of them."""
 
     def __init__(self, directory: str | Path, shards: list[str | Path], *, nodes: int = 3,
                  worker_args: list[str] | None = None, pooled: bool = False,
