@@ -20,7 +20,7 @@ import pytest
 
 from grid_ipfs import data, messages, zoo
 from grid_ipfs.chain import verify_chain, walk
-from grid_ipfs.chain.contributions import decode_update
+from grid_ipfs.chain.contributions import ContributionError, decode_update, message_cid
 from grid_ipfs.identity import Identity, b64url_encode
 from grid_ipfs.localgrid import LocalGrid
 from grid_ipfs.payloads import weights_to_bytes
@@ -74,6 +74,21 @@ def test_a_forged_backend_in_a_signed_update_is_refused_by_decoding():
     obj["sig"] = b64url_encode(me.sign(messages.canonical_json(obj)))
     with pytest.raises(messages.MessageError, match="backend: expected one of"):
         messages.decode(messages.canonical_json(obj))
+
+
+def test_a_chain_link_to_an_update_naming_an_unknown_backend_does_not_verify():
+    """What the chain keeps of the backend is the signed message itself: a linked message naming a
+    backend outside the list is no update, whoever signed it."""
+    me = Identity.generate()
+    obj = json.loads(messages.encode(_update(backend="jax"), me))
+    del obj["sig"]
+    obj["backend"] = "cuda"
+    obj["sig"] = b64url_encode(me.sign(messages.canonical_json(obj)))
+    data = messages.canonical_json(obj)
+    with pytest.raises(ContributionError, match="backend: expected one of"):
+        decode_update(data, message_cid(data))
+    genuine = messages.encode(_update(backend="torch"), me)
+    assert decode_update(genuine, message_cid(genuine)).message.backend == "torch"
 
 
 # -- the same weights under every backend ---------------------------------------------------------------
