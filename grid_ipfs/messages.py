@@ -236,8 +236,8 @@ BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def _backend(name: str, value: object) -> str | None:
-    """None (not said: a worker from before the field, which trained with TensorFlow), or one of
-    `BACKENDS`, spelled exactly: the value reaches logs and the chain, so nothing else is accepted."""
+    """None (not said, as by workers from before the field), or one of `BACKENDS` spelled exactly: the
+    value reaches logs and the chain, so nothing else is accepted."""
     if value is None or (isinstance(value, str) and value in BACKENDS):
         return value  # type: ignore[return-value]
     raise MessageError(f"{name}: expected one of {', '.join(BACKENDS)}, got {_short(value)}")

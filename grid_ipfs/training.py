@@ -145,7 +145,7 @@ def _build_for_training(model: keras.Model, x: np.ndarray, y: np.ndarray) -> Non
     """Build the model's loss and metrics from one example before seeding. On JAX and PyTorch, Keras'
     `fit` builds them from the first batch of a shuffled pass it then throws away, which uses up one
     shuffle: the first fit of a freshly loaded model would train on another order than every later fit
-    with the same seed. (TensorFlow's `tf.data` shuffle is seeded per pass: nothing to do.)"""
+    with the same seed. (TensorFlow's seeded `tf.data` shuffle was measured repeatable without it.)"""
     build = getattr(model, "_symbolic_build", None)  # Keras 3's own step, run by fit on first use
     if keras.config.backend() != "tensorflow" and build is not None:
         build(data_batch=(x[:1], y[:1]))
