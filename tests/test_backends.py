@@ -53,7 +53,7 @@ def test_an_update_without_a_backend_decodes_as_before():
 
 
 @pytest.mark.parametrize("value", ["numpy", "TensorFlow", "jax ", "", "torch\n", "<b>jax</b>", "x" * 10_000,
-                                   1, True, ["jax"], {"jax": 1}, 1.5])
+                                   1, True, ["jax"], {"jax": 1}, 1.5], ids=lambda value: repr(value)[:24])
 def test_an_unknown_or_malformed_backend_is_refused(value):
     with pytest.raises(messages.MessageError, match="backend: expected one of tensorflow, jax, torch"):
         _update(backend=value)
