@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .ipfs.devnet import Devnet
@@ -22,15 +23,21 @@ from .ipfs.rpc import IPFSClient
 class LocalGrid:
     """`pooled=True` hosts all the workers in one `python -m grid_ipfs.pool` process (one TensorFlow
     runtime for all: 64 workers fit on one machine), spread over the daemons as separate workers are;
-    its log is `pool_log()`."""
+    its log is `pool_log()`.
+
+    `worker_env[i]` adds variables to worker i's environment (e.g. `{"KERAS_BACKEND": "jax"}`: one job
+    whose workers train on different Keras backends); `start_worker` / `add_worker` take `env` too. A
+    pool is one process: it gets none of them."""
 
     def __init__(self, directory: str | Path, shards: list[str | Path], *, nodes: int = 3,
-                 worker_args: list[str] | None = None, pooled: bool = False):
+                 worker_args: list[str] | None = None, pooled: bool = False,
+                 worker_env: Sequence[Mapping[str, str] | None] | None = None):
         self.directory = Path(directory).resolve()
         self.shards = [Path(s).resolve() for s in shards]
         self.n_nodes = nodes
         self.worker_args = worker_args or []
         self.pooled = pooled
+        self.worker_env: list[dict[str, str]] = [dict(env or {}) for env in (worker_env or [])]
         self.devnet: Devnet | None = None
         self.workers: list[subprocess.Popen] = []
         self.miners: list[subprocess.Popen] = []
@@ -75,15 +82,22 @@ class LocalGrid:
                 "--key", str(self.directory / "keys" / f"worker{i}.key"),
                 *self.worker_args, *(extra_args or [])]
 
-    def add_worker(self, shard: str | Path | None, extra_args: list[str] | None = None) -> int:
+    def add_worker(self, shard: str | Path | None, extra_args: list[str] | None = None,
+                   env: Mapping[str, str] | None = None) -> int:
         """Start one more worker on `shard` (round-robin node), any `--data` source, or None when
-        `extra_args` name the data (`--data-loader`); returns its index."""
+        `extra_args` name the data (`--data-loader`); `env` is added to its environment. Returns its index."""
         self.shards.append(Path(shard).resolve() if shard is not None else None)
-        self.start_worker(len(self.shards) - 1, extra_args)
+        self.start_worker(len(self.shards) - 1, extra_args, env)
         return len(self.shards) - 1
 
-    def start_worker(self, i: int, extra_args: list[str] | None = None) -> subprocess.Popen:
-        proc = self._spawn(f"worker{i}", self.worker_command(i, extra_args))
+    def start_worker(self, i: int, extra_args: list[str] | None = None,
+                     env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        """Start (or restart) worker i; `env` replaces its `worker_env` entry, which restarts keep."""
+        if env is not None:
+            self.worker_env += [{} for _ in range(i + 1 - len(self.worker_env))]
+            self.worker_env[i] = dict(env)
+        extra_env = self.worker_env[i] if i < len(self.worker_env) else {}
+        proc = self._spawn(f"worker{i}", self.worker_command(i, extra_args), extra_env)
         if i < len(self.workers):
             self.workers[i] = proc
         else:
@@ -103,10 +117,11 @@ class LocalGrid:
     def miner_log(self, i: int) -> str:
         return self._log(f"miner{i}")
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, command: list[str], extra_env: Mapping[str, str] | None = None) -> subprocess.Popen:
         logs = self.directory / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONUNBUFFERED": "1",
+               **(extra_env or {})}
         with open(logs / f"{name}.log", "ab") as log_file:
             return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env)

@@ -39,7 +39,7 @@ from .text import control_character
 __all__ = [
     "VERSION", "JOBS_TOPIC", "MAX_MESSAGE_BYTES", "MAX_JSON_DEPTH", "MAX_NUM_EXAMPLES", "MessageError", "Envelope",
     "Job", "Join", "Round", "Update", "Head", "Done", "Propose", "Proposal", "Endorse", "Message",
-    "encode", "decode", "canonical_json", "job_topic", "topic_of", "valid_job_id",
+    "BACKENDS", "encode", "decode", "canonical_json", "job_topic", "topic_of", "valid_job_id",
 ]
 
 VERSION = 1
@@ -231,6 +231,18 @@ def _both_or_neither(msg: object, first: str, second: str) -> None:
         raise MessageError(f"{first} and {second} go together")
 
 
+BACKENDS = ("tensorflow", "jax", "torch")
+"""The Keras backends a worker may name in its `update` (`Update.backend`): the ones Keras 3 trains with."""
+
+
+def _backend(name: str, value: object) -> str | None:
+    """None (not said, as by workers from before the field), or one of `BACKENDS` spelled exactly: the
+    value reaches logs and the chain, so nothing else is accepted."""
+    if value is None or (isinstance(value, str) and value in BACKENDS):
+        return value  # type: ignore[return-value]
+    raise MessageError(f"{name}: expected one of {', '.join(BACKENDS)}, got {_short(value)}")
+
+
 _CONFIG_INTS = ("epochs", "batch_size", "rounds")
 
 
@@ -358,7 +370,7 @@ class Update(_Message):
     TYPE: ClassVar[str] = "update"
     _CHECKS: ClassVar[dict] = {"job": _job, "round": _int(1), "weights": _cid, "num_examples": _num_examples,
                                "metrics": _metrics, "eval_metrics": _metrics, "attempt": _int(1),
-                               "head": _optional(_cid), "base": _optional(_cid)}
+                               "head": _optional(_cid), "base": _optional(_cid), "backend": _backend}
     job: str
     round: int
     weights: str
@@ -372,6 +384,9 @@ class Update(_Message):
     """The global weights trained from (the round's `weights`). With `head`, it ties the signature to
     one history: the owner stores this message byte for byte and links it from the block that counts the
     update (`grid_ipfs.chain.contributions`), so a replay under another head or job does not verify."""
+    backend: str | None = None
+    """The Keras backend the worker trained with (one of `BACKENDS`; None: not said). Signed, so it
+    reaches the chain inside the stored message and `chain verify` checks it like every other field."""
 
 
 @dataclass(frozen=True)

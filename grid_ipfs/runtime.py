@@ -8,6 +8,7 @@ variables before it starts).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import MutableMapping
 
@@ -15,10 +16,19 @@ TENSORFLOW_QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
 """TensorFlow's C++ start-up logs off, and oneDNN's reordering (whose float sums differ run to run) off."""
 
 
+JAX_CHATTY_LOGGERS = ("jax._src.xla_bridge",)
+"""JAX's loggers that say at INFO, on every CPU-only start, which accelerators it did not find."""
+
+
 def quiet_tensorflow(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Set `TENSORFLOW_QUIET` where the user has not set them already; call before TensorFlow loads."""
+    """Set `TENSORFLOW_QUIET` where the user has not set them already; call before TensorFlow loads.
+
+    For a worker on another Keras backend (`KERAS_BACKEND=jax`) it also lifts `JAX_CHATTY_LOGGERS` to
+    WARNING, so a worker's log at INFO is about jobs, not about the TPU library it has no use for."""
     for name, value in TENSORFLOW_QUIET.items():
         environ.setdefault(name, value)
+    for name in JAX_CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)

@@ -19,6 +19,9 @@ Before it imports Keras/TensorFlow the child limits itself (`resource.setrlimit`
   child's own thread pools; root is exempt from NPROC);
 * and TF_CPP_MIN_LOG_LEVEL=3, TF_ENABLE_ONEDNN_OPTS=0 in its environment.
 
+The child inherits the worker's environment, `KERAS_BACKEND` included, so it trains on the worker's
+Keras backend (JAX and PyTorch children train the digits MLP within the default limits too).
+
 The parent enforces a wall-clock deadline per request (the round's deadline plus `GRACE_SECONDS`; the
 load gets `load_seconds`) and kills the child on overrun. Whatever ends the child (the deadline, a
 limit, running out of memory, a crash) surfaces as one `TrainerDied` whose message says what happened

@@ -19,12 +19,21 @@ gradient `MU * (w - w_global)` like any other loss term, inside the compiled tra
 
 Both functions run under `kerasstate.keras_state_guard`: whatever the job's model or a callback does to
 Keras' process-wide configuration during the step is undone when it ends (and logged).
+
+Backend-neutral: the same code trains under `KERAS_BACKEND=tensorflow` (the default), `jax` or `torch`,
+through `keras.ops` and NumPy only. Two things differ between backends and are handled here: seeding
+(`keras.utils.set_random_seed` imports TensorFlow whenever it is installed, ~0.5 GB and 5 s that a JAX
+or PyTorch worker never needs), and the first fit of a freshly loaded model (JAX and PyTorch draw an
+extra shuffle while Keras builds the metrics, so the model is built before seeding: the same seed gives
+the same update on every fit, the first included).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,6 +44,7 @@ import numpy as np
 
 from .kerasstate import keras_state_guard
 from .limits import check_number
+from .messages import BACKENDS
 
 log = logging.getLogger("grid_ipfs.training")
 
@@ -71,8 +81,9 @@ def fit(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.ndarra
             model.set_weights(weights)
         if reset_optimizer:
             _restore_optimizer_state(model)
+        _build_for_training(model, x, y)
         if seed is not None:
-            keras.utils.set_random_seed(seed)
+            set_random_seed(seed)
         proximal = _Proximal.attach(model) if proximal_mu > 0 else _PROXIMAL.get(model)
         if proximal is not None:
             proximal.start(float(proximal_mu))  # anchor = the weights training starts from
@@ -100,6 +111,44 @@ def evaluate(model: keras.Model, weights: Weights | None, x: np.ndarray, y: np.n
             model.set_weights(weights)
         results = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
     return _plain_metrics(results)
+
+
+def backend() -> str | None:
+    """The Keras backend this process trains with, as an `update` names it (`messages.BACKENDS`); None
+    for a backend outside that list (Keras' numpy and openvino backends cannot train)."""
+    name = keras.config.backend()
+    return name if name in BACKENDS else None
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed Python, NumPy and the backend, as `keras.utils.set_random_seed` does, but without importing
+    TensorFlow on the JAX and PyTorch backends (Keras' own version imports it whenever it is installed,
+    to seed `tf.data`, which those backends' `fit` on arrays never uses)."""
+    if keras.config.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    from keras.src.backend.common import global_state
+    from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+    from keras.src.utils.rng_utils import GLOBAL_RANDOM_SEED
+
+    global_state.set_global_attribute(GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(GLOBAL_SEED_GENERATOR, None)  # recreated from the seed on demand
+    random.seed(seed)
+    np.random.seed(seed)
+    if keras.config.backend() == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def _build_for_training(model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
+    """Build the model's loss and metrics from one example before seeding. On JAX and PyTorch, Keras'
+    `fit` builds them from the first batch of a shuffled pass it then throws away, which uses up one
+    shuffle: the first fit of a freshly loaded model would train on another order than every later fit
+    with the same seed. (TensorFlow's seeded `tf.data` shuffle was measured repeatable without it.)"""
+    build = getattr(model, "_symbolic_build", None)  # Keras 3's own step, run by fit on first use
+    if keras.config.backend() != "tensorflow" and build is not None:
+        build(data_batch=(x[:1], y[:1]))
 
 
 @contextmanager
@@ -213,4 +262,4 @@ def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return flat
 
 
-__all__ = ["evaluate", "fit"]
+__all__ = ["backend", "evaluate", "fit", "set_random_seed"]

@@ -200,7 +200,7 @@ class Worker(Peer):
 
     def train_round(self, round_: messages.Round) -> None:
         from .payloads import update_to_bytes, weights_to_bytes
-        from .training import evaluate
+        from .training import backend, evaluate
 
         joined = self.jobs[round_.job]
         key = (round_.round, round_.attempt, round_.deadline)
@@ -262,7 +262,7 @@ class Worker(Peer):
         self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
                                      num_examples=len(split.x_train), metrics=metrics,
                                      eval_metrics=eval_metrics, attempt=round_.attempt, head=round_.head,
-                                     base=round_.weights))
+                                     base=round_.weights, backend=backend()))
         log.info("job %s round %d: %d examples, loss %.4f, accuracy %s, %.1fs", round_.job, round_.round,
                  len(split.x_train), metrics.get("loss", float("nan")),
                  f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a", time.monotonic() - started)
