@@ -248,6 +248,36 @@ def test_http_server_s_own_errors_carry_the_policy_too(server):
     assert b"Content-Security-Policy: default-src 'self'" in answer
 
 
+def test_idle_connections_beyond_the_limit_are_closed_and_never_hold_a_thread(chain, monkeypatch):
+    """A flood of idle connections (slowloris) ties up at most MAX_CONNECTIONS threads: one more is
+    closed at once, and the page answers again as soon as one of them leaves."""
+    import socket
+
+    from grid_ipfs.chain import serve
+
+    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 2)
+    store, _, cids = chain
+    page = DashboardServer(ChainView(store, cid_str(cids[3]))).start()
+    host, port = page.httpd.server_address[:2]
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(2)]
+    try:
+        with socket.create_connection((host, port), timeout=10) as extra:
+            assert extra.recv(1) == b""  # closed by the server, not left to its 30 s timeout
+        idle.pop().close()
+
+        def answers() -> bool:
+            try:
+                return request(page, "GET", "/api/state").status == 200
+            except ConnectionError:  # closed: the leaving connection's slot is not free yet
+                return False
+
+        assert wait_for(answers, timeout=20, what="a free slot")
+    finally:
+        for sock in idle:
+            sock.close()
+        page.close()
+
+
 # -- the owner's page (no job: what it holds before genesis, and what it keeps of peers' text) --------------
 
 

@@ -62,6 +62,9 @@ MAX_WORKERS = 500
 """Workers the page lists (most examples first)."""
 TEXT_CHARS = 300
 """Longest peer text (a name, a metric name, a reason) the page shows, escapes included."""
+MAX_CONNECTIONS = 32
+"""Connections served at once, each by its own thread (ThreadingHTTPServer): one more is closed as soon
+as it is accepted, so idle or slow clients (slowloris) tie up at most this many threads."""
 
 
 def json_safe(value: object, depth: int = 0) -> object:
@@ -460,6 +463,28 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+
+    def server_activate(self) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().server_activate()
+
+    def process_request(self, request, client_address) -> None:
+        """A thread for the connection while fewer than MAX_CONNECTIONS are served, else closed at once."""
+        if not self.slots.acquire(blocking=False):
+            log.debug("closed a connection from %s: %d are open", client_address[0], MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (e.g. the system refused one): the slot is free again
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def host_allowed(self, host: str) -> bool:
         """On loopback, only requests naming this server itself: a web page elsewhere cannot read the job's
