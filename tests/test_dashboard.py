@@ -306,6 +306,25 @@ def test_the_owner_s_page_keeps_peers_names_as_escaped_text_and_serves_before_th
         page.close()
 
 
+def test_the_owner_s_page_keeps_only_the_newest_refusals_of_a_long_job():
+    """Each round's refusal reasons may quote its workers (all distinct): a long job must not grow them."""
+    from grid_ipfs.client import RoundResult
+    from grid_ipfs.client.dashboard import MAX_REFUSALS, DashboardProgress
+
+    page = DashboardProgress("/ip4/127.0.0.1/tcp/9", 0)
+    try:
+        for round_ in range(1, 3 * MAX_REFUSALS):
+            reasons = {f"bad weights from worker {round_}-{i}": 1 for i in range(3)}
+            page.on_round_rejected(RoundResult(round_, "w", "h", 2, {}, 1.0, rejected=reasons, accepted=False,
+                                               tries=1), f"try {round_} fails")
+        assert len(page.refused) == len(page.rejected_tries) == MAX_REFUSALS
+        live = page._live()
+        assert live["rejected_tries"][-1]["why"] == f"try {3 * MAX_REFUSALS - 1} fails"
+        assert len(live["refused"]) == MAX_REFUSALS
+    finally:
+        page.close()
+
+
 # -- the command lines -------------------------------------------------------------------------------------
 
 
