@@ -230,6 +230,19 @@ def test_a_page_reached_through_another_host_name_is_refused(server):
     assert request(server, "GET", "/api/state", {"Host": f"localhost:{port}"}).status == 200
 
 
+@pytest.mark.parametrize("host, port, allowed", [
+    ("127.0.0.1", 80, True), ("localhost", 80, True), ("[::1]", 80, True), ("127.0.0.1:80", 80, True),
+    ("LOCALHOST:8080", 8080, True), ("127.0.0.1", 8080, False), ("127.0.0.1:8080@evil.example", 8080, False),
+    ("evil.example:8080", 8080, False), ("127.0.0.1:http", 8080, False), ("", 8080, False),
+    ("127.0.0.1:99999999", 8080, False)])
+def test_the_host_header_must_name_this_server_with_its_port_or_port_80_left_out(host, port, allowed):
+    from types import SimpleNamespace
+
+    from grid_ipfs.chain.serve import _Server
+
+    assert _Server.host_allowed(SimpleNamespace(bound="127.0.0.1", server_port=port), host) is allowed
+
+
 def test_the_script_puts_no_text_into_markup():
     script = (STATIC / "dashboard.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "Function("):

@@ -491,8 +491,11 @@ class _Server(ThreadingHTTPServer):
         state through a DNS name rebound to 127.0.0.1."""
         if self.bound not in _LOOPBACK:
             return True
-        name, _, port = host.rpartition(":")
-        return port == str(self.server_port) and name.strip("[]") in _LOOPBACK
+        try:  # "127.0.0.1:8080", "[::1]:8080", or without a port (a browser leaves out :80)
+            named = urlsplit("//" + host)
+            return named.hostname in _LOOPBACK and (named.port or 80) == self.server_port
+        except ValueError:  # a port that is not a number
+            return False
 
 
 class DashboardServer:
