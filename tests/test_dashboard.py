@@ -94,6 +94,23 @@ def test_only_the_owner_s_heads_that_extend_the_chain_move_the_page(chain):
                                       "other job": 1, "does not extend the chain": 1}
 
 
+def test_a_stranger_s_junk_on_the_topic_never_makes_the_page_reread_the_whole_chain(chain, monkeypatch):
+    """Every dropped message is a new version (the page shows the counts); the curves and worker totals
+    cover every block, so they are computed when blocks are added, not once per junk message."""
+    from grid_ipfs.chain import serve
+
+    store, _, cids = chain
+    view = ChainView(store, cid_str(cids[1]))
+    reads = []
+    monkeypatch.setattr(serve, "collect_series", lambda blocks: reads.append(len(blocks)) or {})
+    for i in range(20):
+        assert view.offer(b"junk %d" % i) == "malformed"
+        assert state(view)["follow"]["dropped"] == {"malformed": i + 1}
+    assert view.offer(head_message(OWNER, cids[3])) is None
+    assert state(view)["head_seq"] == 3
+    assert reads == [2, 4]  # once for the first two blocks, once when the head brought two more
+
+
 def test_the_owner_s_done_message_names_the_end(chain):
     store, _, cids = chain
     view = ChainView(store, cid_str(cids[3]))

@@ -140,6 +140,7 @@ class ChainView:
         self.status = ""
         self.version = 0
         self._cache: tuple[int, bytes] | None = None
+        self._totals: tuple[int, list, list] | None = None  # (blocks, curves, workers): see `_chain_totals`
         self.extra = None
         self.listeners: list = []
         self._add(blocks)
@@ -272,6 +273,7 @@ class ChainView:
             return self._cache
 
     def _state(self) -> dict:
+        curves, workers = self._chain_totals()
         rows = []
         newest = self._rows[-1]["seq"]
         for row in self._rows[-MAX_ROWS:]:
@@ -280,12 +282,19 @@ class ChainView:
         state = {"version": self.version, "source": self.source, "job": self.job, "owner": self.owner,
                  "genesis": self.genesis, "head": self._rows[-1]["cid"], "head_seq": newest, "mode": self.mode,
                  "rounds_planned": self.rounds_planned, "blocks": rows,
-                 "omitted": max(0, len(self._rows) - MAX_ROWS), "curves": self._curves(),
-                 "workers": self._workers(), "verification": self.verification, "status": self.status,
+                 "omitted": max(0, len(self._rows) - MAX_ROWS), "curves": curves,
+                 "workers": workers, "verification": self.verification, "status": self.status,
                  "follow": {"taken": self.taken, "dropped": dict(self.dropped)}}
         if self.extra is not None:
             state["live"] = self.extra()
         return state
+
+    def _chain_totals(self) -> tuple[list, list]:
+        """(curves, workers), read from every block: computed again only when blocks are added, not for
+        each new version (a stranger's junk on the topic bumps the drop counters, and so the version)."""
+        if self._totals is None or self._totals[0] != len(self._blocks):
+            self._totals = (len(self._blocks), self._curves(), self._workers())
+        return self._totals[1], self._totals[2]
 
     def _curves(self) -> list[dict]:
         """Learning curves of the accepted blocks: [{metric, kind, series: [{source, points}]}]."""
