@@ -211,8 +211,7 @@ class ImageFolder:
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. a corrupt image (TensorFlow's own error types): one line
-            reason = " ".join(str(exc).split())[:300]
-            raise DataError(f"{self.root}: cannot read its images ({type(exc).__name__}: {reason})") from exc
+            raise DataError(f"{self.root}: cannot read its images ({_one_line(exc)})") from exc
 
 
 # -- the operator's own loader ----------------------------------------------------------------------------
@@ -243,7 +242,7 @@ class Loader:
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - the operator's code: its failure is a data error, said once
-            raise DataError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
+            raise DataError(f"{where} failed: {_one_line(exc)}") from exc
         if isinstance(result, tuple) and len(result) == 2 and all(hasattr(a, "shape") for a in result):
             x, y = (np.asarray(a) for a in result)
             _check_arrays(x, y, where)
@@ -278,7 +277,7 @@ def _import_function(spec: str) -> Callable:
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - the operator's module failed to import: say so in one line
-        raise DataError(f"--data-loader {spec}: cannot import {module_name} ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"--data-loader {spec}: cannot import {module_name} ({_one_line(exc)})") from exc
     function = getattr(module, name, None)
     if not callable(function):
         raise DataError(f"--data-loader {spec}: {module_name} has no function {name}")
@@ -331,6 +330,12 @@ def _single_input(input_shape: tuple, where: str) -> tuple:
     if isinstance(input_shape, list) or (input_shape and isinstance(input_shape[0], (tuple, list))):
         raise DataError(f"{where}: models with several inputs are not supported (input shapes {input_shape})")
     return tuple(input_shape)[1:]
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception from code or libraries we do not control (TensorFlow, the operator's loader) as the
+    one line a `DataError` is: its type and its message, whitespace folded, cut at `limit` characters."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
 
 
 def _shape_words(features: tuple, what: str) -> str:
