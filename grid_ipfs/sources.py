@@ -220,20 +220,25 @@ class ImageFolder:
 class Loader:
     """`--data-loader module:function` (or `path/to/file.py:function`): the operator's own code, run on
     the operator's machine. The function returns `(x, y)` arrays, or a `tf.data.Dataset` or any iterable
-    of `(x, y)` batches; a function with an `input_shape` parameter is called once per model input shape
-    (so it can size images itself), any other once."""
+    of `(x, y)` batches; a function with an `input_shape` parameter is called with each new model input
+    shape (so it can size images itself; the shape is a stranger's choice, bounded only by the model
+    vetting's activation limit: a loader should check what it is asked for), any other once."""
 
     def __init__(self, spec: str):
         self.spec = spec
         self.function = _import_function(spec)
         self.per_shape = "input_shape" in _parameters(self.function)
         self._fixed = None if self.per_shape else self._call()
+        self._sized: tuple[tuple, Arrays] | None = None  # the newest (input shape, examples) when per_shape
         size = "examples sized per model" if self.per_shape else f"{len(self._fixed.x)} examples"
         self.description = f"--data-loader {spec}: {size}"
 
     def fit_to(self, input_shape: tuple) -> Shard:
-        arrays = self._call(input_shape=tuple(input_shape)) if self.per_shape else self._fixed
-        return arrays.fit_to(input_shape)
+        if not self.per_shape:
+            return self._fixed.fit_to(input_shape)
+        if self._sized is None or self._sized[0] != tuple(input_shape):  # one shape at a time, as ImageFolder
+            self._sized = (tuple(input_shape), self._call(input_shape=tuple(input_shape)))
+        return self._sized[1].fit_to(input_shape)
 
     def _call(self, **kwargs) -> Arrays:
         where = f"--data-loader {self.spec}"

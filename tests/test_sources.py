@@ -189,11 +189,15 @@ def test_a_loader_returning_arrays_is_called_once(tmp_path):
 def test_a_loader_taking_input_shape_sizes_its_data_for_each_model(tmp_path):
     loader = Loader(write_loader(tmp_path, """
         import numpy as np
+        calls = []
         def load(input_shape):
+            calls.append(input_shape)
             return np.zeros((3, *input_shape[1:]), np.float32), np.zeros(3)
     """))
     assert loader.fit_to((None, 5, 5, 3))[0].shape == (3, 5, 5, 3)
+    assert loader.fit_to((None, 5, 5, 3))[0].shape == (3, 5, 5, 3)  # another job of that input: not reloaded
     assert loader.fit_to((None, 7))[0].shape == (3, 7)
+    assert loader.function.__globals__["calls"] == [(None, 5, 5, 3), (None, 7)]
 
 
 def test_a_loader_may_return_a_dataset_of_examples_or_a_generator_of_batches(tmp_path):
