@@ -111,6 +111,32 @@ def test_a_stranger_s_junk_on_the_topic_never_makes_the_page_reread_the_whole_ch
     assert reads == [2, 4]  # once for the first two blocks, once when the head brought two more
 
 
+def test_a_hostile_owner_s_heads_cost_a_bounded_number_of_fetches(chain, monkeypatch):
+    """A head far ahead is refused after one block, and a refused head is not fetched again: else each
+    announcement of a long fork would cost up to max_blocks fetches."""
+    from grid_ipfs.chain import serve
+
+    store, _, cids = chain
+    view = ChainView(store, cid_str(cids[1]))
+    fork = [fork_block(store, cids[1])]  # seq 2, 3, 4 on the owner's other block at seq 2
+    for _ in range(2):
+        fork.append(fork_block(store, fork[-1]))
+    reads = []
+    real_get = store.block_get
+    monkeypatch.setattr(store, "block_get", lambda cid, **kw: reads.append(cid_str(cid)) or real_get(cid, **kw))
+    monkeypatch.setattr(serve, "MAX_AHEAD", 1)
+    for _ in range(3):
+        assert view.offer(head_message(OWNER, cids[3])) == "does not extend the chain"  # 2 blocks ahead
+    assert reads == [cid_str(cids[3])] * 3  # one block each (not remembered: a head between may come late)
+    assert view.offer(head_message(OWNER, cids[2], round_=2)) is None and view.head_seq == 2
+    monkeypatch.setattr(serve, "MAX_AHEAD", 2)
+    reads.clear()
+    for _ in range(3):
+        assert view.offer(head_message(OWNER, fork[2], round_=4)) == "does not extend the chain"
+    assert reads == [cid_str(fork[2]), cid_str(fork[1])]  # walked down to seq 3 once, then remembered
+    assert view.offer(head_message(OWNER, cids[3])) is None and view.head_seq == 3
+
+
 def test_the_owner_s_done_message_names_the_end(chain):
     store, _, cids = chain
     view = ChainView(store, cid_str(cids[3]))
