@@ -196,6 +196,15 @@ def test_hostile_names_values_and_sizes_are_bounded_and_never_become_paths(tmp_p
     assert back[GLOBAL_RUN]["y" * MAX_TAG] == [(3, 5.0, 1.0)]
 
 
+def test_numbers_beyond_float32_are_left_out_not_written_as_infinities():
+    block = {"round": 1, "time": 1e300, "metrics": {"loss": 1e300, "low": -3.5e38, "ok": 3.4e38},
+             "updates": [entry(WORKERS[0], 5, loss=1e39, accuracy=0.5)]}
+    scalars = block_scalars(block, previous_time=0.0)
+    assert {(s.run, s.tag) for s in scalars if s.tag not in ("round/updates", "round/examples")} == {
+        (GLOBAL_RUN, "ok"), (f"workers/{WORKERS[0]}", "accuracy")}  # no round/seconds of 1e300 either
+    assert all(np.isfinite(np.float32(s.value)) for s in scalars)
+
+
 def test_a_writer_opens_at_most_max_runs_and_appends_to_a_run_s_closed_file(tmp_path, monkeypatch):
     monkeypatch.setattr(tb, "MAX_RUNS", 3)
     monkeypatch.setattr(tb, "MAX_OPEN", 1)  # every other write closes a file and reopens another

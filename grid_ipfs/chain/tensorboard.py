@@ -109,6 +109,16 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _value(value: object) -> float | None:
+    """A scalar's value: a finite number that stays finite as TensorBoard's float32 (a metric of 1e300
+    would be written as inf), else None."""
+    number = _number(value)
+    return number if number is not None and abs(number) <= FLOAT32_MAX else None
+
+
 def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
@@ -119,7 +129,7 @@ def _metric_scalars(metrics: object, run: str, prefix: str, step: int, walltime:
         return []
     out, tags = [], set()
     for name in sorted(key for key in metrics if isinstance(key, str)):
-        tag, value = safe_tag(name), _number(metrics[name])
+        tag, value = safe_tag(name), _value(metrics[name])
         if tag is None or value is None or tag in tags:
             continue
         tags.add(tag)
@@ -151,7 +161,7 @@ def block_scalars(block: dict, previous_time: float | None = None) -> list[Scala
     if walltime is not None and previous is not None:
         extras["seconds"] = walltime - previous
     out += [Scalar(GLOBAL_RUN, f"{prefix}round/{key}", step, value, walltime)
-            for key, value in extras.items() if value is not None and math.isfinite(value)]
+            for key, value in extras.items() if _value(value) is not None]
     seen: set[str] = set()
     for entry in updates[:MAX_WORKERS]:
         run = worker_run(entry.get("worker")) if isinstance(entry, dict) else None
