@@ -1,8 +1,7 @@
 """The worker role: `python -m grid_ipfs.worker --api MULTIADDR --data PATH` (a shard, CSV or image folder).
 
 A worker listens on the jobs topic, joins each job it can train (its data, `grid_ipfs.sources`, fits
-the model's input),
-and for every round it is selected for: fetches the global weights by CID, evaluates them on its
+the model's input), and for every round it is selected for: fetches the global weights by CID, evaluates them on its
 validation split (federated evaluation), trains locally with the model's own compile settings (plus
 FedProx's proximal term when the job's config sets `proximal_mu`), adds the new weights to IPFS and
 announces them in a signed `update`. `Worker.local_update` is the one step that turns global weights into
