@@ -58,6 +58,10 @@ class LocalData(Protocol):
     def fit_to(self, input_shape: tuple) -> Shard:
         """`(x, y)` for a model whose input shape (batch first) is `input_shape`; DataError if they cannot fit."""
 
+    def nbytes_at(self, input_shape: tuple) -> int | None:
+        """About the memory `fit_to(input_shape)` returns, known before anything is loaded; None when
+        only loading can tell (the operator's loader)."""
+
 
 class Arrays:
     """Examples already in memory (a shard file, a CSV export, a loader's result): fitted by reshaping
@@ -66,6 +70,9 @@ class Arrays:
     def __init__(self, x: np.ndarray, y: np.ndarray, *, where: str, features: str = "features"):
         self.x, self.y, self.where, self.features = x, y, where, features
         self.description = f"{where}: {len(x)} examples"
+
+    def nbytes_at(self, input_shape: tuple) -> int:
+        return self.x.nbytes + self.y.nbytes  # a reshape, never a copy
 
     def fit_to(self, input_shape: tuple) -> Shard:
         x, dims = self.x, _single_input(input_shape, self.where)
@@ -191,13 +198,18 @@ class ImageFolder:
         if len(dims) != 3 or None in dims[:2] or dims[2] not in _COLOR_MODES:
             raise DataError(f"{self.root}: a folder of images fits a model whose input is (height, width, "
                             f"channels) with 1, 3 or 4 channels; this model expects {dims}")
-        size = self.images * math.prod(dims) * 4
+        size = self.nbytes_at(input_shape)
         if size > MAX_IMAGE_BYTES:
             raise DataError(f"{self.root}: {self.images} images at the model's input {dims} would take "
                             f"{size / 2**30:.1f} GiB, over the {MAX_IMAGE_BYTES / 2**30:.0f} GiB limit")
         if dims not in self._loaded:
             self._loaded = {dims: self._load(*dims)}  # one size at a time: a worker rarely needs two
         return self._loaded[dims]
+
+    def nbytes_at(self, input_shape: tuple) -> int:
+        """float32 pixels at the model's input size, and int32 labels (shape checks are `fit_to`'s)."""
+        dims = _single_input(input_shape, str(self.root))
+        return self.images * (math.prod(d for d in dims if d is not None) + 1) * 4
 
     def _load(self, height: int, width: int, channels: int) -> Shard:
         from keras.utils import image_dataset_from_directory
@@ -232,6 +244,9 @@ class Loader:
         self._sized: tuple[tuple, Arrays] | None = None  # the newest (input shape, examples) when per_shape
         size = "examples sized per model" if self.per_shape else f"{len(self._fixed.x)} examples"
         self.description = f"--data-loader {spec}: {size}"
+
+    def nbytes_at(self, input_shape: tuple) -> int | None:
+        return None if self.per_shape else self._fixed.nbytes_at(input_shape)
 
     def fit_to(self, input_shape: tuple) -> Shard:
         if not self.per_shape:

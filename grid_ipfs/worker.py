@@ -369,18 +369,23 @@ class Worker(Peer):
 
     def fit_data(self, data: LocalData, input_shape: tuple) -> tuple:
         """Our examples fitted to a job's model input; DataError when holding them beside the examples of
-        the jobs already joined would take more than MAX_HELD_DATA_BYTES (see there)."""
+        the jobs already joined would take more than MAX_HELD_DATA_BYTES (see there): judged on the
+        source's estimate before loading (a folder of images is decoded for each new size), and on
+        what was loaded when there was none."""
+        if self._held_split(tuple(input_shape)[1:]) is None:  # estimated first: a refused job loads nothing
+            self._check_room_for(tuple(input_shape)[1:], data.nbytes_at(input_shape))
         shard = super().fit_data(data, input_shape)
-        if self._held_split(shard[0].shape[1:]) is not None:
-            return shard
+        if self._held_split(shard[0].shape[1:]) is None:
+            self._check_room_for(shard[0].shape[1:], shard[0].nbytes + shard[1].nbytes)
+        return shard
+
+    def _check_room_for(self, features: tuple, needed: int | None) -> None:
         held = {id(joined.split): joined.split for joined in self.jobs.values()}
         held_bytes = sum(a.nbytes for split in held.values() for a in split)
-        needed = shard[0].nbytes + shard[1].nbytes
-        if held_bytes and held_bytes + needed > MAX_HELD_DATA_BYTES:
-            raise DataError(f"our examples at this model's input {tuple(shard[0].shape[1:])} would take "
+        if held_bytes and needed is not None and held_bytes + needed > MAX_HELD_DATA_BYTES:
+            raise DataError(f"our examples at this model's input {tuple(features)} would take "
                             f"{needed / 2**20:.0f} MiB beside the {held_bytes / 2**20:.0f} MiB held for "
                             f"{len(self.jobs)} joined job(s), over the {MAX_HELD_DATA_BYTES / 2**20:.0f} MiB limit")
-        return shard
 
     def load_model(self, data: bytes, source: str, shard: tuple):
         if self.isolate is None:

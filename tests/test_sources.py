@@ -296,6 +296,24 @@ def test_strangers_jobs_with_ever_new_input_shapes_cannot_make_a_worker_hold_unb
     assert join(worker, "seq", (None, 64, 1)).split.x_train.shape[1:] == (64, 1)  # room again once they end
 
 
+def test_a_job_whose_images_would_not_fit_beside_the_held_ones_is_refused_before_decoding(tmp_path, monkeypatch):
+    """Each new image size decodes the whole folder: a job that will be refused for memory must not."""
+    from grid_ipfs import worker as worker_module
+
+    write_images(tmp_path / "folder", *pixels(12))
+    folder = ImageFolder(tmp_path / "folder")
+    worker = Worker(IPFSClient("/ip4/127.0.0.1/tcp/9"), Identity.generate(), folder)
+    loads = []
+    real_load = folder._load
+    monkeypatch.setattr(folder, "_load", lambda *dims: loads.append(dims) or real_load(*dims))
+    join(worker, "small", IMAGES)
+    monkeypatch.setattr(worker_module, "MAX_HELD_DATA_BYTES", 2 * folder.nbytes_at(IMAGES))
+    with pytest.raises(DataError, match="over the .* limit"):
+        worker.fit_data(folder, (None, 16, 16, 1))
+    assert loads == [(8, 8, 1)]  # the 16x16 job was refused on its estimate, not after a load
+    assert folder.nbytes_at(IMAGES) >= sum(a.nbytes for a in worker.jobs["small"].split)
+
+
 def test_a_first_job_is_never_refused_for_the_size_of_our_examples(monkeypatch):
     from grid_ipfs import worker as worker_module
 
