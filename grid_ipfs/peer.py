@@ -176,7 +176,7 @@ class Peer:
                 report = vet_model(model_bytes, source=source, policy=self.model_options.get("policy"))
                 if report.input_shape is None:
                     raise DataError("models with several inputs are not supported")
-                shard = data.fit_to(report.input_shape)
+                shard = self.fit_data(data, report.input_shape)
                 model = self.load_model(model_bytes, source=source, shard=shard)
                 check_shard_for_model(*shard, tuple(model.input_shape))
                 return model, shard
@@ -185,6 +185,11 @@ class Peer:
         self.log.warning("cannot %s job %s: %s", self.takes_part, job.job, reason)
         self.refused.add((job.owner, job.job))
         return None
+
+    def fit_data(self, data: LocalData, input_shape: tuple) -> Shard:
+        """This peer's examples fitted to a job's model input (DataError when they cannot be). Roles that
+        hold examples per job override this to bound what all their jobs hold together."""
+        return data.fit_to(input_shape)
 
     def load_model(self, data: bytes, source: str, shard: Shard):
         """A job's model from its fetched bytes, with `model_options` as keywords of

@@ -58,6 +58,10 @@ class LocalData(Protocol):
     def fit_to(self, input_shape: tuple) -> Shard:
         """`(x, y)` for a model whose input shape (batch first) is `input_shape`; DataError if they cannot fit."""
 
+    def nbytes_at(self, input_shape: tuple) -> int | None:
+        """About the memory `fit_to(input_shape)` returns, known before anything is loaded; None when
+        only loading can tell (the operator's loader)."""
+
 
 class Arrays:
     """Examples already in memory (a shard file, a CSV export, a loader's result): fitted by reshaping
@@ -66,6 +70,9 @@ class Arrays:
     def __init__(self, x: np.ndarray, y: np.ndarray, *, where: str, features: str = "features"):
         self.x, self.y, self.where, self.features = x, y, where, features
         self.description = f"{where}: {len(x)} examples"
+
+    def nbytes_at(self, input_shape: tuple) -> int:
+        return self.x.nbytes + self.y.nbytes  # a reshape, never a copy
 
     def fit_to(self, input_shape: tuple) -> Shard:
         x, dims = self.x, _single_input(input_shape, self.where)
@@ -191,13 +198,18 @@ class ImageFolder:
         if len(dims) != 3 or None in dims[:2] or dims[2] not in _COLOR_MODES:
             raise DataError(f"{self.root}: a folder of images fits a model whose input is (height, width, "
                             f"channels) with 1, 3 or 4 channels; this model expects {dims}")
-        size = self.images * math.prod(dims) * 4
+        size = self.nbytes_at(input_shape)
         if size > MAX_IMAGE_BYTES:
             raise DataError(f"{self.root}: {self.images} images at the model's input {dims} would take "
                             f"{size / 2**30:.1f} GiB, over the {MAX_IMAGE_BYTES / 2**30:.0f} GiB limit")
         if dims not in self._loaded:
             self._loaded = {dims: self._load(*dims)}  # one size at a time: a worker rarely needs two
         return self._loaded[dims]
+
+    def nbytes_at(self, input_shape: tuple) -> int:
+        """float32 pixels at the model's input size, and int32 labels (shape checks are `fit_to`'s)."""
+        dims = _single_input(input_shape, str(self.root))
+        return self.images * (math.prod(d for d in dims if d is not None) + 1) * 4
 
     def _load(self, height: int, width: int, channels: int) -> Shard:
         from keras.utils import image_dataset_from_directory
@@ -211,8 +223,7 @@ class ImageFolder:
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. a corrupt image (TensorFlow's own error types): one line
-            reason = " ".join(str(exc).split())[:300]
-            raise DataError(f"{self.root}: cannot read its images ({type(exc).__name__}: {reason})") from exc
+            raise DataError(f"{self.root}: cannot read its images ({_one_line(exc)})") from exc
 
 
 # -- the operator's own loader ----------------------------------------------------------------------------
@@ -221,20 +232,28 @@ class ImageFolder:
 class Loader:
     """`--data-loader module:function` (or `path/to/file.py:function`): the operator's own code, run on
     the operator's machine. The function returns `(x, y)` arrays, or a `tf.data.Dataset` or any iterable
-    of `(x, y)` batches; a function with an `input_shape` parameter is called once per model input shape
-    (so it can size images itself), any other once."""
+    of `(x, y)` batches; a function with an `input_shape` parameter is called with each new model input
+    shape (so it can size images itself; the shape is a stranger's choice, bounded only by the model
+    vetting's activation limit: a loader should check what it is asked for), any other once."""
 
     def __init__(self, spec: str):
         self.spec = spec
         self.function = _import_function(spec)
         self.per_shape = "input_shape" in _parameters(self.function)
         self._fixed = None if self.per_shape else self._call()
+        self._sized: tuple[tuple, Arrays] | None = None  # the newest (input shape, examples) when per_shape
         size = "examples sized per model" if self.per_shape else f"{len(self._fixed.x)} examples"
         self.description = f"--data-loader {spec}: {size}"
 
+    def nbytes_at(self, input_shape: tuple) -> int | None:
+        return None if self.per_shape else self._fixed.nbytes_at(input_shape)
+
     def fit_to(self, input_shape: tuple) -> Shard:
-        arrays = self._call(input_shape=tuple(input_shape)) if self.per_shape else self._fixed
-        return arrays.fit_to(input_shape)
+        if not self.per_shape:
+            return self._fixed.fit_to(input_shape)
+        if self._sized is None or self._sized[0] != tuple(input_shape):  # one shape at a time, as ImageFolder
+            self._sized = (tuple(input_shape), self._call(input_shape=tuple(input_shape)))
+        return self._sized[1].fit_to(input_shape)
 
     def _call(self, **kwargs) -> Arrays:
         where = f"--data-loader {self.spec}"
@@ -243,7 +262,7 @@ class Loader:
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - the operator's code: its failure is a data error, said once
-            raise DataError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
+            raise DataError(f"{where} failed: {_one_line(exc)}") from exc
         if isinstance(result, tuple) and len(result) == 2 and all(hasattr(a, "shape") for a in result):
             x, y = (np.asarray(a) for a in result)
             _check_arrays(x, y, where)
@@ -278,7 +297,7 @@ def _import_function(spec: str) -> Callable:
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - the operator's module failed to import: say so in one line
-        raise DataError(f"--data-loader {spec}: cannot import {module_name} ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"--data-loader {spec}: cannot import {module_name} ({_one_line(exc)})") from exc
     function = getattr(module, name, None)
     if not callable(function):
         raise DataError(f"--data-loader {spec}: {module_name} has no function {name}")
@@ -331,6 +350,12 @@ def _single_input(input_shape: tuple, where: str) -> tuple:
     if isinstance(input_shape, list) or (input_shape and isinstance(input_shape[0], (tuple, list))):
         raise DataError(f"{where}: models with several inputs are not supported (input shapes {input_shape})")
     return tuple(input_shape)[1:]
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception from code or libraries we do not control (TensorFlow, the operator's loader) as the
+    one line a `DataError` is: its type and its message, whitespace folded, cut at `limit` characters."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
 
 
 def _shape_words(features: tuple, what: str) -> str:

@@ -1,8 +1,7 @@
 """The worker role: `python -m grid_ipfs.worker --api MULTIADDR --data PATH` (a shard, CSV or image folder).
 
 A worker listens on the jobs topic, joins each job it can train (its data, `grid_ipfs.sources`, fits
-the model's input),
-and for every round it is selected for: fetches the global weights by CID, evaluates them on its
+the model's input), and for every round it is selected for: fetches the global weights by CID, evaluates them on its
 validation split (federated evaluation), trains locally with the model's own compile settings (plus
 FedProx's proximal term when the job's config sets `proximal_mu`), adds the new weights to IPFS and
 announces them in a signed `update`. `Worker.local_update` is the one step that turns global weights into
@@ -63,6 +62,13 @@ MAX_BATCH_SIZE = 65536
 """Default `--max-batch-size`: a batch's activations are what a round holds in memory at once."""
 
 
+MAX_HELD_DATA_BYTES = 4 << 30
+"""Most memory the examples held for joined jobs may take together. Each distinct model input shape
+(a stranger's choice) gets its own fitted copy of the data (a folder of images loaded at that size); a
+job that would take the total past this is refused. A job whose input is already held costs nothing
+more, and the first job is never refused for it (a shard larger than this still trains)."""
+
+
 class Split(NamedTuple):
     """A worker's examples for one job's model: what it trains on and what it evaluates the global on."""
 
@@ -116,8 +122,8 @@ class Worker(Peer):
         most `isolated_jobs` of them at a time (each holds a TensorFlow runtime, ~0.6 GB)."""
         self.data = Arrays(*data, where="data") if isinstance(data, tuple) else data
         self.val_split = val_split
-        self._splits: list[tuple[tuple, Split]] = []
-        """The last few (fitted examples, split) pairs: jobs with models of one input share one split."""
+        self._last_split: Split | None = None
+        """The newest split made, for the job about to be joined (see `split`)."""
         self.seed = seed
         self.slowdown = slowdown
         """For experiments (`--slowdown`): each update takes this many times as long as its training
@@ -348,14 +354,38 @@ class Worker(Peer):
     # -- isolation (--isolate) -------------------------------------------------------------------------
 
     def split(self, shard: tuple) -> Split:
-        """`shard` (our examples fitted to a model) split into training and validation; the same shard
-        gives the same split, computed once while it stays among the last few."""
-        for known, split in self._splits:
-            if known[0] is shard[0] and known[1] is shard[1]:
-                return split
-        split = Split(*train_val_split(*shard, self.val_split, seed=self.seed))
-        self._splits = [(shard, split), *self._splits[:3]]
-        return split
+        """`shard` (our examples fitted to a model) split into training and validation. Our examples
+        fitted to one input shape are always the same, so jobs whose models share an input share one
+        split: it is made once, not copied per job."""
+        held = self._held_split(shard[0].shape[1:])
+        if held is None:
+            held = self._last_split = Split(*train_val_split(*shard, self.val_split, seed=self.seed))
+        return held
+
+    def _held_split(self, features: tuple) -> Split | None:
+        """The split of examples of shape `features` that a joined job (or the job being joined) holds."""
+        splits = [joined.split for joined in self.jobs.values()] + [self._last_split]
+        return next((s for s in splits if s is not None and s.x_train.shape[1:] == features), None)
+
+    def fit_data(self, data: LocalData, input_shape: tuple) -> tuple:
+        """Our examples fitted to a job's model input; DataError when holding them beside the examples of
+        the jobs already joined would take more than MAX_HELD_DATA_BYTES (see there): judged on the
+        source's estimate before loading (a folder of images is decoded for each new size), and on
+        what was loaded when there was none."""
+        if self._held_split(tuple(input_shape)[1:]) is None:  # estimated first: a refused job loads nothing
+            self._check_room_for(tuple(input_shape)[1:], data.nbytes_at(input_shape))
+        shard = super().fit_data(data, input_shape)
+        if self._held_split(shard[0].shape[1:]) is None:
+            self._check_room_for(shard[0].shape[1:], shard[0].nbytes + shard[1].nbytes)
+        return shard
+
+    def _check_room_for(self, features: tuple, needed: int | None) -> None:
+        held = {id(joined.split): joined.split for joined in self.jobs.values()}
+        held_bytes = sum(a.nbytes for split in held.values() for a in split)
+        if held_bytes and needed is not None and held_bytes + needed > MAX_HELD_DATA_BYTES:
+            raise DataError(f"our examples at this model's input {tuple(features)} would take "
+                            f"{needed / 2**20:.0f} MiB beside the {held_bytes / 2**20:.0f} MiB held for "
+                            f"{len(self.jobs)} joined job(s), over the {MAX_HELD_DATA_BYTES / 2**20:.0f} MiB limit")
 
     def load_model(self, data: bytes, source: str, shard: tuple):
         if self.isolate is None:

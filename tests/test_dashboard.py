@@ -94,6 +94,49 @@ def test_only_the_owner_s_heads_that_extend_the_chain_move_the_page(chain):
                                       "other job": 1, "does not extend the chain": 1}
 
 
+def test_a_stranger_s_junk_on_the_topic_never_makes_the_page_reread_the_whole_chain(chain, monkeypatch):
+    """Every dropped message is a new version (the page shows the counts); the curves and worker totals
+    cover every block, so they are computed when blocks are added, not once per junk message."""
+    from grid_ipfs.chain import serve
+
+    store, _, cids = chain
+    view = ChainView(store, cid_str(cids[1]))
+    reads = []
+    monkeypatch.setattr(serve, "collect_series", lambda blocks: reads.append(len(blocks)) or {})
+    for i in range(20):
+        assert view.offer(b"junk %d" % i) == "malformed"
+        assert state(view)["follow"]["dropped"] == {"malformed": i + 1}
+    assert view.offer(head_message(OWNER, cids[3])) is None
+    assert state(view)["head_seq"] == 3
+    assert reads == [2, 4]  # once for the first two blocks, once when the head brought two more
+
+
+def test_a_hostile_owner_s_heads_cost_a_bounded_number_of_fetches(chain, monkeypatch):
+    """A head far ahead is refused after one block, and a refused head is not fetched again: else each
+    announcement of a long fork would cost up to max_blocks fetches."""
+    from grid_ipfs.chain import serve
+
+    store, _, cids = chain
+    view = ChainView(store, cid_str(cids[1]))
+    fork = [fork_block(store, cids[1])]  # seq 2, 3, 4 on the owner's other block at seq 2
+    for _ in range(2):
+        fork.append(fork_block(store, fork[-1]))
+    reads = []
+    real_get = store.block_get
+    monkeypatch.setattr(store, "block_get", lambda cid, **kw: reads.append(cid_str(cid)) or real_get(cid, **kw))
+    monkeypatch.setattr(serve, "MAX_AHEAD", 1)
+    for _ in range(3):
+        assert view.offer(head_message(OWNER, cids[3])) == "does not extend the chain"  # 2 blocks ahead
+    assert reads == [cid_str(cids[3])] * 3  # one block each (not remembered: a head between may come late)
+    assert view.offer(head_message(OWNER, cids[2], round_=2)) is None and view.head_seq == 2
+    monkeypatch.setattr(serve, "MAX_AHEAD", 2)
+    reads.clear()
+    for _ in range(3):
+        assert view.offer(head_message(OWNER, fork[2], round_=4)) == "does not extend the chain"
+    assert reads == [cid_str(fork[2]), cid_str(fork[1])]  # walked down to seq 3 once, then remembered
+    assert view.offer(head_message(OWNER, cids[3])) is None and view.head_seq == 3
+
+
 def test_the_owner_s_done_message_names_the_end(chain):
     store, _, cids = chain
     view = ChainView(store, cid_str(cids[3]))
@@ -230,6 +273,19 @@ def test_a_page_reached_through_another_host_name_is_refused(server):
     assert request(server, "GET", "/api/state", {"Host": f"localhost:{port}"}).status == 200
 
 
+@pytest.mark.parametrize("host, port, allowed", [
+    ("127.0.0.1", 80, True), ("localhost", 80, True), ("[::1]", 80, True), ("127.0.0.1:80", 80, True),
+    ("LOCALHOST:8080", 8080, True), ("127.0.0.1", 8080, False), ("127.0.0.1:8080@evil.example", 8080, False),
+    ("evil.example:8080", 8080, False), ("127.0.0.1:http", 8080, False), ("", 8080, False),
+    ("127.0.0.1:99999999", 8080, False)])
+def test_the_host_header_must_name_this_server_with_its_port_or_port_80_left_out(host, port, allowed):
+    from types import SimpleNamespace
+
+    from grid_ipfs.chain.serve import _Server
+
+    assert _Server.host_allowed(SimpleNamespace(bound="127.0.0.1", server_port=port), host) is allowed
+
+
 def test_the_script_puts_no_text_into_markup():
     script = (STATIC / "dashboard.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "Function("):
@@ -246,6 +302,36 @@ def test_http_server_s_own_errors_carry_the_policy_too(server):
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
     assert b"Content-Security-Policy: default-src 'self'" in answer
+
+
+def test_idle_connections_beyond_the_limit_are_closed_and_never_hold_a_thread(chain, monkeypatch):
+    """A flood of idle connections (slowloris) ties up at most MAX_CONNECTIONS threads: one more is
+    closed at once, and the page answers again as soon as one of them leaves."""
+    import socket
+
+    from grid_ipfs.chain import serve
+
+    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 2)
+    store, _, cids = chain
+    page = DashboardServer(ChainView(store, cid_str(cids[3]))).start()
+    host, port = page.httpd.server_address[:2]
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(2)]
+    try:
+        with socket.create_connection((host, port), timeout=10) as extra:
+            assert extra.recv(1) == b""  # closed by the server, not left to its 30 s timeout
+        idle.pop().close()
+
+        def answers() -> bool:
+            try:
+                return request(page, "GET", "/api/state").status == 200
+            except ConnectionError:  # closed: the leaving connection's slot is not free yet
+                return False
+
+        assert wait_for(answers, timeout=20, what="a free slot")
+    finally:
+        for sock in idle:
+            sock.close()
+        page.close()
 
 
 # -- the owner's page (no job: what it holds before genesis, and what it keeps of peers' text) --------------
@@ -272,6 +358,25 @@ def test_the_owner_s_page_keeps_peers_names_as_escaped_text_and_serves_before_th
         assert live["refused"] == [{"round": 2, "reason": f"bad weights {HOSTILE}", "count": 1}]
         answer = request(page.server, "GET", "/api/state")
         assert answer.status == 200 and json.loads(answer.body)["status"] == "waiting for the job to start"
+    finally:
+        page.close()
+
+
+def test_the_owner_s_page_keeps_only_the_newest_refusals_of_a_long_job():
+    """Each round's refusal reasons may quote its workers (all distinct): a long job must not grow them."""
+    from grid_ipfs.client import RoundResult
+    from grid_ipfs.client.dashboard import MAX_REFUSALS, DashboardProgress
+
+    page = DashboardProgress("/ip4/127.0.0.1/tcp/9", 0)
+    try:
+        for round_ in range(1, 3 * MAX_REFUSALS):
+            reasons = {f"bad weights from worker {round_}-{i}": 1 for i in range(3)}
+            page.on_round_rejected(RoundResult(round_, "w", "h", 2, {}, 1.0, rejected=reasons, accepted=False,
+                                               tries=1), f"try {round_} fails")
+        assert len(page.refused) == len(page.rejected_tries) == MAX_REFUSALS
+        live = page._live()
+        assert live["rejected_tries"][-1]["why"] == f"try {3 * MAX_REFUSALS - 1} fails"
+        assert len(live["refused"]) == MAX_REFUSALS
     finally:
         page.close()
 

@@ -16,8 +16,11 @@ from PIL import Image
 from grid_ipfs import data
 from grid_ipfs.chain import verify_chain, walk
 from grid_ipfs.data import DataError
+from grid_ipfs.identity import Identity
+from grid_ipfs.ipfs.rpc import IPFSClient
 from grid_ipfs.localgrid import LocalGrid
 from grid_ipfs.sources import Arrays, ImageFolder, Loader, open_data, read_csv
+from grid_ipfs.worker import JoinedJob, Worker
 
 from .cli import run_cli
 
@@ -186,11 +189,15 @@ def test_a_loader_returning_arrays_is_called_once(tmp_path):
 def test_a_loader_taking_input_shape_sizes_its_data_for_each_model(tmp_path):
     loader = Loader(write_loader(tmp_path, """
         import numpy as np
+        calls = []
         def load(input_shape):
+            calls.append(input_shape)
             return np.zeros((3, *input_shape[1:]), np.float32), np.zeros(3)
     """))
     assert loader.fit_to((None, 5, 5, 3))[0].shape == (3, 5, 5, 3)
+    assert loader.fit_to((None, 5, 5, 3))[0].shape == (3, 5, 5, 3)  # another job of that input: not reloaded
     assert loader.fit_to((None, 7))[0].shape == (3, 7)
+    assert loader.function.__globals__["calls"] == [(None, 5, 5, 3), (None, 7)]
 
 
 def test_a_loader_may_return_a_dataset_of_examples_or_a_generator_of_batches(tmp_path):
@@ -211,6 +218,8 @@ def test_a_loader_may_return_a_dataset_of_examples_or_a_generator_of_batches(tmp
 
 @pytest.mark.parametrize("body, message", [
     ("def load():\n    raise RuntimeError('no database')", "failed: RuntimeError: no database"),
+    ("def load():\n    raise RuntimeError('no database\\n  at host db1\\n')",
+     "failed: RuntimeError: no database at host db1"),
     ("def load():\n    return 'x'", "returned str; expected (x, y) arrays"),
     ("def load():\n    return [(1, 2, 3)]", "batch 0 is a tuple, expected an (x, y) pair"),
     ("import numpy as np\ndef load():\n    return np.zeros((3, 2)), np.zeros(4)", "x has 3 examples and y 4"),
@@ -222,7 +231,7 @@ def test_a_loader_may_return_a_dataset_of_examples_or_a_generator_of_batches(tmp
 def test_a_loader_that_misbehaves_is_one_data_error(tmp_path, body, message):
     with pytest.raises(DataError, match="^--data-loader ") as caught:
         Loader(write_loader(tmp_path, body))
-    assert message in str(caught.value)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize("spec", ["nocolon", ":load", "mod:", "mod:not-a-name", "missing.py:load"])
@@ -248,6 +257,69 @@ def test_open_data_picks_the_source_from_the_path_and_refuses_misplaced_options(
         open_data(tmp_path / "nothing")
     with pytest.raises(DataError, match=r"data x has feature shape \(64,\) but the model expects \(10,\)"):
         open_data(tmp_path / "s.npz").fit_to((None, 10))
+
+
+def offline_worker(x: np.ndarray, y: np.ndarray) -> Worker:
+    """A worker that is never run: only its data handling is exercised (no daemon is contacted)."""
+    return Worker(IPFSClient("/ip4/127.0.0.1/tcp/9"), Identity.generate(), (x, y))
+
+
+def join(worker: Worker, job: str, input_shape: tuple) -> JoinedJob:
+    """What joining a job does with our data: fit it to the model's input, split it, hold the split."""
+    joined = JoinedJob(job, None, worker.split(worker.fit_data(worker.data, input_shape)))
+    worker.jobs[job] = joined
+    return joined
+
+
+def test_jobs_whose_models_share_an_input_share_one_split_of_our_examples():
+    x, y = data.digits()[:2]
+    worker = offline_worker(x, y)  # (n, 64) features, reshaped for every (8, 8, 1) job
+    splits = [join(worker, f"cnn-{i}", IMAGES).split for i in range(6)] + [join(worker, "mlp", FLAT).split]
+    assert all(s is splits[0] for s in splits[:6])  # one copy for six jobs, not six copies
+    assert splits[0].x_train.shape[1:] == (8, 8, 1) and splits[6].x_train.shape[1:] == (64,)
+    assert np.array_equal(splits[0].x_train.reshape(-1, 64), splits[6].x_train)  # the same split
+
+
+def test_strangers_jobs_with_ever_new_input_shapes_cannot_make_a_worker_hold_unbounded_copies(monkeypatch):
+    from grid_ipfs import worker as worker_module
+
+    x, y = data.digits()[:2]
+    worker = offline_worker(x, y)
+    one_copy = x.nbytes + y.nbytes
+    monkeypatch.setattr(worker_module, "MAX_HELD_DATA_BYTES", 2 * one_copy)
+    join(worker, "flat", FLAT)
+    join(worker, "images", IMAGES)  # a second shape: two copies, at the limit
+    with pytest.raises(DataError, match=r"beside the .* MiB held for 2 joined job\(s\), over the .* limit"):
+        worker.fit_data(worker.data, (None, 64, 1))  # a third shape: refused
+    assert join(worker, "images-again", IMAGES).split is worker.jobs["images"].split  # held: free
+    del worker.jobs["flat"], worker.jobs["images"], worker.jobs["images-again"]
+    assert join(worker, "seq", (None, 64, 1)).split.x_train.shape[1:] == (64, 1)  # room again once they end
+
+
+def test_a_job_whose_images_would_not_fit_beside_the_held_ones_is_refused_before_decoding(tmp_path, monkeypatch):
+    """Each new image size decodes the whole folder: a job that will be refused for memory must not."""
+    from grid_ipfs import worker as worker_module
+
+    write_images(tmp_path / "folder", *pixels(12))
+    folder = ImageFolder(tmp_path / "folder")
+    worker = Worker(IPFSClient("/ip4/127.0.0.1/tcp/9"), Identity.generate(), folder)
+    loads = []
+    real_load = folder._load
+    monkeypatch.setattr(folder, "_load", lambda *dims: loads.append(dims) or real_load(*dims))
+    join(worker, "small", IMAGES)
+    monkeypatch.setattr(worker_module, "MAX_HELD_DATA_BYTES", 2 * folder.nbytes_at(IMAGES))
+    with pytest.raises(DataError, match="over the .* limit"):
+        worker.fit_data(folder, (None, 16, 16, 1))
+    assert loads == [(8, 8, 1)]  # the 16x16 job was refused on its estimate, not after a load
+    assert folder.nbytes_at(IMAGES) >= sum(a.nbytes for a in worker.jobs["small"].split)
+
+
+def test_a_first_job_is_never_refused_for_the_size_of_our_examples(monkeypatch):
+    from grid_ipfs import worker as worker_module
+
+    x, y = data.digits()[:2]
+    monkeypatch.setattr(worker_module, "MAX_HELD_DATA_BYTES", 1)
+    assert len(join(offline_worker(x, y), "only", FLAT).split.x_train) > 0
 
 
 def test_the_worker_command_line_says_what_is_wrong_with_its_data(tmp_path):

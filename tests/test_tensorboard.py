@@ -196,20 +196,43 @@ def test_hostile_names_values_and_sizes_are_bounded_and_never_become_paths(tmp_p
     assert back[GLOBAL_RUN]["y" * MAX_TAG] == [(3, 5.0, 1.0)]
 
 
-def test_a_writer_opens_at_most_max_runs_and_reopens_closed_files_in_order(tmp_path, monkeypatch):
+def test_numbers_beyond_float32_are_left_out_not_written_as_infinities():
+    block = {"round": 1, "time": 1e300, "metrics": {"loss": 1e300, "low": -3.5e38, "ok": 3.4e38},
+             "updates": [entry(WORKERS[0], 5, loss=1e39, accuracy=0.5)]}
+    scalars = block_scalars(block, previous_time=0.0)
+    assert {(s.run, s.tag) for s in scalars if s.tag not in ("round/updates", "round/examples")} == {
+        (GLOBAL_RUN, "ok"), (f"workers/{WORKERS[0]}", "accuracy")}  # no round/seconds of 1e300 either
+    assert all(np.isfinite(np.float32(s.value)) for s in scalars)
+
+
+def test_a_writer_opens_at_most_max_runs_and_appends_to_a_run_s_closed_file(tmp_path, monkeypatch):
     monkeypatch.setattr(tb, "MAX_RUNS", 3)
-    monkeypatch.setattr(tb, "MAX_OPEN", 1)  # every other write closes a file and starts a new one
+    monkeypatch.setattr(tb, "MAX_OPEN", 1)  # every other write closes a file and reopens another
     with ScalarWriter(tmp_path) as writer:
         for step in range(3):
             writer.write([Scalar("global", "loss", step, step / 4, 100.0 + step),
                           Scalar("workers/a", "loss", step, 1 + step / 4, 100.0 + step)])
         assert writer.write([Scalar("workers/b", "loss", 0, 1.0), Scalar("workers/c", "loss", 0, 2.0)]) == 1
         assert writer.left_out == 1 and writer.runs == ["global", "workers/a", "workers/b"]
-    assert len(list((tmp_path / "global").iterdir())) == 3  # three files, read as one run
+    assert len(list((tmp_path / "global").iterdir())) == 1  # one file per run, however often reopened
     back = read_scalars(tmp_path)
     assert back["global"]["loss"] == [(0, 0.0, 100.0), (1, 0.25, 101.0), (2, 0.5, 102.0)]
     assert back["workers/a"]["loss"] == [(0, 1.0, 100.0), (1, 1.25, 101.0), (2, 1.5, 102.0)]
     assert set(back) == {"global", "workers/a", "workers/b"}
+
+
+def test_a_chain_of_more_workers_than_open_files_leaves_one_file_per_run(tmp_path, monkeypatch):
+    # Each block writes every worker's run, more runs than MAX_OPEN: a file per run and block would
+    # make a long chain leave rounds x workers files (a crafted chain: millions).
+    monkeypatch.setattr(tb, "MAX_OPEN", 2)
+    workers = sorted(Identity.generate().id for _ in range(5))
+    rounds = [{"round": r, "metrics": {"loss": 1 / r}, "updates": [entry(w, 10, loss=1 / r) for w in workers]}
+              for r in range(1, 5)]
+    write_chain(chain(GENESIS, *rounds), tmp_path)
+    files = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert len(files) == 6  # global and the five workers
+    back = read_scalars(tmp_path)
+    assert [step for step, *_ in back[f"workers/{workers[0]}"]["loss"]] == [1, 2, 3, 4]
 
 
 def test_a_log_directory_that_cannot_be_made_or_no_tensorboard_is_one_error(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 `ChainView` holds what the page shows: the chain from genesis to its head, summarised per block (round,
 try, workers and their contributions, metrics), the metric curves, and every block's verification
 status. It moves only forward: a new head is taken when it extends the head it has (its blocks are
-walked down to the known head, at most `max_blocks`); anything else is dropped with a reason. Followed
+walked down to the known head, at most `MAX_AHEAD`); anything else is dropped with a reason, and a head
+refused for what its blocks say is not fetched again. Followed
 from pubsub (`follow`), only `head` and `done` messages signed by the job's owner (genesis' signer) are
 offered to it: a stranger's message is a dropped message, never a page change.
 
@@ -62,6 +63,15 @@ MAX_WORKERS = 500
 """Workers the page lists (most examples first)."""
 TEXT_CHARS = 300
 """Longest peer text (a name, a metric name, a reason) the page shows, escapes included."""
+MAX_AHEAD = 1000
+"""Most blocks one announced head may add to the page. An owner announces each block it appends, so a
+head further ahead is refused after reading one block: otherwise every head a hostile owner announces
+(a fork whose bottom does not meet the page's head) would cost up to `max_blocks` fetches."""
+MAX_REFUSED_HEADS = 256
+"""Heads refused for what their blocks say, remembered (newest) so announcing one again costs no fetch."""
+MAX_CONNECTIONS = 32
+"""Connections served at once, each by its own thread (ThreadingHTTPServer): one more is closed as soon
+as it is accepted, so idle or slow clients (slowloris) tie up at most this many threads."""
 
 
 def json_safe(value: object, depth: int = 0) -> object:
@@ -137,6 +147,8 @@ class ChainView:
         self.status = ""
         self.version = 0
         self._cache: tuple[int, bytes] | None = None
+        self._refused_heads: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._totals: tuple[int, list, list] | None = None  # (blocks, curves, workers): see `_chain_totals`
         self.extra = None
         self.listeners: list = []
         self._add(blocks)
@@ -160,18 +172,34 @@ class ChainView:
         known, seq = self.head, self.head_seq
         if same_cid(cid, known):
             return 0
-        new = list(_walk_down(self.store, cid, seq, self.max_blocks))
-        oldest_cid, oldest = new[-1]
-        if oldest["seq"] != seq + 1 or not same_cid(oldest.get("prev"), parse_cid(known)):
-            raise ChainError(f"{cid_str(cid)} does not extend the head {known} (seq {seq})")
-        if new[0][1]["job"] != self.job:
-            raise ChainError(f"{cid_str(cid)} is a block of job {printable(new[0][1]['job'], 80)}")
+        if cid_str(cid) in self._refused_heads:
+            raise ChainError(f"{cid_str(cid)} was refused before")
+        try:
+            new = self._blocks_above(cid, known, seq)
+        except _TooFarAhead:  # may be taken once a head between arrives (pubsub does not keep order)
+            raise
+        except ChainError:  # what its blocks say will not change: not fetched again
+            self._refused_heads[cid_str(cid)] = None
+            while len(self._refused_heads) > MAX_REFUSED_HEADS:
+                self._refused_heads.popitem(last=False)
+            raise
         with self._lock:
             if self._rows[-1]["cid"] != known:  # another thread took a head meanwhile: judge again
                 raise ChainError("the head moved while this one was read")
             self._add(new[::-1])
         self._changed()
         return len(new)
+
+    def _blocks_above(self, cid, known: str, seq: int) -> list:
+        """The blocks from `cid` down to the one after `known` (at seq `seq`), newest first; ChainError
+        unless they extend it, belong to this job and are at most MAX_AHEAD."""
+        new = list(_walk_down(self.store, cid, seq, min(self.max_blocks, MAX_AHEAD)))
+        oldest = new[-1][1]
+        if oldest["seq"] != seq + 1 or not same_cid(oldest.get("prev"), parse_cid(known)):
+            raise ChainError(f"{cid_str(cid)} does not extend the head {known} (seq {seq})")
+        if new[0][1]["job"] != self.job:
+            raise ChainError(f"{cid_str(cid)} is a block of job {printable(new[0][1]['job'], 80)}")
+        return new
 
     def _add(self, blocks: list) -> None:
         for cid, block in blocks:
@@ -269,6 +297,7 @@ class ChainView:
             return self._cache
 
     def _state(self) -> dict:
+        curves, workers = self._chain_totals()
         rows = []
         newest = self._rows[-1]["seq"]
         for row in self._rows[-MAX_ROWS:]:
@@ -277,12 +306,19 @@ class ChainView:
         state = {"version": self.version, "source": self.source, "job": self.job, "owner": self.owner,
                  "genesis": self.genesis, "head": self._rows[-1]["cid"], "head_seq": newest, "mode": self.mode,
                  "rounds_planned": self.rounds_planned, "blocks": rows,
-                 "omitted": max(0, len(self._rows) - MAX_ROWS), "curves": self._curves(),
-                 "workers": self._workers(), "verification": self.verification, "status": self.status,
+                 "omitted": max(0, len(self._rows) - MAX_ROWS), "curves": curves,
+                 "workers": workers, "verification": self.verification, "status": self.status,
                  "follow": {"taken": self.taken, "dropped": dict(self.dropped)}}
         if self.extra is not None:
             state["live"] = self.extra()
         return state
+
+    def _chain_totals(self) -> tuple[list, list]:
+        """(curves, workers), read from every block: computed again only when blocks are added, not for
+        each new version (a stranger's junk on the topic bumps the drop counters, and so the version)."""
+        if self._totals is None or self._totals[0] != len(self._blocks):
+            self._totals = (len(self._blocks), self._curves(), self._workers())
+        return self._totals[1], self._totals[2]
 
     def _curves(self) -> list[dict]:
         """Learning curves of the accepted blocks: [{metric, kind, series: [{source, points}]}]."""
@@ -305,6 +341,10 @@ class ChainView:
         return ranked[:MAX_WORKERS]
 
 
+class _TooFarAhead(ChainError):
+    """A head more blocks ahead of the page than one walk may read."""
+
+
 def _walk_down(store: BlockStore, cid, stop_seq: int | None, max_blocks: int):
     """(cid, block) from `cid` down to the block after seq `stop_seq` (to genesis when None), seq
     falling by one per step; at most `max_blocks` blocks are read."""
@@ -312,7 +352,7 @@ def _walk_down(store: BlockStore, cid, stop_seq: int | None, max_blocks: int):
     for count in range(max_blocks + 1):
         block = decode_block(store.block_get(cid), cid)
         if count == 0 and stop_seq is not None and block["seq"] - stop_seq > max_blocks:
-            raise ChainError(f"{cid_str(cid)} is {block['seq'] - stop_seq} blocks ahead (at most {max_blocks})")
+            raise _TooFarAhead(f"{cid_str(cid)} is {block['seq'] - stop_seq} blocks ahead (at most {max_blocks})")
         if count == 0 and stop_seq is None and block["seq"] >= max_blocks:
             raise ChainError(f"{cid_str(cid)} has seq {block['seq']}: longer than the {max_blocks} blocks allowed")
         if expected is not None and block["seq"] != expected:
@@ -461,13 +501,38 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
+    def server_activate(self) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().server_activate()
+
+    def process_request(self, request, client_address) -> None:
+        """A thread for the connection while fewer than MAX_CONNECTIONS are served, else closed at once."""
+        if not self.slots.acquire(blocking=False):
+            log.debug("closed a connection from %s: %d are open", client_address[0], MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (e.g. the system refused one): the slot is free again
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
     def host_allowed(self, host: str) -> bool:
         """On loopback, only requests naming this server itself: a web page elsewhere cannot read the job's
         state through a DNS name rebound to 127.0.0.1."""
         if self.bound not in _LOOPBACK:
             return True
-        name, _, port = host.rpartition(":")
-        return port == str(self.server_port) and name.strip("[]") in _LOOPBACK
+        try:  # "127.0.0.1:8080", "[::1]:8080", or without a port (a browser leaves out :80)
+            named = urlsplit("//" + host)
+            return named.hostname in _LOOPBACK and (named.port or 80) == self.server_port
+        except ValueError:  # a port that is not a number
+            return False
 
 
 class DashboardServer:

@@ -63,8 +63,8 @@ MAX_WORKERS = 256
 MAX_RUNS = 1024
 """Most runs (folders) one writer creates; scalars of further runs are left out, with one warning."""
 MAX_OPEN = 32
-"""Most event files one writer keeps open; the least recently written is closed (and a new file
-started in its run if it is written again: TensorBoard reads every file of a run in order)."""
+"""Most event files one writer keeps open; the least recently written is closed, and reopened for
+appending if its run is written again (one file per run, however many runs take turns)."""
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _FILES = itertools.count(1)
@@ -109,6 +109,16 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _value(value: object) -> float | None:
+    """A scalar's value: a finite number that stays finite as TensorBoard's float32 (a metric of 1e300
+    would be written as inf), else None."""
+    number = _number(value)
+    return number if number is not None and abs(number) <= FLOAT32_MAX else None
+
+
 def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
@@ -119,7 +129,7 @@ def _metric_scalars(metrics: object, run: str, prefix: str, step: int, walltime:
         return []
     out, tags = [], set()
     for name in sorted(key for key in metrics if isinstance(key, str)):
-        tag, value = safe_tag(name), _number(metrics[name])
+        tag, value = safe_tag(name), _value(metrics[name])
         if tag is None or value is None or tag in tags:
             continue
         tags.add(tag)
@@ -151,7 +161,7 @@ def block_scalars(block: dict, previous_time: float | None = None) -> list[Scala
     if walltime is not None and previous is not None:
         extras["seconds"] = walltime - previous
     out += [Scalar(GLOBAL_RUN, f"{prefix}round/{key}", step, value, walltime)
-            for key, value in extras.items() if value is not None and math.isfinite(value)]
+            for key, value in extras.items() if _value(value) is not None]
     seen: set[str] = set()
     for entry in updates[:MAX_WORKERS]:
         run = worker_run(entry.get("worker")) if isinstance(entry, dict) else None
@@ -191,7 +201,7 @@ class ScalarWriter:
         except OSError as exc:
             raise TensorBoardError(f"cannot write TensorBoard logs to {logdir}: {exc.strerror or exc}") from None
         self._open: OrderedDict[str, object] = OrderedDict()
-        self._runs: set[str] = set()
+        self._files: dict[str, Path] = {}  # run -> its event file (one per run, at most MAX_RUNS)
         self._host = _UNSAFE.sub("_", socket.gethostname()[:MAX_TAG])
         self.left_out = 0
         """Scalars not written because their run would have been past `MAX_RUNS`."""
@@ -199,7 +209,7 @@ class ScalarWriter:
 
     @property
     def runs(self) -> list[str]:
-        return sorted(self._runs)
+        return sorted(self._files)
 
     def write(self, scalars: Iterable[Scalar]) -> int:
         """Write `scalars` (one event per run, step and wall time) and flush; the number written."""
@@ -224,21 +234,24 @@ class ScalarWriter:
         if run in self._open:
             self._open.move_to_end(run)
             return self._open[run]
-        if run not in self._runs:
-            if len(self._runs) >= MAX_RUNS:
-                if not self.left_out:
-                    log.warning("TensorBoard: more than %d runs; the scalars of further workers are left out", MAX_RUNS)
-                return None
-            self._runs.add(run)
-        folder = self.logdir.joinpath(*run.split("/"))
-        folder.mkdir(parents=True, exist_ok=True)
+        if run not in self._files and len(self._files) >= MAX_RUNS:
+            if not self.left_out:
+                log.warning("TensorBoard: more than %d runs; the scalars of further workers are left out", MAX_RUNS)
+            return None
         if len(self._open) >= MAX_OPEN:
             _, oldest = self._open.popitem(last=False)
             oldest.close()
+        path = self._files.get(run)
+        if path is not None:  # closed to stay under MAX_OPEN: appended to, not a new file per turn
+            writer = self._open[run] = self._record_writer(open(path, "ab"))  # noqa: SIM115 - kept open
+            return writer
+        folder = self.logdir.joinpath(*run.split("/"))
+        folder.mkdir(parents=True, exist_ok=True)
         # unique (one counter per process) and sorted as written: TensorBoard reads a run's files in name order
-        name = f"events.out.tfevents.{int(time.time()):010d}.{self._host}.{os.getpid()}.{next(_FILES):06d}"
-        writer = self._record_writer(open(folder / name, "xb"))  # noqa: SIM115 - kept open across writes
+        path = folder / f"events.out.tfevents.{int(time.time()):010d}.{self._host}.{os.getpid()}.{next(_FILES):06d}"
+        writer = self._record_writer(open(path, "xb"))  # noqa: SIM115 - kept open across writes
         writer.write(self._event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        self._files[run] = path
         self._open[run] = writer
         return writer
 

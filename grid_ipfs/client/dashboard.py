@@ -25,6 +25,8 @@ __all__ = ["DashboardProgress"]
 
 MAX_EVENTS = 200
 """Newest events the page lists."""
+MAX_REFUSALS = 100
+"""Newest refusals (one per round and reason) and rejected tries the page lists and this process keeps."""
 MAX_NAMES = 10_000
 """Worker names remembered (one per joined worker; joins are bounded by the client's own limits)."""
 
@@ -40,8 +42,8 @@ class DashboardProgress(ClientCallback):
         self._stores: list[IPFSClient] = []
         self.names: dict[str, str] = {}
         self.events: collections.deque = collections.deque(maxlen=MAX_EVENTS)
-        self.refused: list[dict] = []
-        self.rejected_tries: list[dict] = []
+        self.refused: collections.deque = collections.deque(maxlen=MAX_REFUSALS)
+        self.rejected_tries: collections.deque = collections.deque(maxlen=MAX_REFUSALS)
         self.current: dict | None = None
         self.state_text = "waiting for the job to start"
         self.server = DashboardServer(self, host, port).start()
@@ -63,8 +65,8 @@ class DashboardProgress(ClientCallback):
         """The owner-only part of the page's state (called by the view under its lock)."""
         with self._lock:
             return {"state": self.state_text, "names": dict(self.names), "joined": len(self.names),
-                    "current": self.current, "events": list(self.events), "refused": list(self.refused[-100:]),
-                    "rejected_tries": list(self.rejected_tries[-100:])}
+                    "current": self.current, "events": list(self.events), "refused": list(self.refused),
+                    "rejected_tries": list(self.rejected_tries)}
 
     def _event(self, text: str) -> None:
         with self._lock:
