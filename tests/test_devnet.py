@@ -134,3 +134,29 @@ def test_down_after_an_interrupted_up(tmp_path):
 def test_help_exits_zero():
     result = devnet_cli("--help")
     assert result.returncode == 0 and "up" in result.stdout and "down" in result.stdout
+
+
+def test_js_ipfs_daemons_run_with_nagle_off(make_devnet):
+    """js-ipfs daemons preload nodelay.cjs (TCP_NODELAY, Go's default and so Kubo's): without it each
+    remote block waits ~0.27 s on delayed ACKs. The preload must be in the running daemon's environment
+    and must load in Node without error."""
+    net = make_devnet(1)
+    if net.daemon.kind != "js-ipfs":
+        pytest.fail(f"this test is about js-ipfs; the devnet runs {net.daemon.kind}")
+    environ = open(f"/proc/{net.nodes[0].pid}/environ", "rb").read().split(b"\0")
+    options = [e for e in environ if e.startswith(b"NODE_OPTIONS=")]
+    assert options and str(devnet_module.NODELAY_PRELOAD).encode() in options[0]
+    loaded = subprocess.run(["node", "--require", str(devnet_module.NODELAY_PRELOAD), "-e",
+                             "const s = require('net').createServer(); s.emit('connection', "
+                             "new (require('net').Socket)()); console.log('ok')"],
+                            capture_output=True, text=True, timeout=30)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "ok", loaded.stderr
+
+
+def test_the_preload_keeps_the_callers_node_options(monkeypatch):
+    monkeypatch.setenv("NODE_OPTIONS", "--max-old-space-size=2048")
+    js = devnet_module.Daemon("js-ipfs", "jsipfs").environment()["NODE_OPTIONS"]
+    assert js.startswith("--max-old-space-size=2048 ") and str(devnet_module.NODELAY_PRELOAD) in js
+    monkeypatch.setenv("NODE_OPTIONS", js)
+    assert devnet_module.Daemon("js-ipfs", "jsipfs").environment()["NODE_OPTIONS"] == js  # not twice
+    assert devnet_module.Daemon("kubo", "ipfs").environment() == {}
