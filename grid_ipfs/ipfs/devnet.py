@@ -105,12 +105,12 @@ class Daemon:
         pubsub.setdefault("Router", "gossipsub")
         swarm = config.setdefault("Swarm", {})
         swarm["DisableNatPortMap"] = True
+        config.setdefault("Routing", {})["Type"] = "none"  # every node dials every other: no DHT to ask
         if self.kind == "js-ipfs":
             addresses["RPC"] = f"/ip4/127.0.0.1/tcp/{ports['rpc']}"  # js-ipfs's gRPC port, fixed at 5003 by default
             addresses["Delegates"] = []
             discovery.setdefault("webRTCStar", {})["Enabled"] = False
         else:
-            config.setdefault("Routing", {})["Type"] = "none"
             config.setdefault("AutoNAT", {})["ServiceMode"] = "disabled"
         return config
 
