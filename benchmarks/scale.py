@@ -10,11 +10,13 @@ the owner's memory are visible next to the ~0.5 GB a TensorFlow process starts w
 The client runs as its real CLI in a subprocess, `python -m grid_ipfs.client submit ... --json`, through
 `benchmarks.probe client` (the same `main`, with `aggregate` and `IPFSClient.cat` timed); its peak RSS
 is the kernel's ru_maxrss for that PID from `os.wait4`. `s_per_round` is the mean of the rounds' own
-seconds (joining excluded), `fetch_s` the client's time in `IPFSClient.cat` (fetching the updates) per
-round, `critical_s` the mean of the blocks' `critical_path_s` (the slowest worker's own compute, not
-counting its wait for the pool's shared Keras runtime) and `coordination` the rest of the round as a
-share of it. FedAvg streams: each update is added to the running mean as it arrives, so the owner's
-memory should not grow with the workers; the target is growth from 1 to 64 workers under 2 model copies.
+seconds (joining excluded), `fetch_s` the client's time in `IPFSClient.cat` per round, summed over its
+threads (its daemon fetching each update from the network on a fetch thread, then the client reading
+it back from its daemon to add it), `critical_s` the mean of the blocks' `critical_path_s` (the slowest
+worker's own compute, not counting its wait for the pool's shared Keras runtime) and `coordination`
+the rest of the round as a share of it. FedAvg streams: each update is added to the running mean as it
+arrives, so the owner's memory should not grow with the workers; the target is growth from 1 to 64
+workers under 2 model copies.
 `--quick`: 1 and 4 workers, 2 rounds.
 """
 

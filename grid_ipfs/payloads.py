@@ -234,9 +234,9 @@ def fetch_weights(store, cid, *, like: list[np.ndarray] | None = None, source: s
     the weights size limit and parsed by `weights_from_bytes` (checked against `like`; a compressed
     update is decoded against `base`). The one way a role reads weights by CID; pass `timeout=` to bound
     the fetch (default: the store's own)."""
-    shown = str(cid)
-    data = store.cat(cid, max_size=MAX_WEIGHTS_BYTES, **timeout)
-    return weights_from_bytes(data, source=source or f"weights {shown}", like=like, base=base)
+    # the bytes go straight in, so the parse can drop them once it has its own copy of the tensors
+    return weights_from_bytes(store.cat(cid, max_size=MAX_WEIGHTS_BYTES, **timeout),
+                              source=source or f"weights {cid}", like=like, base=base)
 
 
 def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int = MAX_WEIGHTS_BYTES,
@@ -269,6 +269,7 @@ def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int =
         tensors = load(data if isinstance(data, bytes) else bytes(data))
     except Exception as exc:  # safetensors raises its own SafetensorError and others
         raise PayloadError(source, f"{expected} ({type(exc).__name__}: {_shorten(str(exc))})") from exc
+    del data  # the file is in `tensors` now: at most two copies of an update at any time, not three
 
     count = len(tensors)
     keys = [weight_key(i) for i in range(count)]
@@ -279,7 +280,7 @@ def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int =
     if metadata.get("count") != str(count):
         raise PayloadError(source, f"{expected}: metadata says {metadata.get('count')!r} tensors, "
                                    f"the file holds {count}")
-    weights = [np.array(tensors[key], copy=True) for key in keys]
+    weights = [np.array(tensors.pop(key), copy=True) for key in keys]  # each view's bytes freed as it is copied
 
     if like is not None:
         _check_like(weights, like, source)

@@ -24,6 +24,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -129,6 +130,9 @@ class Worker(Peer):
         """For experiments (`--slowdown`): each update takes this many times as long as its training
         did, the rest spent waiting, as on a machine that much slower."""
         self.jobs: dict[str, JoinedJob] = {}
+        self._background = ThreadPoolExecutor(2, thread_name_prefix="round")
+        """A round's history check and its fetch of the global weights, at the same time (both wait on
+        the network), the check also while we train."""
 
     def started(self) -> None:
         log.info("%s (%s) listening on %s; data %s, %.0f%% held out for validation", self.name,
@@ -222,9 +226,12 @@ class Worker(Peer):
                         round_.round, round_.job)
             return
         joined.done_rounds.add(key)
-        head_seq = self.check_history(joined, round_)
-        if head_seq is None:
-            return
+        model, split = joined.model, joined.split
+        # The history is checked while we fetch and train: it only gates signing, so a refused round costs
+        # one model's bytes and one round of training, what any round its owner announces costs.
+        checking = self._background.submit(self.check_history, joined, round_)
+        fetching = self._background.submit(_timed, fetch_weights, self.client, round_.weights,
+                                           like=model.get_weights())
         if joined.mask_key is not None:
             # Masking against a key the owner made up would let the owner remove our mask: every key
             # must carry its worker's own signature.
@@ -234,12 +241,10 @@ class Worker(Peer):
                             "so our update could be unmasked", round_.round, round_.job,
                             ", ".join(w[:12] for w in forged))
                 return
+        global_weights, fetch_s = fetching.result()
         started = time.monotonic()
-        model, split = joined.model, joined.split
-        global_weights = fetch_weights(self.client, round_.weights, like=model.get_weights())
-        queued = time.monotonic()
         with KERAS_LOCK:  # workers hosted in one process (grid_ipfs.pool) take turns; alone, this never waits
-            queued = time.monotonic() - queued
+            queued = time.monotonic() - started
             if not len(split.x_val):
                 eval_metrics = {}
             elif isinstance(model, IsolatedModel):
@@ -263,7 +268,10 @@ class Worker(Peer):
                               else weights_to_bytes(new_weights))
         # this worker's part of the round (fetch, evaluate, train, add; not its turn's wait in a pool): with
         # every worker on its own machine, the slowest selected one's is the round's critical path
-        metrics = {**metrics, "compute_s": round(time.monotonic() - started - queued, 3)}
+        metrics = {**metrics, "compute_s": round(fetch_s + time.monotonic() - started - queued, 3)}
+        head_seq = checking.result()
+        if head_seq is None:  # refused, in one log line: the update stays unsigned and unannounced
+            return
         self.witness_signed(joined, round_, head_seq, str(cid))  # on disk before the signature leaves
         self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
                                      num_examples=len(split.x_train), metrics=metrics,
@@ -418,6 +426,7 @@ class Worker(Peer):
 
     def close(self) -> None:
         super().close()
+        self._background.shutdown(wait=False, cancel_futures=True)
         for joined in self.jobs.values():
             _close_model(joined.model)
 
@@ -442,6 +451,12 @@ def _newer(kept: messages.Round | None, arrived: messages.Round) -> messages.Rou
     if kept is not None and (kept.round, kept.attempt) > (arrived.round, arrived.attempt):
         return kept
     return arrived
+
+
+def _timed(function: Callable, *args, **kwargs) -> tuple:
+    """(what `function` returns, the seconds it took)."""
+    started = time.monotonic()
+    return function(*args, **kwargs), time.monotonic() - started
 
 
 def _close_model(model: object) -> None:

@@ -10,8 +10,9 @@ from grid_ipfs import messages
 from grid_ipfs.aggregate import RunningFedAvg
 from grid_ipfs.chain import ChainError, ChainLog, validate_block, verify_chain
 from grid_ipfs.chain.blocks import summation_order
-from grid_ipfs.client.collect import FETCH_MEMORY, FETCH_THREADS, Collected, Stream, fetch_threads
-from grid_ipfs.payloads import weights_to_bytes
+from grid_ipfs.chain.contributions import message_cid
+from grid_ipfs.client.collect import Collected, Stream, prefetch
+from grid_ipfs.payloads import weights_from_bytes, weights_to_bytes
 from grid_ipfs.secagg import masked_like
 from grid_ipfs.strategies import STRATEGIES, RoundContext, Running, Strategy, StrategyError, make, run, streams
 from grid_ipfs.strategies.builtin import WeightsFold
@@ -227,13 +228,19 @@ def test_genesis_has_no_fold():
         validate_block({**genesis, "fold": []})
 
 
-def test_fetch_threads_shrink_with_the_model_so_updates_in_flight_stay_within_the_budget():
-    def model(mb: float) -> list:
-        return [np.zeros(int(mb * (1 << 20)) // 4, np.float32)]
+def test_prefetch_leaves_the_update_with_the_owners_daemon_and_stores_its_message(make_devnet):
+    """The owner's fetch threads only make its daemon fetch (`prefetch`); the update is then read from
+    that daemon one at a time. So once prefetched, it must be there with the worker's node gone, and the
+    signed message must be stored under its own CID for the block to link."""
+    net = make_devnet(2)
+    owner, worker = net.nodes[0].client(), net.nodes[1].client()
+    weights = [np.arange(12, dtype=np.float32).reshape(4, 3), np.ones(3, np.float32)]
+    cid = str(worker.add(weights_to_bytes(weights)))
+    message = b"a signed update message, as published"
+    update = messages.Update(job="j", round=1, weights=cid, num_examples=5, metrics={}, eval_metrics={})
+    assert prefetch(owner, update, message) is True
+    net.stop_node(1)
+    local = owner.cat(cid, timeout=5)
+    assert all(np.array_equal(a, b) for a, b in zip(weights_from_bytes(local), weights))
+    assert owner.block_get(message_cid(message), timeout=5) == message
 
-    assert fetch_threads(model(4.9)) == FETCH_THREADS  # the scale benchmark's model: 4 at once, as before
-    assert fetch_threads(model(48)) == 2 and fetch_threads(model(200)) == 1
-    for mb in (0.01, 4.9, 20, 48, 100, 500):
-        threads = fetch_threads(model(mb))
-        assert 1 <= threads <= FETCH_THREADS
-        assert threads == 1 or threads * 2 * mb * (1 << 20) <= FETCH_MEMORY

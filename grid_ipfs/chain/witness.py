@@ -294,6 +294,8 @@ def check_extends(store, last: WitnessRecord | None, head: CID | str, head_block
         return (f"head {cid_str(head)} at seq {seq} is {seq - last.seq} blocks above the last witnessed head "
                 f"at seq {last.seq}, more than {max_steps} (max_steps)")
     head_cid = parse_cid(head)
+    if seq == last.seq + 1 and head_block.get("prev") is not None and same_cid(head_block["prev"], last.head):
+        return None  # the usual round: the head's parent is the witnessed head, read when we signed on it
     cid, block = head_cid, head_block
     while block["seq"] > last.seq:
         prev = block.get("prev")

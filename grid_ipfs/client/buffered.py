@@ -29,7 +29,7 @@ from ..ipfs import IPFSError, cid_str, parse_cid, same_cid
 from ..payloads import PayloadError, fetch_weights
 from ..strategies import Aggregate, RoundContext, StrategyError, streams
 from ..strategies.fedbuff import AsyncConfig, rebase, server_step, too_stale
-from .collect import FETCH_TIMEOUT, Collected, Stream, fetch_threads, inflated, screen_outliers
+from .collect import FETCH_THREADS, FETCH_TIMEOUT, Collected, Stream, inflated, prefetch, screen_outliers
 from .inbox import Inbox
 from .job import JobFailed
 from .state import JobRun
@@ -142,7 +142,7 @@ def gather(client, inbox: Inbox, r: int, after_attempt: int) -> tuple[dict, dict
     refused: dict[str, str] = {}
     first = after_attempt + 1
     for attempt in range(first, first + spec.max_retries + 1):
-        client.publish(job.message)  # late joiners and restarted workers learn about the job
+        client.announce(job)
         round_msg = messages.Round(job=job.id, round=r, weights=job.accepted.weights_cid,
                                    deadline=time.time() + spec.round_timeout, selected=None, attempt=attempt,
                                    head=job.extends)
@@ -177,7 +177,8 @@ def _fill(client, inbox: Inbox, round_msg: messages.Round, collected: dict[str, 
     def settle(future: Future) -> None:
         update, sender, data, base = pending.pop(future)
         try:
-            weights = future.result()
+            stored = future.result()
+            weights = fetch_rebased(client.ipfs, job, bases, update, sender, r - base.round)  # from our daemon
             norm = update_norm(weights, job.accepted.weights) if screened else None
             if stream is not None:
                 stream.add(sender, weights, update.num_examples)
@@ -187,18 +188,18 @@ def _fill(client, inbox: Inbox, round_msg: messages.Round, collected: dict[str, 
             inbox.reject(r, sender, refused[sender])
             return
         collected[sender] = Collected(sender, update, weights, data, norm, base=_base_head(update),
-                                      staleness=r - base.round)
+                                      staleness=r - base.round, message_stored=stored)
         client.callbacks.on_update(r, sender, len(collected), config.buffer_size)
 
     arrivals, job.carried = job.carried, []  # updates that came after the last buffer filled
-    with ThreadPoolExecutor(max_workers=fetch_threads(job.accepted.weights), thread_name_prefix="fetch") as pool:
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch") as pool:
         while len(collected) < config.buffer_size and not (collected and time.time() >= round_msg.deadline):
             if time.time() >= round_msg.deadline and not pending:
                 break
             if len(collected) + len(pending) >= config.buffer_size:  # full once these land: wait for them
                 wait(list(pending), timeout=0.05)
             else:
-                arrivals += inbox.drain(0.05 if pending else 0.2, round_=round_msg, rounds=recent)
+                arrivals += inbox.drain(0.2, round_=round_msg, rounds=recent)
             while arrivals and len(collected) + len(pending) < config.buffer_size:
                 update, sender, data = arrivals.pop(0)
                 in_flight = {s for _, s, _, _ in pending.values()}
@@ -207,8 +208,9 @@ def _fill(client, inbox: Inbox, round_msg: messages.Round, collected: dict[str, 
                     refused.setdefault(sender, reason)
                     inbox.reject(r, sender, reason)
                     continue
-                pending[pool.submit(fetch_rebased, client.ipfs, job, bases, update, sender, r - base.round)] = (
-                    update, sender, data, base)
+                future = pool.submit(prefetch, client.ipfs, update, data)
+                pending[future] = (update, sender, data, base)
+                future.add_done_callback(inbox.wake)  # settled as soon as it lands
             for future in [f for f in pending if f.done()]:
                 settle(future)
         wait(list(pending))

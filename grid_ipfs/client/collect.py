@@ -18,29 +18,21 @@ from dataclasses import dataclass
 
 from .. import messages
 from ..aggregate import update_norm
-from ..ipfs import IPFSError, same_cid
-from ..payloads import PayloadError, fetch_weights
+from ..chain.contributions import message_cid
+from ..ipfs import IPFSError, cid_str, same_cid
+from ..payloads import MAX_WEIGHTS_BYTES, PayloadError, fetch_weights
 from ..secagg import masked_like
 from ..strategies import Aggregate, RoundContext, Running, StrategyError
 from .inbox import Inbox
+from .job import JobFailed
 from .state import JobRun
 
 log = logging.getLogger("grid_ipfs.client")
 
 FETCH_TIMEOUT = 30.0  # seconds to fetch one update's weights before the update is rejected
-FETCH_THREADS = 4  # concurrent update downloads per round, at most
-FETCH_MEMORY = 256 << 20
-"""Bytes the owner means to hold for updates in flight. A fetch holds about two copies of an update (the
-file, then its parsed arrays), so updates over 32 MiB are fetched by fewer threads and those over 64 MiB
-one at a time: what the owner holds in flight is this budget, or one fetch when a single update is
-larger, instead of four times a large model."""
-
-
-def fetch_threads(like: list, budget: int = FETCH_MEMORY, most: int = FETCH_THREADS) -> int:
-    """How many updates shaped like `like` (the global weights, or their masked form) to fetch at once:
-    `most`, fewer when two copies each would pass `budget`."""
-    per_fetch = 2 * sum(int(w.nbytes) for w in like)
-    return max(1, min(most, budget // max(per_fetch, 1)))
+FETCH_THREADS = 4
+"""Updates the owner's daemon fetches from the network at once (`prefetch`); the owner itself reads and
+parses one update at a time from its daemon, so what it holds does not grow with this or with workers."""
 
 
 @dataclass
@@ -57,6 +49,8 @@ class Collected:
     """Async jobs: the head the update trained from (None in synchronous rounds: the round's head)."""
     staleness: int | None = None
     """Async jobs: versions between its base and the block it goes into (`client.buffered`)."""
+    message_stored: bool = False
+    """Whether `message` is already a raw block on the owner's daemon (put while the round waited)."""
 
 
 class Stream:
@@ -139,16 +133,45 @@ def fetch_update(ipfs, job: JobRun, update: messages.Update, sender: str) -> lis
                          base=job.accepted.weights if readable else None, timeout=FETCH_TIMEOUT)
 
 
+def store_message(ipfs, data: bytes):
+    """Store a signed message as published, as a raw block (so a block can link it); its CID."""
+    cid = ipfs.block_put(data, codec="raw")
+    if not same_cid(cid, message_cid(data)):
+        raise JobFailed(f"the daemon stored a message as {cid_str(cid)}, not {cid_str(message_cid(data))}")
+    return cid
+
+
+def prefetch(ipfs, update: messages.Update, message: bytes) -> bool:
+    """On a fetch thread, while the round waits for others: have the owner's daemon fetch the update's
+    weights from the network (read through and dropped chunk by chunk: a thread holds a chunk, never an
+    update), and store the update's message for the block to link. Whether the message was stored: a
+    failed store is the owner's daemon's, not the worker's, and is tried again at the close.
+
+    The weights are then read again, from the daemon's own store, by `fetch_update` when the update is
+    settled, one update at a time: the daemon holds the updates on their way, the owner holds one."""
+    ipfs.cat(update.weights, max_size=MAX_WEIGHTS_BYTES, timeout=FETCH_TIMEOUT, sink=_drop)
+    try:
+        store_message(ipfs, message)
+    except IPFSError:
+        return False
+    return True
+
+
+def _drop(chunk: bytes) -> None:
+    """A `cat` sink that keeps nothing."""
+
+
 def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], collected: dict[str, Collected],
             refused: dict[str, str], first_attempt: int, *, allowed: set[str] | None = None,
             on_update=lambda worker, received, expected: None, stream: Stream | None = None) -> None:
     """Take updates for this attempt until every expected worker answered or the deadline passed.
 
-    Weights are fetched in a small thread pool as updates arrive: a remote fetch is mostly waiting
-    (js-ipfs pays ~0.27 s per block-tree layer), so fetching one after another made the round's length
-    grow with the number of workers. Results are settled here, in this thread: with a `stream`, each
-    update's weights are added to it and dropped (the block records that order); without, they are kept
-    for an aggregate over all of them (sorted by worker id).
+    The daemon fetches updates from the network in a small thread pool as they arrive (`prefetch`): a
+    remote fetch is mostly waiting, so fetching one after another made the round's length grow with the
+    number of workers. Each is then settled here, in this thread: read from the daemon and parsed, and
+    with a `stream` added to it and dropped (the block records that order), so the owner holds one
+    update at a time; without a stream, weights are kept for an aggregate over all of them (sorted by
+    worker id).
     """
     job = inbox.job
     screened = bool(job.spec.max_norm_ratio) and job.strategy.readable_updates
@@ -157,7 +180,8 @@ def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], c
     def settle(future: Future) -> None:
         update, sender, data = pending.pop(future)
         try:
-            weights = future.result()
+            stored = future.result()
+            weights = fetch_update(ipfs, job, update, sender)  # from our daemon, which has it now
             norm = update_norm(weights, job.accepted.weights) if screened else None
             if stream is not None:
                 stream.add(sender, weights, update.num_examples)
@@ -166,15 +190,14 @@ def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], c
             refused.setdefault(sender, f"bad weights: {exc}")
             inbox.reject(round_msg.round, sender, refused[sender])
             return
-        collected[sender] = Collected(sender, update, weights, data, norm)
+        collected[sender] = Collected(sender, update, weights, data, norm, message_stored=stored)
         on_update(sender, len(collected), len(expected))
 
-    with ThreadPoolExecutor(max_workers=fetch_threads(update_like(job)), thread_name_prefix="fetch") as pool:
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch") as pool:
         while time.time() < round_msg.deadline:
             if not pending and expected <= (set(collected) | set(refused)):
                 break
-            for update, sender, data in inbox.drain(0.05 if pending else 0.2, round_=round_msg,
-                                                    first_attempt=first_attempt):
+            for update, sender, data in inbox.drain(0.2, round_=round_msg, first_attempt=first_attempt):
                 in_flight = {s for _, s, _ in pending.values()}
                 reason = refusal(job, update, sender, round_msg, expected, set(collected) | in_flight, refused, allowed)
                 if reason is not None:
@@ -182,7 +205,9 @@ def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], c
                         refused.setdefault(sender, reason)
                     inbox.reject(round_msg.round, sender, reason)
                     continue
-                pending[pool.submit(fetch_update, ipfs, job, update, sender)] = (update, sender, data)
+                future = pool.submit(prefetch, ipfs, update, data)
+                pending[future] = (update, sender, data)
+                future.add_done_callback(inbox.wake)  # settled as soon as it lands
             for future in [f for f in pending if f.done()]:
                 settle(future)
         wait(list(pending))  # arrived before the deadline: each fetch finishes within its own timeout

@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -20,14 +21,14 @@ from ..chain import ChainError, ChainLog, decode_block, walk
 from ..chain.contributions import message_cid, update_entry
 from ..chain.verify import is_accepted
 from ..identity import Identity
-from ..ipfs import IPFSError, cid_str, parse_cid, same_cid
+from ..ipfs import IPFSError, cid_str, parse_cid
 from ..ipfs.rpc import IPFSClient
 from ..payloads import PayloadError, weights_to_bytes
 from ..strategies import Aggregate, RoundContext, StrategyError, run, streams
 from ..text import printable
 from . import buffered
 from .blocks import callback_fields, evaluate, round_block, weighted_metrics
-from .collect import Collected, Stream, collect, fetch_update, screen_outliers, selection
+from .collect import Collected, Stream, collect, fetch_update, screen_outliers, selection, store_message
 from .inbox import REANNOUNCE_EVERY, Inbox
 from .job import CallbackList, ClientCallback, JobFailed, JobResult, JobSpec, RoundResult, load_eval
 from .pofl import await_endorsements, run_contest
@@ -52,6 +53,9 @@ class Client:
         self.callbacks = CallbackList(callbacks)
         self.allowed_workers = allowed_workers
         self.allowed_miners = allowed_miners
+        self._pins = ThreadPoolExecutor(1, thread_name_prefix="pin")
+        """Moves each job's pin to its newest head while the next round runs: a recursive pin walks the
+        whole chain, so it would otherwise lengthen every round as the chain grows."""
 
     def head_file(self, job_id: str) -> Path:
         return self.head_dir / f"{job_id}.head"
@@ -182,6 +186,8 @@ class Client:
             raise
         finally:
             subscription.close()
+            if job.pinning is not None:
+                job.pinning.result()  # the newest head is pinned before the job returns
         job.result.dropped, job.result.rejected = dict(job.dropped), dict(job.rejected)
         self.callbacks.on_job_end(job.result)
         return job.result
@@ -190,7 +196,7 @@ class Client:
         """Announce the job (again every few seconds: pubsub is lossy) until enough workers joined and
         none joined for a moment: workers answering the same announcement all start in round 1."""
         job, spec = inbox.job, inbox.job.spec
-        deadline, next_announce = time.monotonic() + spec.join_timeout, 0.0
+        deadline = time.monotonic() + spec.join_timeout
         job.last_join = time.monotonic()
         while len(job.workers) < spec.min_workers or time.monotonic() - job.last_join < JOIN_GRACE:
             now = time.monotonic()
@@ -199,9 +205,7 @@ class Client:
                     break
                 raise JobFailed(f"only {len(job.workers)} of {spec.min_workers} workers joined job {job.id} "
                                 f"within {spec.join_timeout:.0f}s (are workers running on connected daemons?)")
-            if now >= next_announce:
-                self.publish(job.message)
-                next_announce = now + REANNOUNCE_EVERY
+            self.announce(job)
             inbox.drain(min(0.2, max(0.0, deadline - now)))
 
     def _run_round(self, inbox: Inbox, r: int) -> RoundResult:
@@ -238,7 +242,7 @@ class Client:
         job.extends = cid_str(job.chain.head)
         stream = self._stream(job, r)
         for attempt in range(first, first + spec.max_retries + 1):
-            self.publish(job.message)  # late joiners and restarted workers learn about the job
+            self.announce(job)
             selected, collected, refused = selection(job, r, attempt == first, selected, collected, refused)
             if stream is not None and not collected:
                 stream.reset()  # a secure round starts over with a fixed set
@@ -291,7 +295,8 @@ class Client:
         accepted, why = _judge(job, r, metrics)
         if job.accept is not None:
             params["accept"] = str(job.accept)
-        updates = [{**update_entry(messages.Envelope(c.update, c.worker), self.put_message(c.message)),
+        updates = [{**update_entry(messages.Envelope(c.update, c.worker),
+                                   message_cid(c.message) if c.message_stored else store_message(self.ipfs, c.message)),
                     **buffered.entry_fields(c)} for c in ordered]
         contest = None
         if spec.miners:  # our aggregate becomes a candidate that the miners' rivals may beat
@@ -357,14 +362,21 @@ class Client:
             raise JobFailed(f"round {r} of job {job.id}: {exc}") from None
 
     def _append(self, job: JobRun, r: int, block: dict) -> str:
-        """Append the round's block on the head its workers signed against, and pin it."""
+        """Append the round's block on the head its workers signed against; pin it in the background."""
         try:
             head = cid_str(job.chain.append(block, self.identity, extends=job.extends))
         except ChainError as exc:
             raise JobFailed(f"round {r} of job {job.id}: {exc}; its workers signed their updates against "
                             f"{cid_str(job.extends)}: stop the other writer") from None
-        self._pin(job, head)
+        job.to_pin = head
+        job.pinning = self._pins.submit(self._pin_newest, job)
         return head
+
+    def _pin_newest(self, job: JobRun) -> None:
+        """On the pin thread: move the pin to the newest head, once (later moves queued behind this one
+        find it done), so a slow pin never queues up one walk of the chain per round."""
+        if job.to_pin is not None and job.to_pin != job.pinned:
+            self._pin(job, job.to_pin)
 
     # -- the daemon ------------------------------------------------------------------------------------
 
@@ -388,12 +400,13 @@ class Client:
     def _seq_of(self, cid) -> int:
         return decode_block(self.ipfs.block_get(cid), cid)["seq"]
 
-    def put_message(self, data: bytes):
-        """Store a signed message as published, as a raw block (so a block can link it); its CID."""
-        cid = self.ipfs.block_put(data, codec="raw")
-        if not same_cid(cid, message_cid(data)):
-            raise JobFailed(f"the daemon stored a message as {cid_str(cid)}, not {cid_str(message_cid(data))}")
-        return cid
+    def announce(self, job: JobRun) -> None:
+        """Publish the job message again if the last time was `REANNOUNCE_EVERY` ago: pubsub is lossy, and
+        late joiners and restarted workers learn about the job this way. Not every round: each joined
+        worker answers it with a join (64 workers, 64 messages)."""
+        if time.monotonic() - job.announced >= REANNOUNCE_EVERY:
+            self.publish(job.message)
+            job.announced = time.monotonic()
 
     def publish(self, message) -> bool:
         topic = self.jobs_topic if isinstance(message, messages.Job) else messages.topic_of(message)

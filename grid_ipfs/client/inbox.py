@@ -28,6 +28,10 @@ sending many of either can make the job hold."""
 Arrived = tuple[messages.Update, str, bytes]
 """An update of the round being collected: the message, its sender, its bytes as published."""
 
+WAKE = object()
+"""Queued by `Inbox.wake`: ends a `drain` early, so a fetch that finishes is settled at once, not at the
+end of the drain's timeout."""
+
 
 class Inbox:
     """One job's view of its topic: `drain` handles what arrived within a timeout."""
@@ -43,6 +47,10 @@ class Inbox:
         """The subscription's callback: queue one raw pubsub message."""
         self.job.inbox.put(raw)
 
+    def wake(self, *_ignored) -> None:
+        """End the current (or next) `drain` now; a future's done-callback."""
+        self.job.inbox.put(WAKE)
+
     def drain(self, timeout: float, round_: messages.Round | None = None, first_attempt: int = 1,
               rounds: range | None = None) -> list[Arrived]:
         """Handle what arrives within `timeout`; return the updates for `round_` (from attempt
@@ -56,6 +64,8 @@ class Inbox:
             try:
                 raw = self.job.inbox.get(timeout=max(0.0, end - time.monotonic()))
             except queue.Empty:
+                return updates
+            if raw is WAKE:
                 return updates
             try:
                 envelope = messages.decode(raw.data)

@@ -14,7 +14,7 @@ from ..contest import ContestError, best, check_rival, check_rival_fields, pofl_
 from ..ipfs import IPFSError, cid_str, parse_cid
 from ..payloads import PayloadError, fetch_weights
 from .blocks import evaluate
-from .collect import FETCH_TIMEOUT, Collected
+from .collect import FETCH_TIMEOUT, Collected, store_message
 from .inbox import REANNOUNCE_EVERY, Inbox
 from .job import JobFailed
 from .state import JobRun
@@ -144,7 +144,7 @@ def endorsement_links(client, job: JobRun) -> list:
     exactly as signed, so anyone can check them): the block about to be appended links them."""
     head = job.chain.head
     signed = job.endorse_messages.get(cid_str(parse_cid(head)), {}) if head is not None else {}
-    return [client.put_message(signed[miner]) for miner in sorted(signed)]
+    return [store_message(client.ipfs, signed[miner]) for miner in sorted(signed)]
 
 
 def await_endorsements(job: JobRun, inbox: Inbox) -> None:

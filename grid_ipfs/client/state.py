@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .. import messages
@@ -55,6 +56,8 @@ class JobRun:
     rejected: Counter = field(default_factory=Counter)
     """Updates refused, by reason kind (not selected, replay, bad weights, outlier norm, ...)."""
     last_join: float = 0.0
+    announced: float = float("-inf")
+    """When (monotonic) the job message was last published: `Client.announce`."""
     proposals: list = field(default_factory=list)
     """(Proposal, sender) as they arrive; taken by the round that asked for them."""
     endorsements: dict = field(default_factory=dict)
@@ -65,6 +68,10 @@ class JobRun:
     """The head the current round's announcements name: its workers sign against it, its block links it."""
     pinned: str | None = None
     """The head this node pins recursively: every block, model, weights and message the chain links."""
+    to_pin: str | None = None
+    """The newest head, which the client's pin thread moves `pinned` to (off the rounds' path)."""
+    pinning: Future | None = None
+    """The newest move of the pin handed to that thread; the job waits for it before it returns."""
     bases: dict = field(default_factory=dict)
     """Async jobs: recent heads updates may name -> `buffered.Base` (round, global weights)."""
     used: dict = field(default_factory=dict)

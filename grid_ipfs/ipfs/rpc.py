@@ -189,11 +189,13 @@ class IPFSClient:
         # js-ipfs sends Size as a number, Kubo as a string; we only need the hash.
         return parse_cid(answer["Hash"])
 
-    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: TimeoutTypes = 60.0) -> bytes:
-        """Fetch a file's bytes. Stops as soon as `max_size` is passed, or when `timeout` passes."""
+    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: TimeoutTypes = 60.0,
+            sink: Callable[[bytes], object] | None = None) -> bytes:
+        """Fetch a file's bytes. Stops as soon as `max_size` is passed, or when `timeout` passes. With
+        `sink`, each chunk goes to it as it arrives and b"" is returned."""
         cid = parse_cid(cid)
         return self._stream("cat", params={"arg": str(cid)}, max_size=max_size, timeout=timeout,
-                            what=f"cat {cid}")
+                            what=f"cat {cid}", sink=sink)
 
     # -- pins ---------------------------------------------------------------------------------------
 
