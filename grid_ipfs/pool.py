@@ -6,7 +6,8 @@ real protocol: each hosted worker has its own identity (key file), data shard, d
 (spread round-robin over the `--api`s) and subscriptions, signs its own messages and keeps its own
 witness file, so a job owner cannot tell them from separate processes. They share the one Keras
 runtime and take turns at it (`kerasstate.KERAS_LOCK`: one load, fit or evaluate at a time), while
-their fetches, adds and publishes overlap. A researcher can so run 64+ workers on one machine.
+their fetches, adds and publishes overlap; they share one Keras model per model file (`SharedModels`),
+so Keras traces a job's model once, not once per hosted worker. A researcher can so run 64+ workers on one machine.
 
 What a pool does not give: isolation between the hosted workers (they trust each other's code: it is
 one operator's process) and `--isolate` (a child per job per worker would cost what the pool saves).
@@ -29,7 +30,7 @@ from .ipfs.rpc import IPFSClient
 from .runtime import quiet_tensorflow
 from .sources import open_data
 from .vetting import policy_from_args
-from .worker import Worker, add_training_arguments, training_options
+from .worker import SharedModels, Worker, add_training_arguments, training_options
 
 log = logging.getLogger("grid_ipfs.pool")
 
@@ -114,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         trusted = read_id_list(args.trust_clients) if args.trust_clients else None
         for api in args.api:
             IPFSClient(api).wait_ready(timeout=10)
-        workers = []
+        workers, models = [], SharedModels()
         for i, (path, name) in enumerate(zip(args.data, names)):
             data = open_data(path, label_column=args.label_column if Path(path).suffix.lower() == ".csv" else None)
             key = args.key_dir / f"worker-{name}.key"
             workers.append(Worker(IPFSClient(args.api[i % len(args.api)]), Identity.load_or_create(key), data,
                                   name=name, trusted_clients=trusted, witness_dir=key.with_suffix(".witness"),
-                                  policy=policy, **options))
+                                  policy=policy, shared_models=models, **options))
         pool = WorkerPool(workers)
     except (DataError, IPFSError, IdentityError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,9 +20,12 @@ log line and the job is refused; the worker serves on.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,7 +112,8 @@ class Worker(Peer):
                  val_split: float = 0.1, jobs_topic: str = messages.JOBS_TOPIC,
                  trusted_clients: set[str] | None = None, seed: int = 0, isolate: Limits | None = None,
                  isolated_jobs: int = 4, max_epochs: int = MAX_EPOCHS, max_batch_size: int = MAX_BATCH_SIZE,
-                 policy: Policy | None = None, witness_dir: Path | None = None, slowdown: float = 1.0):
+                 policy: Policy | None = None, witness_dir: Path | None = None, slowdown: float = 1.0,
+                 shared_models: SharedModels | None = None):
         super().__init__(client, identity, jobs_topic=jobs_topic, trusted_clients=trusted_clients, policy=policy)
         self.name = name
         self.witness_dir = witness_dir
@@ -130,6 +134,8 @@ class Worker(Peer):
         """For experiments (`--slowdown`): each update takes this many times as long as its training
         did, the rest spent waiting, as on a machine that much slower."""
         self.jobs: dict[str, JoinedJob] = {}
+        self.shared_models = shared_models
+        """Workers hosted in one process (`grid_ipfs.pool`) share one Keras model per model file."""
         self._background = ThreadPoolExecutor(2, thread_name_prefix="round")
         """A round's history check and its fetch of the global weights, at the same time (both wait on
         the network), the check also while we train."""
@@ -396,6 +402,8 @@ class Worker(Peer):
                             f"{len(self.jobs)} joined job(s), over the {MAX_HELD_DATA_BYTES / 2**20:.0f} MiB limit")
 
     def load_model(self, data: bytes, source: str, shard: tuple):
+        if self.isolate is None and self.shared_models is not None:
+            return self.shared_models.get(data, lambda: super(Worker, self).load_model(data, source, shard))
         if self.isolate is None:
             return super().load_model(data, source, shard)
         split = self.split(shard)
@@ -429,6 +437,28 @@ class Worker(Peer):
         self._background.shutdown(wait=False, cancel_futures=True)
         for joined in self.jobs.values():
             _close_model(joined.model)
+
+
+class SharedModels:
+    """Keras models by the hash of their file, for the workers one process hosts (`grid_ipfs.pool`).
+
+    They take turns at Keras (`KERAS_LOCK`) and every evaluate and fit sets its weights and resets the
+    optimizer first, so one model per file serves them all, and Keras traces it once instead of once per
+    worker (64 hosted workers: about 5 minutes of a job's first round). An entry lives as long as a
+    joined job holds its model."""
+
+    def __init__(self) -> None:
+        self._models: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, data: bytes, load: Callable[[], object]) -> object:
+        key = hashlib.sha256(data).digest()
+        with self._lock:  # one load per file, even when several workers join the job at once
+            model = self._models.get(key)
+            if model is None:
+                model = load()
+                self._models[key] = model
+            return model
 
 
 class _RememberedWitness:

@@ -84,3 +84,29 @@ def test_the_pool_stops_on_sigterm_with_one_summary_line(pooled):
     assert pool.wait(60) == 0, grid.pool_log()
     assert f"pool stopped: {WORKERS} workers" in grid.pool_log()
     assert "Traceback" not in grid.pool_log()
+
+
+def test_hosted_workers_share_one_model_per_file_while_a_job_holds_it():
+    """`SharedModels`: one load (and one Keras trace) per model file for all the workers of a pool; a
+    different file is its own model; an entry goes when no joined job holds its model any more."""
+    import gc
+
+    from grid_ipfs.worker import SharedModels
+
+    class Model:  # what a loader returns; only identity and lifetime matter here
+        pass
+
+    shared, loads = SharedModels(), []
+
+    def load():
+        loads.append(Model())
+        return loads[-1]
+
+    first = shared.get(b"model file A", load)
+    assert shared.get(b"model file A", load) is first and len(loads) == 1
+    other = shared.get(b"model file B", load)
+    assert other is not first and len(loads) == 2
+    del first, other
+    loads.clear()
+    gc.collect()
+    assert shared.get(b"model file A", load) is loads[0] and len(loads) == 1  # loaded again: nobody held it
