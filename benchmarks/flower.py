@@ -5,8 +5,9 @@ Flower runs as its deployment-style legacy API needs no extra service: `flwr.ser
 `flwr.client.start_client` processes over gRPC on 127.0.0.1 (`benchmarks.flower_app`). Its Ray-based
 simulation is not used (an extra heavy dependency, and it runs clients as actors, not as processes like
 the grid's workers). `s_per_round` is the mean round time on the server (clients sampled -> new global
-model evaluated); `ratio_grid_over_flower` divides the grid's seconds per round (from `overhead` in the
-same run, or `overhead_cnn` for the CNN; else measured here) by it. Target: ratio <= 1.0 on each task.
+model evaluated). Each repeat runs Flower and then a fresh job on a grid of the same shape (`paired`), and
+`ratio_grid_over_flower` is the median of the per-pair ratios of seconds per round. Target: ratio <= 1.0
+on each task.
 
 Flower lives in its own small environment, `benchmarks/.venv-flwr`, layered over the project's venv
 (a `.pth` file adds `.venv`'s site-packages after its own): installing `flwr` into `.venv` would downgrade
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -152,33 +154,52 @@ def run_flower(python: str, task: overhead.Task, directory: Path, timeout: float
     return {"flwr_version": record["flwr_version"], "round_s": round_s, "acc": rounds[-1]["accuracy"]}
 
 
-def grid_reference(ctx: common.Context, task: overhead.Task, section: str) -> tuple[float, str]:
-    """The grid's seconds per round on this task: from this run's `section` (overhead, overhead_cnn), else
-    measured now on a grid of the same shape."""
-    previous = ctx.previous.get(section)
-    if isinstance(previous, dict) and previous.get("grid_s_per_round") is not None \
-            and previous.get("rounds") == task.rounds:
-        return previous["grid_s_per_round"], f"the {section} benchmark of this run"
-    log(f"flower: no {section} result in this run; measuring the grid on the same task")
-    grid_ctx = common.Context(repeats=ctx.repeats, quick=ctx.quick, workdir=ctx.workdir)
-    grid = overhead.compare(grid_ctx, task, ctx.workdir / f"grid-{task.name}")
-    return grid["grid_s_per_round"], f"measured by this benchmark ({section} was not run)"
+def paired(ctx: common.Context, python: str, task: overhead.Task) -> list[dict]:
+    """Flower and the grid taking turns on `task`, one repeat of each at a time, so that each pair ran
+    under the same conditions: this host's speed drifts by tens of percent within minutes, which
+    measuring all of one and then all of the other would put into the ratio. One grid (daemons and
+    workers started once, idle while Flower runs) serves every repeat, each a fresh job."""
+    from grid_ipfs.localgrid import LocalGrid
+
+    samples = []
+    grid = LocalGrid(ctx.workdir / f"grid-{task.name}", task.shards, nodes=len(task.shards))
+    grid.start()
+    try:
+        for rep in range(ctx.repeats):
+            flwr = run_flower(python, task, ctx.workdir / f"flower-{task.name}-{rep}")
+            job_id = f"bench-flower-{task.name}-{rep}-{secrets.token_hex(3)}"
+            try:
+                ours = overhead.run_grid_job(grid, task, ctx.workdir / "heads", job_id)
+            except BaseException:
+                log(f"{NAME}: grid job failed; worker logs:\n{overhead.worker_logs_tail(grid)}")
+                raise
+            sample = {"s_per_round": statistics.fmean(flwr["round_s"]), "acc": flwr["acc"],
+                      "grid_s_per_round": statistics.fmean(ours["round_s"]), "grid_acc": ours["acc"],
+                      "flwr_version": flwr["flwr_version"]}
+            sample["ratio"] = sample["grid_s_per_round"] / sample["s_per_round"]
+            samples.append(sample)
+            log(f"flower {task.name} repeat {rep + 1}/{ctx.repeats}: Flower {sample['s_per_round']:.3f} s/round "
+                f"(rounds {[round(x, 2) for x in flwr['round_s']]}), grid {sample['grid_s_per_round']:.3f} "
+                f"(rounds {[round(x, 2) for x in ours['round_s']]}): {sample['ratio']:.2f}")
+    finally:
+        grid.stop()
+    return samples
 
 
-def tasks(ctx: common.Context) -> tuple[list[tuple[overhead.Task, str]], str | None]:
-    """(task, the section whose grid figure it reuses) for the digits MLP and, when its data set is
-    installed, the Fashion-MNIST CNN of `overhead_cnn` (same sizes); else why the CNN is not run."""
+def tasks(ctx: common.Context) -> tuple[list[overhead.Task], str | None]:
+    """The digits MLP of `overhead` and, when its data set is installed, the Fashion-MNIST CNN of
+    `overhead_cnn` (same sizes); else why the CNN is not run."""
     from benchmarks import overhead_cnn
     from grid_ipfs.data import DataError
 
-    out = [(overhead.digits_task(ctx.workdir / "task", rounds=overhead.rounds_for(ctx)), "overhead")]
+    out = [overhead.digits_task(ctx.workdir / "task", rounds=overhead.rounds_for(ctx))]
     n_train, n_test, rounds = overhead_cnn.SIZES[ctx.quick]
     try:
         cnn = overhead_cnn.fashion_task(ctx.workdir / "task-cnn", overhead_cnn.fashion_root(), n_train, n_test,
                                         rounds)
     except DataError as exc:
         return out, f"fashion_cnn: {exc}"
-    return [*out, (cnn, "overhead_cnn")], None
+    return [*out, cnn], None
 
 
 def run(ctx: common.Context) -> dict:
@@ -188,19 +209,14 @@ def run(ctx: common.Context) -> dict:
         return {"skipped": f"Flower could not be installed or imported here: {exc}"}
     chosen, not_run = tasks(ctx)
     rows = []
-    for task, section in chosen:
-        samples, version = [], None
-        for rep in range(ctx.repeats):
-            result = run_flower(python, task, ctx.workdir / f"flower-{task.name}-{rep}")
-            version = result["flwr_version"]
-            samples.append({"s_per_round": statistics.fmean(result["round_s"]), "acc": result["acc"]})
-            log(f"flower {task.name} repeat {rep + 1}/{ctx.repeats}: {samples[-1]['s_per_round']:.3f} s/round, "
-                f"acc {result['acc']:.4f}, rounds {[round(x, 2) for x in result['round_s']]}")
-        grid_s, source = grid_reference(ctx, task, section)
-        row = {"flwr_version": version, **common.fold(samples, ["s_per_round", "acc"])}
-        row["ratio_grid_over_flower"] = round(grid_s / row["s_per_round"], 3)
-        row.update(grid_s_per_round=grid_s, grid_source=source, task=task.name, workers=len(task.shards),
-                   rounds=task.rounds, epochs=task.epochs, batch_size=task.batch_size, repeats=ctx.repeats)
+    for task in chosen:
+        samples = paired(ctx, python, task)
+        row = {"flwr_version": samples[-1]["flwr_version"],
+               **common.fold(samples, ["s_per_round", "acc", "grid_s_per_round", "grid_acc", "ratio"])}
+        for suffix in ("", "_min", "_max"):
+            row[f"ratio_grid_over_flower{suffix}"] = row.pop(f"ratio{suffix}")
+        row.update(grid_source="paired", task=task.name, workers=len(task.shards), rounds=task.rounds,
+                   epochs=task.epochs, batch_size=task.batch_size, repeats=ctx.repeats)
         rows.append(row)
     out = {"rows": rows, "transport": "flwr.server.start_server + flwr.client.start_client, gRPC on 127.0.0.1",
            "environment": ctx.info.get("flwr_env")}
@@ -217,15 +233,21 @@ def render(r: dict) -> str:
     body = table(["Flower", "task", "workers", "rounds", "Flower s/round", "Flower acc", "grid s/round",
                   "grid / Flower", f"target <= {TARGET_RATIO:g}"],
                  [[row["flwr_version"], row["task"], row["workers"], row["rounds"],
-                   cell(row, "s_per_round", "{:.3f}"), cell(row, "acc", "{:.4f}"), f"{row['grid_s_per_round']:.3f}",
-                   f"{row['ratio_grid_over_flower']:.2f}", verdict(row["ratio_grid_over_flower"] <= TARGET_RATIO)]
+                   cell(row, "s_per_round", "{:.3f}"), cell(row, "acc", "{:.4f}"),
+                   cell(row, "grid_s_per_round", "{:.3f}"),
+                   cell(row, "ratio_grid_over_flower"), verdict(row["ratio_grid_over_flower"] <= TARGET_RATIO)]
                   for row in rows])
-    sources = "; ".join(f"{row['task']} from {row['grid_source']}" for row in rows)
     not_run = f"\n\nNot run: {r['not_run']}." if r.get("not_run") else ""
+    if all(row.get("grid_source") == "paired" for row in rows):
+        method = ("Each repeat runs Flower and then a fresh grid job (one grid of 3 nodes and 3 worker processes "
+                  "per task), so each pair shares the host's conditions; `grid / Flower` is the median of the "
+                  f"per-pair ratios, over {rows[0]['repeats']} repeat(s).")
+    else:
+        method = ("Grid figures: " + "; ".join(f"{row['task']} from {row['grid_source']}" for row in rows)
+                  + "; the grid/Flower ratio uses the medians.")
     return (f"{body}{not_run}\n\nFlower {rows[0]['flwr_version']} via {r['transport']} ({r['environment']}); "
             f"same model file, shards, seeds, epochs and batch size as the grid, per-round evaluation on each "
-            f"client's validation split and of the global model on the held-out set. Grid figures: {sources}; "
-            f"the grid/Flower ratio uses the medians.")
+            f"client's validation split and of the global model on the held-out set. {method}")
 
 
 if __name__ == "__main__":
