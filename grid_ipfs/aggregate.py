@@ -77,11 +77,11 @@ class RunningFedAvg:
         arrays = [np.asarray(w) for w in weights]
         if self._sums is None:
             self._dtypes = [a.dtype for a in arrays]
-            self._sums = [a.astype(np.float64) * n for a in arrays]
+            self._sums = [_times(a, n) for a in arrays]
         else:
             check_shapes(arrays, self._sums, index=self.count)
             for total, a in zip(self._sums, arrays):
-                total += a.astype(np.float64) * n
+                total += _times(a, n)
         self.count += 1
         self.total_examples += n
 
@@ -94,6 +94,14 @@ class RunningFedAvg:
     def result(self) -> Weights:
         """The weighted mean so far, cast to the first update's dtypes."""
         return cast(self.mean_float64(), self._dtypes)
+
+
+def _times(a: np.ndarray, n: int) -> np.ndarray:
+    """`a.astype(float64) * n`, the same bits, in one float64 copy of `a` instead of two: a model-sized
+    temporary less while an update is added (the owner's memory at the round's busiest moment)."""
+    out = a.astype(np.float64)
+    out *= n
+    return out
 
 
 def fedavg_float64(results: Results) -> list[np.ndarray]:
@@ -476,14 +484,22 @@ def parse_accept(text: str) -> AcceptRule:
 def update_norm(weights: Weights, reference: Weights) -> float:
     """L2 norm of `weights - reference` over all tensors, in float64: how far an update moved the model.
 
-    Used to flag outliers (an update far larger than its peers' is suspect).
+    Used to flag outliers (an update far larger than its peers' is suspect). Taken in slices of
+    `NORM_SLICE` values, so the owner measures each update as it arrives with a fixed 2 MiB of float64
+    temporaries, not three model-sized ones (which made it the owner's peak with many workers).
     """
     arrays = [np.asarray(w) for w in weights]
     check_shapes(arrays, [np.asarray(r) for r in reference], index=None)
     squared = 0.0
     for w, r in zip(arrays, reference):
-        squared += float(np.sum((w.astype(np.float64) - np.asarray(r, dtype=np.float64)) ** 2))
+        w, r = w.reshape(-1), np.asarray(r).reshape(-1)
+        for start in range(0, w.size, NORM_SLICE):
+            delta = np.subtract(w[start:start + NORM_SLICE], r[start:start + NORM_SLICE], dtype=np.float64)
+            squared += float(np.dot(delta, delta))
     return math.sqrt(squared)
+
+
+NORM_SLICE = 1 << 18
 
 
 # -- helpers --------------------------------------------------------------------------------------------

@@ -307,3 +307,15 @@ def test_accept_rule_verdicts():
     acc = parse_accept("improves:val_accuracy")
     assert acc.check({"val_accuracy": 0.8}, {"val_accuracy": 0.7})[0]
     assert not acc.check({"val_accuracy": 0.6}, {"val_accuracy": 0.7})[0]
+
+
+def test_update_norm_over_several_slices_is_the_l2_distance():
+    """update_norm works in NORM_SLICE pieces (bounded temporaries); the distance is the same."""
+    from grid_ipfs.aggregate import NORM_SLICE
+
+    rng = np.random.default_rng(3)
+    weights = [rng.standard_normal((3, NORM_SLICE + 7)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]
+    reference = [rng.standard_normal(w.shape).astype(np.float32) for w in weights]
+    naive = np.sqrt(sum(np.sum((w.astype(np.float64) - r.astype(np.float64)) ** 2) for w, r in zip(weights, reference)))
+    assert np.isclose(update_norm(weights, reference), naive, rtol=1e-12)
+    assert update_norm(weights, weights) == 0.0

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 DEFAULT_API = "/ip4/127.0.0.1/tcp/5001"
 #: A client's timeout unless given: 5 s to connect, 60 s between bytes of an answer, no total.
 DEFAULT_TIMEOUT = Timeout(total=None, connect=5.0, read=60.0, write=60.0, pool=10.0)
-_CHUNK = 1 << 20
 KEEPALIVE_EXPIRY = 2.0
 """Seconds an idle connection to the daemon is kept for reuse. js-ipfs's HTTP server (Node) closes
 idle keep-alive connections after 5 s, which is also httpx's default expiry: a request sent just
@@ -408,7 +407,9 @@ def _read_body(response: httpx.Response, *, what: str, max_size: int | None, lim
     """Pass the body to `sink` chunk by chunk; TooLarge past `max_size`, IPFSTimeout past `limits.total`."""
     deadline = _deadline(limits)
     size = 0
-    for chunk in response.iter_raw(_CHUNK):
+    # chunks as they come off the socket: asking httpx for fixed-size ones makes it gather each in a buffer
+    # and copy it twice more, megabytes per reading thread that glibc then keeps in that thread's arena
+    for chunk in response.iter_raw():
         size += len(chunk)
         if max_size is not None and size > max_size:
             raise TooLarge(what, max_size)
