@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -300,3 +301,74 @@ def render_safely(render: Callable[[object], str], result: object) -> str:
         return render(result)
     except Exception as exc:  # a rendering bug must not lose the numbers
         return f"(could not render: {type(exc).__name__}: {exc})\n\n```json\n{json.dumps(result, indent=1)}\n```"
+
+
+# -- CPU accounting ----------------------------------------------------------------------------------------
+
+
+class CpuSampler:
+    """CPU seconds of groups of processes, polled on a thread, so that what each group spent between two
+    instants can be read afterwards. Instants are `time.perf_counter()` values, which on Linux is
+    CLOCK_MONOTONIC, the same clock in every process: a child's own round timestamps can be used.
+
+    Why: on one machine, everything a round costs competes for the same cores, so seconds per round
+    hide who spent them; CPU seconds per round by process kind (workers, daemons, owner) say it."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.groups: dict[str, set[int]] = {}
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, group: str, pid: int) -> None:
+        self.groups.setdefault(group, set()).add(pid)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread = threading.Thread(target=self._poll, name="cpu-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self.sample()))
+            self._stop.wait(self.interval)
+
+    def sample(self) -> dict[str, float]:
+        """CPU seconds (user + system) of each group now; a process gone keeps its last reading."""
+        out = {}
+        for group, pids in list(self.groups.items()):
+            total = 0.0
+            for pid in list(pids):
+                seconds = process_cpu_seconds(pid)
+                if seconds is not None:
+                    self._last[pid] = seconds
+                total += self._last.get(pid, 0.0)
+            out[group] = total
+        return out
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds each group spent from `start` to `end` (perf_counter), from the nearest samples."""
+        if not self.samples:
+            return {}
+        first = min(self.samples, key=lambda s: abs(s[0] - start))[1]
+        last = min(self.samples, key=lambda s: abs(s[0] - end))[1]
+        return {group: last.get(group, 0.0) - first.get(group, 0.0) for group in last}
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of `pid` (all its threads) from /proc, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS

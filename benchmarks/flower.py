@@ -101,8 +101,10 @@ def _tail(path: Path, n: int = 20) -> str:
         return ""
 
 
-def run_flower(python: str, task: overhead.Task, directory: Path, timeout: float = 1200.0) -> dict:
-    """One Flower run of the task: server + one client process per shard. Stopped by PID in all cases."""
+def run_flower(python: str, task: overhead.Task, directory: Path, timeout: float = 1200.0,
+               cpu: common.CpuSampler | None = None) -> dict:
+    """One Flower run of the task: server + one client process per shard. Stopped by PID in all cases.
+    With `cpu`, its processes are watched as "server" and "clients"."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     out = directory / "server.json"
@@ -120,6 +122,8 @@ def run_flower(python: str, task: overhead.Task, directory: Path, timeout: float
                  "--out", str(out)], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 cwd=common.REPO)
         procs.append(server)
+        if cpu is not None:
+            cpu.watch("server", server.pid)
         _wait_port(port, server, timeout=180)
         for i, shard in enumerate(task.shards):
             client_log = directory / f"client{i}.log"
@@ -130,6 +134,8 @@ def run_flower(python: str, task: overhead.Task, directory: Path, timeout: float
                      str(task.model_path), "--shard", str(shard), "--val-split", str(overhead.VAL_SPLIT),
                      "--seed", str(overhead.WORKER_SEED)], stdout=f, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, env=env, cwd=common.REPO))
+            if cpu is not None:
+                cpu.watch("clients", procs[-1].pid)
         try:
             server.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -151,7 +157,8 @@ def run_flower(python: str, task: overhead.Task, directory: Path, timeout: float
     round_s = [r["end"] - r["start"] for r in rounds]
     if len(round_s) != task.rounds:
         raise RuntimeError(f"Flower ran {len(round_s)} of {task.rounds} rounds")
-    return {"flwr_version": record["flwr_version"], "round_s": round_s, "acc": rounds[-1]["accuracy"]}
+    return {"flwr_version": record["flwr_version"], "round_s": round_s, "acc": rounds[-1]["accuracy"],
+            "later_rounds": (rounds[1]["start"], rounds[-1]["end"]) if len(rounds) > 1 else None}
 
 
 def paired(ctx: common.Context, python: str, task: overhead.Task) -> list[dict]:
@@ -166,16 +173,26 @@ def paired(ctx: common.Context, python: str, task: overhead.Task) -> list[dict]:
     grid.start()
     try:
         for rep in range(ctx.repeats):
-            flwr = run_flower(python, task, ctx.workdir / f"flower-{task.name}-{rep}")
+            with common.CpuSampler() as flwr_cpu:
+                flwr = run_flower(python, task, ctx.workdir / f"flower-{task.name}-{rep}", cpu=flwr_cpu)
             job_id = f"bench-flower-{task.name}-{rep}-{secrets.token_hex(3)}"
+            rounds_end = round_ends()
             try:
-                ours = overhead.run_grid_job(grid, task, ctx.workdir / "heads", job_id)
+                with common.CpuSampler() as grid_cpu:
+                    for node in grid.devnet.nodes:
+                        grid_cpu.watch("daemons", node.pid)
+                    for proc in grid.workers:
+                        grid_cpu.watch("workers", proc.pid)
+                    grid_cpu.watch("owner", os.getpid())
+                    ours = overhead.run_grid_job(grid, task, ctx.workdir / "heads", job_id, callbacks=[rounds_end])
             except BaseException:
                 log(f"{NAME}: grid job failed; worker logs:\n{overhead.worker_logs_tail(grid)}")
                 raise
             sample = {"s_per_round": statistics.fmean(flwr["round_s"]), "acc": flwr["acc"],
                       "grid_s_per_round": statistics.fmean(ours["round_s"]), "grid_acc": ours["acc"],
-                      "flwr_version": flwr["flwr_version"]}
+                      "flwr_version": flwr["flwr_version"],
+                      **cpu_per_round("flower_cpu", flwr_cpu, flwr["later_rounds"], task.rounds - 1),
+                      **cpu_per_round("grid_cpu", grid_cpu, rounds_end.later_rounds(), task.rounds - 1)}
             sample["ratio"] = sample["grid_s_per_round"] / sample["s_per_round"]
             samples.append(sample)
             log(f"flower {task.name} repeat {rep + 1}/{ctx.repeats}: Flower {sample['s_per_round']:.3f} s/round "
@@ -184,6 +201,32 @@ def paired(ctx: common.Context, python: str, task: overhead.Task) -> list[dict]:
     finally:
         grid.stop()
     return samples
+
+
+def round_ends():
+    """A client callback noting when each round ends (perf_counter), for `CpuSampler.between`; its
+    `later_rounds()` spans rounds 2.. (past Keras' first traces)."""
+    from grid_ipfs.client import ClientCallback
+
+    class RoundEnds(ClientCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_round_end(self, result) -> None:
+            self.ends.append(time.perf_counter())
+
+        def later_rounds(self) -> tuple[float, float] | None:
+            return (self.ends[0], self.ends[-1]) if len(self.ends) > 1 else None
+
+    return RoundEnds()
+
+
+def cpu_per_round(prefix: str, cpu: common.CpuSampler, window: tuple[float, float] | None, rounds: int) -> dict:
+    """`{prefix_GROUP: CPU s per round, prefix: their sum}` over `window` (rounds 2..); {} without one."""
+    if window is None or rounds < 1:
+        return {}
+    spent = {f"{prefix}_{group}": seconds / rounds for group, seconds in cpu.between(*window).items()}
+    return {**spent, prefix: sum(spent.values())}
 
 
 def tasks(ctx: common.Context) -> tuple[list[overhead.Task], str | None]:
@@ -202,6 +245,10 @@ def tasks(ctx: common.Context) -> tuple[list[overhead.Task], str | None]:
     return [*out, cnn], None
 
 
+CPU_KEYS = ["flower_cpu", "flower_cpu_clients", "flower_cpu_server",
+            "grid_cpu", "grid_cpu_workers", "grid_cpu_owner", "grid_cpu_daemons"]
+
+
 def run(ctx: common.Context) -> dict:
     try:
         python = flwr_python(ctx.info)
@@ -212,7 +259,8 @@ def run(ctx: common.Context) -> dict:
     for task in chosen:
         samples = paired(ctx, python, task)
         row = {"flwr_version": samples[-1]["flwr_version"],
-               **common.fold(samples, ["s_per_round", "acc", "grid_s_per_round", "grid_acc", "ratio"])}
+               **common.fold(samples, ["s_per_round", "acc", "grid_s_per_round", "grid_acc", "ratio",
+                                       *CPU_KEYS])}
         for suffix in ("", "_min", "_max"):
             row[f"ratio_grid_over_flower{suffix}"] = row.pop(f"ratio{suffix}")
         row.update(grid_source="paired", task=task.name, workers=len(task.shards), rounds=task.rounds,
@@ -245,9 +293,17 @@ def render(r: dict) -> str:
     else:
         method = ("Grid figures: " + "; ".join(f"{row['task']} from {row['grid_source']}" for row in rows)
                   + "; the grid/Flower ratio uses the medians.")
+    cpu = ""
+    if any(row.get("grid_cpu") is not None for row in rows):
+        cpu = "\n\n" + table(
+            ["task", "Flower CPU s/round", "clients", "server", "grid CPU s/round", "workers", "owner", "daemons"],
+            [[row["task"], *(cell(row, key) for key in CPU_KEYS)] for row in rows]) + (
+            "\n\nCPU seconds (user + system, from /proc) of every process of each side per round, over rounds "
+            "2.., median (min–max) over the repeats. All of them share this machine's cores, so a round takes at "
+            "least its CPU seconds over the number of cores.")
     return (f"{body}{not_run}\n\nFlower {rows[0]['flwr_version']} via {r['transport']} ({r['environment']}); "
             f"same model file, shards, seeds, epochs and batch size as the grid, per-round evaluation on each "
-            f"client's validation split and of the global model on the held-out set. {method}")
+            f"client's validation split and of the global model on the held-out set. {method}{cpu}")
 
 
 if __name__ == "__main__":
