@@ -402,10 +402,10 @@ class Worker(Peer):
                             f"{len(self.jobs)} joined job(s), over the {MAX_HELD_DATA_BYTES / 2**20:.0f} MiB limit")
 
     def load_model(self, data: bytes, source: str, shard: tuple):
-        if self.isolate is None and self.shared_models is not None:
-            return self.shared_models.get(data, lambda: super(Worker, self).load_model(data, source, shard))
         if self.isolate is None:
-            return super().load_model(data, source, shard)
+            if self.shared_models is None:
+                return super().load_model(data, source, shard)
+            return self.shared_models.get(data, lambda: super(Worker, self).load_model(data, source, shard))
         split = self.split(shard)
         return IsolatedModel(data, source=source, x_train=split.x_train, y_train=split.y_train, x_val=split.x_val,
                              y_val=split.y_val, limits=self.isolate, load_kwargs=self.model_options)

@@ -29,7 +29,7 @@ from ..ipfs import IPFSError, cid_str, parse_cid, same_cid
 from ..payloads import PayloadError, fetch_weights
 from ..strategies import Aggregate, RoundContext, StrategyError, streams
 from ..strategies.fedbuff import AsyncConfig, rebase, server_step, too_stale
-from .collect import FETCH_THREADS, FETCH_TIMEOUT, Collected, Stream, inflated, prefetch, screen_outliers
+from .collect import FETCH_THREADS, FETCH_TIMEOUT, Collected, Stream, inflated, screen_outliers, start_prefetch
 from .inbox import Inbox
 from .job import JobFailed
 from .state import JobRun
@@ -208,9 +208,7 @@ def _fill(client, inbox: Inbox, round_msg: messages.Round, collected: dict[str, 
                     refused.setdefault(sender, reason)
                     inbox.reject(r, sender, reason)
                     continue
-                future = pool.submit(prefetch, client.ipfs, update, data)
-                pending[future] = (update, sender, data, base)
-                future.add_done_callback(inbox.wake)  # settled as soon as it lands
+                pending[start_prefetch(pool, inbox, client.ipfs, update, data)] = (update, sender, data, base)
             for future in [f for f in pending if f.done()]:
                 settle(future)
         wait(list(pending))

@@ -157,6 +157,13 @@ def prefetch(ipfs, update: messages.Update, message: bytes) -> bool:
     return True
 
 
+def start_prefetch(pool: ThreadPoolExecutor, inbox: Inbox, ipfs, update: messages.Update, message: bytes) -> Future:
+    """`prefetch` on one of `pool`'s threads; when it ends, the inbox's drain is woken to settle it."""
+    future = pool.submit(prefetch, ipfs, update, message)
+    future.add_done_callback(inbox.wake)
+    return future
+
+
 def _drop(chunk: bytes) -> None:
     """A `cat` sink that keeps nothing."""
 
@@ -205,9 +212,7 @@ def collect(ipfs, inbox: Inbox, round_msg: messages.Round, expected: set[str], c
                         refused.setdefault(sender, reason)
                     inbox.reject(round_msg.round, sender, reason)
                     continue
-                future = pool.submit(prefetch, ipfs, update, data)
-                pending[future] = (update, sender, data)
-                future.add_done_callback(inbox.wake)  # settled as soon as it lands
+                pending[start_prefetch(pool, inbox, ipfs, update, data)] = (update, sender, data)
             for future in [f for f in pending if f.done()]:
                 settle(future)
         wait(list(pending))  # arrived before the deadline: each fetch finishes within its own timeout
