@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -136,16 +137,18 @@ def test_help_exits_zero():
     assert result.returncode == 0 and "up" in result.stdout and "down" in result.stdout
 
 
-def test_js_ipfs_daemons_run_with_nagle_off(make_devnet):
-    """js-ipfs daemons preload nodelay.cjs (TCP_NODELAY, Go's default and so Kubo's): without it each
-    remote block waits ~0.27 s on delayed ACKs. The preload must be in the running daemon's environment
-    and must load in Node without error."""
+def test_js_ipfs_daemons_run_with_their_preloads(make_devnet):
+    """js-ipfs daemons preload nodelay.cjs (TCP_NODELAY, Go's default and so Kubo's: without it each
+    remote block waits ~0.27 s on delayed ACKs) and native_aead.cjs (Noise's cipher in OpenSSL). Both
+    must be in the running daemon's environment and must load in Node without error."""
     net = make_devnet(1)
     if net.daemon.kind != "js-ipfs":
         pytest.fail(f"this test is about js-ipfs; the devnet runs {net.daemon.kind}")
     environ = open(f"/proc/{net.nodes[0].pid}/environ", "rb").read().split(b"\0")
     options = [e for e in environ if e.startswith(b"NODE_OPTIONS=")]
-    assert options and str(devnet_module.NODELAY_PRELOAD).encode() in options[0]
+    assert options
+    for preload in devnet_module.JSIPFS_PRELOADS:
+        assert str(preload).encode() in options[0]
     loaded = subprocess.run(["node", "--require", str(devnet_module.NODELAY_PRELOAD), "-e",
                              "const s = require('net').createServer(); s.emit('connection', "
                              "new (require('net').Socket)()); console.log('ok')"],
@@ -153,10 +156,55 @@ def test_js_ipfs_daemons_run_with_nagle_off(make_devnet):
     assert loaded.returncode == 0 and loaded.stdout.strip() == "ok", loaded.stderr
 
 
+AEAD_CHECK = r"""
+const crypto = require('crypto')
+const { ChaCha20Poly1305 } = require(process.argv[1])
+const stablelib = { seal: ChaCha20Poly1305.prototype.seal, open: ChaCha20Poly1305.prototype.open }
+require(process.argv[2])
+if (!ChaCha20Poly1305.prototype.seal.native || !ChaCha20Poly1305.prototype.open.native) throw new Error('not patched')
+const same = (a, b) => a !== null && b !== null && Buffer.compare(Buffer.from(a), Buffer.from(b)) === 0
+let checked = 0
+for (const length of [0, 1, 15, 16, 17, 64, 65, 1000, 65519]) for (const adLength of [0, 1, 16, 32, 33]) {
+  const aead = new ChaCha20Poly1305(crypto.randomBytes(32))
+  const nonce = crypto.randomBytes(12)
+  const plain = new Uint8Array(crypto.randomBytes(length)), ad = new Uint8Array(crypto.randomBytes(adLength))
+  const sealed = aead.seal(nonce, plain, ad)
+  if (!same(sealed, stablelib.seal.call(aead, nonce, plain, ad))) throw new Error(`seal ${length}/${adLength}`)
+  if (!same(aead.open(nonce, sealed, ad), plain)) throw new Error(`open ${length}/${adLength}`)
+  const inPlace = new Uint8Array(sealed)  // libp2p-noise decrypts into the ciphertext's own buffer
+  if (!same(aead.open(nonce, inPlace, ad, inPlace.subarray(0, length)), plain)) throw new Error('in place')
+  const forged = new Uint8Array(sealed); forged[forged.length - 1] ^= 1
+  const before = new Uint8Array(forged)
+  if (aead.open(nonce, forged, ad, forged.subarray(0, length)) !== null) throw new Error('forgery opened')
+  if (!same(forged, before)) throw new Error('dst written on a forgery')
+  if (aead.open(nonce, sealed, crypto.randomBytes(adLength + 1)) !== null) throw new Error('wrong ad opened')
+  if (aead.open(nonce, sealed.subarray(0, 15), ad) !== null) throw new Error('short input opened')
+  const odd = crypto.randomBytes(8)  // not a 12-byte nonce: stablelib's own code
+  if (!same(aead.seal(odd, plain, ad), stablelib.seal.call(aead, odd, plain, ad))) throw new Error('fallback')
+  checked++
+}
+console.log(checked)
+"""
+
+
+def test_native_aead_matches_stablelib_byte_for_byte():
+    """The preload swaps libp2p-noise's ChaCha20-Poly1305 for OpenSSL's. On the wire nothing may change:
+    the same ciphertext and tag as stablelib for every length and associated data, and a forged or
+    truncated message refused without touching the caller's buffer."""
+    stablelib = Path(devnet_module.__file__).resolve().parents[2] / "node_modules/@stablelib/chacha20poly1305"
+    if not stablelib.is_dir():
+        pytest.fail(f"{stablelib} is missing: run `make setup`")
+    result = subprocess.run(["node", "-e", AEAD_CHECK, str(stablelib), str(devnet_module.NATIVE_AEAD_PRELOAD)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "45"
+
+
 def test_the_preload_keeps_the_callers_node_options(monkeypatch):
     monkeypatch.setenv("NODE_OPTIONS", "--max-old-space-size=2048")
     js = devnet_module.Daemon("js-ipfs", "jsipfs").environment()["NODE_OPTIONS"]
-    assert js.startswith("--max-old-space-size=2048 ") and str(devnet_module.NODELAY_PRELOAD) in js
+    assert js.startswith("--max-old-space-size=2048 ")
+    assert all(js.count(str(preload)) == 1 for preload in devnet_module.JSIPFS_PRELOADS)
     monkeypatch.setenv("NODE_OPTIONS", js)
     assert devnet_module.Daemon("js-ipfs", "jsipfs").environment()["NODE_OPTIONS"] == js  # not twice
     assert devnet_module.Daemon("kubo", "ipfs").environment() == {}
