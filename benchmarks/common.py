@@ -146,27 +146,30 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 class Finished:
     returncode: int
     seconds: float
-    peak_rss_mb: float
-    """The child's own peak resident set (ru_maxrss from wait4), not its children's."""
 
 
-def wait_with_rusage(proc: subprocess.Popen, timeout: float) -> Finished:
-    """Wait for `proc` with `os.wait4`, which returns that child's own resource usage (peak RSS).
+def wait_for_exit(proc: subprocess.Popen, timeout: float) -> Finished:
+    """Wait for `proc`; on timeout it is killed and TimeoutError raised.
 
-    `resource.getrusage(RUSAGE_CHILDREN)` would mix in every other child reaped so far (workers,
-    daemons); wait4 is per PID. On timeout the process is killed and TimeoutError raised.
+    Not for memory: the kernel's ru_maxrss of an exec'd child (`os.wait4`) starts at its parent's
+    high-water mark, which Linux carries over exec, so it reported this runner's ~0.8 GB as the owner's
+    peak. A child measures its own with `peak_rss_mb()` before it exits.
     """
     started = time.monotonic()
-    deadline = started + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return Finished(proc.returncode, time.monotonic() - started, usage.ru_maxrss / 1024.0)
-        if time.monotonic() > deadline:
-            stop_process(proc, timeout=10)
-            raise TimeoutError(f"{proc.args[:4]}... still running after {timeout:.0f}s (killed)")
-        time.sleep(0.05)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        stop_process(proc, timeout=10)
+        raise TimeoutError(f"{proc.args[:4]}... still running after {timeout:.0f}s (killed)") from None
+    return Finished(proc.returncode, time.monotonic() - started)
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """A live process's own peak resident set in MB (VmHWM: this program's, from its exec on)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"/proc/{pid}/status has no VmHWM")
 
 
 def _proc_mentions(pid: int, needle: bytes) -> bool:

@@ -5,7 +5,8 @@
 * `client`: the client CLI's `main(ARGS)` with the client's aggregation (`strategies.run` as
   `grid_ipfs.client.core` calls it) and `IPFSClient.cat` timed
   (thin wrappers: a few bytes of memory, no change to what the client does); writes `F.json`
-  `{"aggregate_s": [...], "cat_s": [...]}`, plus a profile like the worker's with `--profile`.
+  `{"aggregate_s": [...], "cat_s": [...], "peak_rss_mb": ...}` (the process's own peak resident set,
+  read as it ends), plus a profile like the worker's with `--profile`.
 
 Both exit with the CLI's exit code, and leave the CLI's stdout (`--json`) untouched.
 """
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import common  # noqa: F401  (environment: TF quiet, PYTHONPATH)
+from benchmarks import common  # also sets the environment: TF quiet, PYTHONPATH
 
 
 def _profiled(main, argv: list[str], out: Path, steps) -> int:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                              profiling.CLIENT_STEPS)
         return client_main(cli_args)
     finally:
-        args.out.with_suffix(".json").write_text(json.dumps(timings))
+        args.out.with_suffix(".json").write_text(json.dumps({**timings, "peak_rss_mb": common.peak_rss_mb()}))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ the owner's memory are visible next to the ~0.5 GB a TensorFlow process starts w
 
 The client runs as its real CLI in a subprocess, `python -m grid_ipfs.client submit ... --json`, through
 `benchmarks.probe client` (the same `main`, with `aggregate` and `IPFSClient.cat` timed); its peak RSS
-is the kernel's ru_maxrss for that PID from `os.wait4`. `s_per_round` is the mean of the rounds' own
-seconds (joining excluded), `fetch_s` the client's time in `IPFSClient.cat` per round, summed over its
-threads (its daemon fetching each update from the network on a fetch thread, then the client reading
+is its own VmHWM, read by the probe as the client ends. (Until 2026-12-07 it was ru_maxrss from
+`os.wait4`, which Linux starts at the parent's high-water mark: it measured this runner, not the owner.)
+`s_per_round` is the mean of the rounds' own seconds (joining excluded), `fetch_s` the client's time
+in `IPFSClient.cat` per round, summed over its threads (its daemon fetching each update from the network on a fetch thread, then the client reading
 it back from its daemon to add it), `critical_s` the mean of the blocks' `critical_path_s` (the slowest
 worker's own compute, not counting its wait for the pool's shared Keras runtime) and `coordination`
 the rest of the round as a share of it. FedAvg streams: each update is added to the running mean as it
@@ -112,7 +113,7 @@ def run_client(grid, directory: Path, model_path: Path, n: int, rounds: int) -> 
         proc = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=common.child_env(),
                                 cwd=common.REPO)
     try:
-        finished = common.wait_with_rusage(proc, timeout=600 + 600 * rounds)
+        finished = common.wait_for_exit(proc, timeout=600 + 600 * rounds)
     finally:
         common.stop_process(proc)
     if finished.returncode != 0:
@@ -127,7 +128,7 @@ def run_client(grid, directory: Path, model_path: Path, n: int, rounds: int) -> 
     return {"s_per_round": statistics.fmean(round_s), "round_s": [round(x, 2) for x in round_s],
             "first_round_s": round_s[0], "later_round_s": statistics.median(round_s[1:]) if len(round_s) > 1 else None,
             "aggregate_s": statistics.fmean(timings["aggregate_s"]) if timings["aggregate_s"] else None,
-            "fetch_s": sum(timings["cat_s"]) / len(round_s), "client_peak_rss_mb": finished.peak_rss_mb,
+            "fetch_s": sum(timings["cat_s"]) / len(round_s), "client_peak_rss_mb": timings["peak_rss_mb"],
             "critical_s": statistics.fmean(critical),
             "coordination": statistics.fmean(1 - c / s for c, s in zip(critical, round_s))}
 
@@ -158,7 +159,7 @@ def render(rows: list[dict]) -> str:
             f"(announcing, fetching, aggregating, and here also the hosted workers' turns at the one Keras "
             f"runtime, which separate machines would not queue for). `fetch updates` is the client's time in "
             f"`IPFSClient.cat` per round, summed over its 4 fetch threads (so it can exceed s/round). Peak RSS "
-            f"is the client process's ru_maxrss (`os.wait4`); FedAvg adds each update to its running mean as "
+            f"is the client process's own high-water mark (VmHWM, read as it ends); FedAvg adds each update to its running mean as "
             f"it arrives (`client.collect.Stream`), so what the owner holds does not grow with the workers.")
 
 

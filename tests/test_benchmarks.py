@@ -141,6 +141,28 @@ def test_scale_reports_the_owner_s_memory_growth_in_model_copies():
     assert "**missed**" in scale.render(rows)
 
 
+def test_a_child_s_peak_memory_is_its_own_not_its_parent_s():
+    """The scale benchmark's owner RSS: Linux starts an exec'd child's ru_maxrss (what `os.wait4`
+    returns) at its parent's high-water mark, so it reported the benchmark runner's size as the owner's.
+    The child's VmHWM, which `benchmarks.probe` records, is its own."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks import common
+
+    ballast = bytearray(400 * 1024 * 1024)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touched: resident in this process
+    assert common.peak_rss_mb() > 400
+    script = "from benchmarks import common; print(common.peak_rss_mb())"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=common.REPO)
+    own = float(proc.stdout.read())
+    _, _, usage = os.wait4(proc.pid, 0)
+    del ballast
+    assert own < 300, own  # a Python that imported the benchmarks' common module, not 400 MB
+    assert usage.ru_maxrss / 1024 > 400  # what the benchmark used to report for it
+
+
 def test_flower_judges_each_task_and_still_renders_a_result_from_before_the_cnn():
     from benchmarks import flower
     from benchmarks.run import _targets
