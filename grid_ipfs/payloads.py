@@ -27,6 +27,7 @@ the weights/JSON paths (the client's aggregation, chain verification) never need
 from __future__ import annotations
 
 import json
+import math
 import struct
 import tempfile
 import warnings
@@ -233,27 +234,33 @@ def fetch_weights(store, cid, *, like: list[np.ndarray] | None = None, source: s
     """The weights file `cid` from `store` (an `IPFSClient`, or anything with its `cat`), fetched with
     the weights size limit and parsed by `weights_from_bytes` (checked against `like`; a compressed
     update is decoded against `base`). The one way a role reads weights by CID; pass `timeout=` to bound
-    the fetch (default: the store's own)."""
-    # the bytes go straight in, so the parse can drop them once it has its own copy of the tensors
-    return weights_from_bytes(store.cat(cid, max_size=MAX_WEIGHTS_BYTES, **timeout),
-                              source=source or f"weights {cid}", like=like, base=base)
+    the fetch (default: the store's own).
+
+    The file is read into one buffer that the tensors then point into: one copy of an update in memory,
+    where a list of chunks, their join and parsed copies made two or three."""
+    buffer = bytearray()
+    store.cat(cid, max_size=MAX_WEIGHTS_BYTES, sink=buffer.extend, **timeout)
+    return weights_from_bytes(buffer, source=source or f"weights {cid}", like=like, base=base)
 
 
-def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int = MAX_WEIGHTS_BYTES,
+def weights_from_bytes(data: bytes | bytearray, *, source: str = "weights", max_bytes: int = MAX_WEIGHTS_BYTES,
                        like: list[np.ndarray] | None = None, base: list[np.ndarray] | None = None
                        ) -> list[np.ndarray]:
     """Parse safetensors bytes written by `weights_to_bytes` (or a compressed update of `update_to_bytes`,
-    decoded against `base`) into a list of writable arrays.
+    decoded against `base`) into a list of writable arrays. From a `bytearray` the arrays are views into
+    it, with no copy (the caller hands the buffer over); from `bytes` they are copies.
 
-    Checks, in order: size, safetensors structure, our format metadata, keys exactly `w0000..w{n-1}`, and
-    (with `like`, typically `model.get_weights()`) the same count, shapes and dtypes. Finally every value
-    must be finite: one NaN from a diverged or malicious worker would poison a whole aggregate.
+    Checks, in order: size, safetensors structure (`_tensor_views`), our format metadata, keys exactly
+    `w0000..w{n-1}`, and (with `like`, typically `model.get_weights()`) the same count, shapes and
+    dtypes. Finally every value must be finite: one NaN from a diverged or malicious worker would poison
+    a whole aggregate.
     """
     _check_size(data, max_bytes, source, "a safetensors weights file")
     if bytes(data[:len(DEFLATE_MAGIC)]) == DEFLATE_MAGIC:
         data = _inflate(data, source, like)
     expected = "expected a safetensors weights file"
-    metadata = _safetensors_metadata(data, source)
+    header, start = _safetensors_header(data, source)
+    metadata = _metadata(header)
     if metadata.get("format") == DELTA_FORMAT:
         weights = _decode_delta(data, metadata, base, source)
         if like is not None:
@@ -263,14 +270,7 @@ def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int =
         raise PayloadError(source, f"{expected} with metadata format {WEIGHTS_FORMAT!r}, got "
                                    f"{metadata.get('format')!r}")
 
-    from safetensors.numpy import load
-
-    try:
-        tensors = load(data if isinstance(data, bytes) else bytes(data))
-    except Exception as exc:  # safetensors raises its own SafetensorError and others
-        raise PayloadError(source, f"{expected} ({type(exc).__name__}: {_shorten(str(exc))})") from exc
-    del data  # the file is in `tensors` now: at most two copies of an update at any time, not three
-
+    tensors = _tensor_views(data, header, start, source)
     count = len(tensors)
     keys = [weight_key(i) for i in range(count)]
     if set(tensors) != set(keys):  # as sets: the index gives the order (`w10000` sorts before `w1001`)
@@ -280,11 +280,67 @@ def weights_from_bytes(data: bytes, *, source: str = "weights", max_bytes: int =
     if metadata.get("count") != str(count):
         raise PayloadError(source, f"{expected}: metadata says {metadata.get('count')!r} tensors, "
                                    f"the file holds {count}")
-    weights = [np.array(tensors.pop(key), copy=True) for key in keys]  # each view's bytes freed as it is copied
+    copy = not isinstance(data, bytearray)  # views of immutable bytes are read-only
+    weights = [np.array(tensors[key], copy=True) if copy else tensors[key] for key in keys]
 
     if like is not None:
         _check_like(weights, like, source)
     return _finite(weights, source)
+
+
+SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I8": "i1", "I16": "<i2", "I32": "<i4",
+                      "I64": "<i8", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?"}
+"""The safetensors dtypes NumPy holds natively (little-endian, as the format stores them)."""
+MAX_DIMS = 32
+MAX_DIM = 1 << 40
+
+
+def _tensor_views(data: bytes | bytearray, header: dict, start: int, source: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file as NumPy views into `data`, after the checks the format's own
+    loader makes: each entry names a known dtype, a shape of at most `MAX_DIMS` non-negative ints, and
+    data offsets whose span is exactly shape x itemsize; sorted by offset, the spans tile the data
+    section from its first byte to the file's last, with no gap and no overlap. (`safetensors.numpy.load`
+    copies every tensor: on the owner's path that was a second model copy per update.)"""
+    expected = "expected a safetensors weights file"
+    body = len(data) - start
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise PayloadError(source, f"{expected} (tensor {_shorten(name, 40)!r}: an entry needs exactly "
+                                       f"dtype, shape and data_offsets)")
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        shape, offsets = info["shape"], info["data_offsets"]
+        if dtype is None:
+            raise PayloadError(source, f"{expected} (tensor {_shorten(name, 40)!r}: dtype "
+                                       f"{_shorten(repr(info['dtype']), 20)} is not one of "
+                                       f"{', '.join(SAFETENSORS_DTYPES)})")
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
+            raise PayloadError(source, f"{expected} (tensor {_shorten(name, 40)!r}: shape must be at most "
+                                       f"{MAX_DIMS} ints from 0 to 2^40)")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= body):
+            raise PayloadError(source, f"{expected} (tensor {_shorten(name, 40)!r}: data_offsets must be "
+                                       f"[begin, end] within the {body} data bytes)")
+        itemsize = np.dtype(dtype).itemsize
+        if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+            raise PayloadError(source, f"{expected} (tensor {_shorten(name, 40)!r}: {offsets[1] - offsets[0]} "
+                                       f"bytes for shape {shape} of {info['dtype']})")
+        spans.append((offsets[0], offsets[1], name, dtype, shape))
+    spans.sort()
+    position = 0
+    for begin, end, name, _, _ in spans:
+        if begin != position:
+            raise PayloadError(source, f"{expected} (tensor {_shorten(name, 40)!r} starts at {begin}, not at "
+                                       f"{position}: tensors overlap or leave a gap)")
+        position = end
+    if position != body:
+        raise PayloadError(source, f"{expected} ({body - position} bytes after the last tensor)")
+    return {name: np.frombuffer(data, dtype, count=(end - begin) // np.dtype(dtype).itemsize,
+                                offset=start + begin).reshape(shape)
+            for begin, end, name, dtype, shape in spans}
 
 
 def _finite(weights: list[np.ndarray], source: str) -> list[np.ndarray]:
@@ -418,9 +474,19 @@ def _decode_delta(data: bytes, metadata: dict, base: list[np.ndarray] | None, so
 
 
 def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
-    """Read the `__metadata__` of a safetensors header (the numpy loader drops it).
+    """Read the `__metadata__` of a safetensors header (the numpy loader drops it)."""
+    return _metadata(_safetensors_header(data, source)[0])
 
-    The layout is an 8-byte little-endian header length, then that many bytes of JSON.
+
+def _metadata(header: dict) -> dict:
+    metadata = header.get("__metadata__") or {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _safetensors_header(data: bytes | bytearray, source: str) -> tuple[dict, int]:
+    """A safetensors file's header, parsed, and where its data section starts.
+
+    The layout is an 8-byte little-endian header length, then that many bytes of JSON (an object).
     """
     expected = "expected a safetensors weights file"
     if len(data) < 8:
@@ -440,8 +506,7 @@ def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
     tensors = len(header) - ("__metadata__" in header)
     if tensors > MAX_TENSORS:
         raise PayloadError(source, f"{expected} (it declares {tensors} tensors, more than {MAX_TENSORS})")
-    metadata = header.get("__metadata__") or {}
-    return metadata if isinstance(metadata, dict) else {}
+    return header, 8 + header_len
 
 
 def _check_like(weights: list[np.ndarray], like: list[np.ndarray], source: str) -> None:

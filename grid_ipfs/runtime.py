@@ -2,12 +2,13 @@
 
 The CLIs (`python -m grid_ipfs.worker`, `.pool`, `.chain`, `.demo`) call `quiet_tensorflow()` first
 thing; the owner's (`.client`, `.miner`) call `prepare_owner_process()`, which also tunes the
-allocator. A program that uses grid_ipfs as a library decides for itself (e.g. by exporting the
+allocator and the garbage collector. A program that uses grid_ipfs as a library decides for itself (e.g. by exporting the
 variables before it starts).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import MutableMapping
@@ -57,7 +58,37 @@ def return_large_frees() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
+_cycles = {"collect": False, "frozen": False}
+
+
+def collect_cycles_between_rounds() -> None:
+    """Have `between_rounds()` collect reference cycles: an entry point's choice (it freezes the heap).
+
+    Why: multiformats and dag_cbor type-check with typing_validation, whose union check keeps each
+    failed member's TypeError, with its traceback and so its frame, in a list that frame holds: a cycle
+    on nearly every CID parsed. Through `f_back` that frame keeps its callers' frames alive too, with
+    their locals, until Python's rare full collection: on the owner, a round's float64 running sum and
+    update buffer (3 model copies) were still alive in the next round. A full collection costs ~0.2 s
+    with TensorFlow loaded, so the first is followed by `gc.freeze()` (everything alive then is kept for
+    good, as a job's model and libraries are), and each later one only looks at what is newer: well under
+    a millisecond."""
+    _cycles["collect"] = True
+
+
+def between_rounds() -> None:
+    """Collect the reference cycles a round left (see `collect_cycles_between_rounds`); without that
+    entry point's choice, nothing: a library user's process keeps Python's own schedule."""
+    if not _cycles["collect"]:
+        return
+    gc.collect()
+    if not _cycles["frozen"]:
+        gc.freeze()
+        _cycles["frozen"] = True
+
+
 def prepare_owner_process() -> None:
-    """What the owner's CLIs (client, miner) set first thing: `quiet_tensorflow()` and `return_large_frees()`."""
+    """What the owner's CLIs (client, miner) set first thing: `quiet_tensorflow()`, `return_large_frees()`
+    and `collect_cycles_between_rounds()`."""
     quiet_tensorflow()
     return_large_frees()
+    collect_cycles_between_rounds()

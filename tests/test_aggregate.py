@@ -309,12 +309,31 @@ def test_accept_rule_verdicts():
     assert not acc.check({"val_accuracy": 0.6}, {"val_accuracy": 0.7})[0]
 
 
+def test_running_fedavg_adds_large_tensors_in_slices_with_the_same_bits():
+    """`RunningFedAvg.add` folds a tensor larger than SLICE in pieces (a bounded float64 temporary):
+    every value goes through the same multiply and add, so the mean is bit for bit the one-shot one,
+    also for an update that is not contiguous."""
+    from grid_ipfs.aggregate import SLICE, RunningFedAvg
+
+    rng = np.random.default_rng(5)
+    updates = [[rng.standard_normal((2, SLICE + 3)).astype(np.float32), rng.standard_normal(4).astype(np.float32)]
+               for _ in range(3)]
+    updates[2][0] = np.asfortranarray(updates[2][0])
+    counts = [7, 1, 2 ** 40]
+    running = RunningFedAvg()
+    for weights, n in zip(updates, counts):
+        running.add(weights, n)
+    for i in range(2):
+        total = sum(w[i].astype(np.float64) * n for w, n in zip(updates, counts))
+        assert (running.mean_float64()[i] == total / sum(counts)).all()
+
+
 def test_update_norm_over_several_slices_is_the_l2_distance():
-    """update_norm works in NORM_SLICE pieces (bounded temporaries); the distance is the same."""
-    from grid_ipfs.aggregate import NORM_SLICE
+    """update_norm works in SLICE pieces (bounded temporaries); the distance is the same."""
+    from grid_ipfs.aggregate import SLICE
 
     rng = np.random.default_rng(3)
-    weights = [rng.standard_normal((3, NORM_SLICE + 7)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]
+    weights = [rng.standard_normal((3, SLICE + 7)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]
     reference = [rng.standard_normal(w.shape).astype(np.float32) for w in weights]
     naive = np.sqrt(sum(np.sum((w.astype(np.float64) - r.astype(np.float64)) ** 2) for w, r in zip(weights, reference)))
     assert np.isclose(update_norm(weights, reference), naive, rtol=1e-12)

@@ -60,10 +60,10 @@ class CountingStore(MemoryStore):
         self.block_gets += 1
         return super().block_get(cid)
 
-    def cat(self, cid, *, max_size=None, timeout=None) -> bytes:
+    def cat(self, cid, *, max_size=None, timeout=None, sink=None) -> bytes:
         key = cid_str(cid)
         self.cats[key] = self.cats.get(key, 0) + 1
-        return super().cat(cid, max_size=max_size, timeout=timeout)
+        return super().cat(cid, max_size=max_size, timeout=timeout, sink=sink)
 
 
 # -- long chains: the walk ----------------------------------------------------------------------------

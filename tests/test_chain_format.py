@@ -62,11 +62,14 @@ class MemoryStore:
     def block_get(self, cid) -> bytes:
         return self._get(cid)
 
-    def cat(self, cid, *, max_size=None, timeout=None) -> bytes:
+    def cat(self, cid, *, max_size=None, timeout=None, sink=None) -> bytes:
         data = self._get(cid)
         if max_size is not None and len(data) > max_size:
             raise TooLarge(f"cat {cid}", max_size)
-        return data
+        if sink is None:
+            return data
+        sink(data)
+        return b""
 
     def add(self, data: bytes) -> CID:
         return self._put(data, "raw")

@@ -12,9 +12,11 @@ would otherwise stop them at the door, so the field checks behind it are what ge
 from __future__ import annotations
 
 import json
+import re
 
 import dag_cbor
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -249,11 +251,85 @@ def test_weights_decoder_takes_any_bytes(data):
 @settings(**_SETTINGS)
 @given(st.lists(st.tuples(st.integers(0, len(_WEIGHTS) - 1), st.integers(0, 255)), min_size=1, max_size=8))
 def test_weights_decoder_takes_any_mutation_of_a_real_file(flips):
+    """As bytes, and as the owner reads an update: into a bytearray, parsed in place (views into it)."""
     data = bytearray(_WEIGHTS)
     for at, byte in flips:
         data[at] = byte
     try:
-        weights = weights_from_bytes(bytes(data))
-    except PayloadError:
+        copies = weights_from_bytes(bytes(data))
+    except PayloadError as refused:
+        with pytest.raises(PayloadError, match=re.escape(str(refused))):
+            weights_from_bytes(data)  # the same verdict from a buffer
         return
-    assert all(np.isfinite(w).all() for w in weights if np.issubdtype(w.dtype, np.inexact))
+    views = weights_from_bytes(data)
+    raw = np.frombuffer(data, np.uint8)
+    for copy, view in zip(copies, views, strict=True):
+        assert view.flags.writeable and (np.shares_memory(view, raw) or view.size == 0)
+        assert copy.tobytes() == view.tobytes()
+        assert not np.issubdtype(copy.dtype, np.inexact) or np.isfinite(copy).all()
+
+
+# A header drawn field by field, so that the tensor table's checks (dtype, shape, offsets tiling the data
+# section) are what gets fuzzed, not only the JSON around them.
+_DTYPES = st.one_of(st.sampled_from(["F32", "F16", "F64", "I8", "I64", "U8", "U64", "BOOL"]),
+                    st.sampled_from(["BF16", "F8_E4M3", "f32", "", 7, None, ["F32"]]))
+_SHAPES = st.one_of(st.lists(st.integers(0, 5), max_size=4),
+                    st.lists(st.integers(-2, 5), max_size=4),
+                    st.lists(st.sampled_from([0, 1, 2 ** 40, 2 ** 41, 2 ** 64, True, 2.0, "3", None]), max_size=3),
+                    st.sampled_from([None, 3, "3", {}]))
+_NUDGE = st.sampled_from([0, 0, 0, 0, 0, 0, -2, -1, 1, 2])
+
+
+_VALID_DTYPES = st.sampled_from(["F32", "F16", "F64", "I8", "I64", "U8", "U64", "BOOL"])
+_SIZES = {"F32": 4, "F16": 2, "F64": 8, "I64": 8, "U64": 8, "BF16": 2}
+
+
+@st.composite
+def safetensors_files(draw):
+    """Mostly well-formed files of 1-3 tensors (so that acceptance is reached and compared), each entry
+    with one chance in three of a drawn-anything dtype, shape or offsets, and the data section of the
+    declared length or a byte or two off."""
+    header, position = {}, 0
+    count = draw(st.integers(1, 3))
+    for i in range(count):
+        odd = draw(st.integers(0, 2)) == 0
+        dtype = draw(_DTYPES if odd else _VALID_DTYPES)
+        shape = draw(_SHAPES if odd else st.lists(st.integers(0, 5), max_size=4))
+        honest = isinstance(shape, list) and all(type(d) is int and 0 <= d < 64 for d in shape)
+        size = _SIZES.get(str(dtype), 1) * int(np.prod(shape)) if honest else draw(st.integers(0, 16))
+        nudge = _NUDGE if odd else st.just(0)
+        offsets = [position + draw(nudge), position + size + draw(nudge)]
+        if odd and draw(st.integers(0, 3)) == 0:
+            offsets = draw(st.sampled_from([[0], [0, 1, 2], ["0", 4], [0.0, 4.0], None, [-4, 0], [2 ** 64, 2 ** 64]]))
+        header[f"w{i:04d}"] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+        position += size
+    header["__metadata__"] = {"format": "grid_ipfs.weights.v1", "count": str(count)}
+    items = list(header.items())
+    order = draw(st.permutations(range(len(items))))
+    text = json.dumps(dict(items[i] for i in order)).encode()
+    text += b" " * (-len(text) % 8)
+    length = max(position + draw(_NUDGE), 0)
+    return len(text).to_bytes(8, "little") + text + draw(st.binary(min_size=length, max_size=length))
+
+
+def test_the_in_place_weights_parser_accepts_nothing_safetensors_refuses_and_reads_the_same_values():
+    """Differential: `weights_from_bytes` parses safetensors itself (views into the caller's buffer, no
+    copy). Whatever it accepts, the safetensors library must accept too and read to the same dtypes,
+    shapes and bytes; whatever it refuses is a `PayloadError`."""
+    from safetensors.numpy import load
+
+    @settings(**_SETTINGS)
+    @given(safetensors_files())
+    def check(data):
+        try:
+            ours = weights_from_bytes(bytearray(data))
+        except PayloadError:
+            return
+        theirs = load(data)
+        assert len(ours) == len(theirs)
+        for i, array in enumerate(ours):
+            reference = theirs[f"w{i:04d}"]
+            assert array.dtype == reference.dtype and array.shape == reference.shape
+            assert array.tobytes() == reference.tobytes()
+
+    check()

@@ -145,6 +145,42 @@ def test_weights_round_trip_keeps_order_shapes_dtypes_and_is_writable():
         got += 1  # must not raise
 
 
+def test_weights_from_a_buffer_are_views_into_it_and_from_bytes_are_copies():
+    """The owner reads each update into one bytearray and parses it in place: the arrays point into
+    that buffer (one copy of the update in memory). From immutable bytes they are writable copies."""
+    weights = sample_weights()
+    data = weights_to_bytes(weights)
+    buffer = bytearray(data)
+    views = weights_from_bytes(buffer, like=weights)
+    raw = np.frombuffer(buffer, np.uint8)
+    assert all(np.shares_memory(v, raw) and v.flags.writeable for v in views)
+    copies = weights_from_bytes(data, like=weights)
+    assert not any(np.shares_memory(c, np.frombuffer(data, np.uint8)) for c in copies)
+    for view, copy, want in zip(views, copies, weights):
+        np.testing.assert_array_equal(view, want)
+        np.testing.assert_array_equal(copy, want)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}, "dtype 'BF16' is not one of"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}, "4 bytes for shape \\[2\\] of F32"),
+    ({"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}, "shape must be at most 32 ints"),
+    ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "shape must be at most 32 ints"),
+    ({"dtype": "F32", "shape": [1] * 33, "data_offsets": [0, 4]}, "shape must be at most 32 ints"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}, "starts at 4, not at 0"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}, "data_offsets must be"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [0, 400]}, "data_offsets must be"),
+    ({"dtype": "F32", "shape": [1]}, "needs exactly dtype, shape and data_offsets"),
+    ({"dtype": "U8", "shape": [0, 2 ** 40], "data_offsets": [0, 0]}, "bytes after the last tensor"),
+])
+def test_weights_tensor_table_is_checked_before_any_view_is_made(entry, message):
+    header = {"__metadata__": {"format": WEIGHTS_FORMAT, "count": "1"}, "w0000": entry}
+    text = json.dumps(header).encode()
+    data = len(text).to_bytes(8, "little") + text + b"\0" * 8
+    with pytest.raises(PayloadError, match=f"^bad: expected a safetensors weights file \\(.*{message}"):
+        weights_from_bytes(bytearray(data), source="bad")
+
+
 def test_weights_bytes_are_deterministic_with_ordered_keys_and_metadata():
     # safetensors itself orders the metadata keys at random; the canonical header must hide that.
     data = weights_to_bytes(sample_weights())

@@ -33,3 +33,39 @@ def test_importing_grid_ipfs_sets_nothing():
     code = ("import os; import grid_ipfs, grid_ipfs.client, grid_ipfs.worker; "
             "print('TF_CPP_MIN_LOG_LEVEL' in os.environ)")
     assert _run(code) == "False"
+
+
+ROUND_LEFTOVERS = """
+import gc, sys, weakref
+import numpy as np
+from grid_ipfs import runtime
+from grid_ipfs.ipfs import parse_cid
+from multiformats import CID, multihash
+cid = str(CID("base32", 1, "raw", multihash.digest(b"x", "sha2-256")))
+gc.collect()
+gc.disable()  # only the collections the test makes
+
+def a_round():
+    running_sum = np.zeros(1 << 20)  # a round's model-sized local
+    parse_cid(cid)  # typing_validation leaves a cycle that holds this frame
+    return weakref.ref(running_sum)
+
+if sys.argv[1] == "entry-point":
+    runtime.prepare_owner_process()
+left = a_round()
+runtime.between_rounds()
+print(left() is not None, gc.get_freeze_count() > 0)
+"""
+
+
+def test_the_owner_s_entry_point_frees_what_a_round_left_in_reference_cycles():
+    """A CID parse leaves a reference cycle (typing_validation keeps failed union members' errors, with
+    their frames) that keeps the caller's frames, and their model-sized locals, alive until Python's
+    rare full collection. After `prepare_owner_process()`, `between_rounds()` collects them (and freezes
+    the heap, so later collections are cheap); a library user's process is left to Python's schedule."""
+    run = lambda mode: subprocess.run([sys.executable, "-c", ROUND_LEFTOVERS, mode], capture_output=True,
+                                      text=True, timeout=120)
+    library, entry_point = run("library"), run("entry-point")
+    assert library.returncode == 0 and entry_point.returncode == 0, library.stderr + entry_point.stderr
+    assert library.stdout.split() == ["True", "False"]  # the leftover: why the entry point collects
+    assert entry_point.stdout.split() == ["False", "True"]

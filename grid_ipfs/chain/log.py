@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +36,8 @@ class BlockStore(Protocol):
 
     def block_get(self, cid: str | CID) -> bytes: ...
 
-    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: TimeoutTypes = DEFAULT) -> bytes: ...
+    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: TimeoutTypes = DEFAULT,
+            sink: Callable[[bytes], object] | None = None) -> bytes: ...
 
     def add(self, data: bytes) -> CID: ...
 

@@ -24,6 +24,7 @@ from ..identity import Identity
 from ..ipfs import IPFSError, cid_str, parse_cid
 from ..ipfs.rpc import IPFSClient
 from ..payloads import PayloadError, weights_to_bytes
+from ..runtime import between_rounds
 from ..strategies import Aggregate, RoundContext, StrategyError, run, streams
 from ..text import printable
 from . import buffered
@@ -173,6 +174,7 @@ class Client:
             if first_round <= job.spec.rounds:
                 self._gather_workers(inbox)
             for r in range(first_round, job.spec.rounds + 1):
+                between_rounds()  # frees what the last round left in reference cycles (CLI only)
                 job.result.rounds.append(self._run_round(inbox, r))
             await_endorsements(job, inbox)
             self.publish(messages.Done(job=job.id, head=job.result.head, reason="completed"))

@@ -402,10 +402,16 @@ class CarStore:
             raise CarError(f"CAR {self.path}: offset {offset}: block {cid_str(cid)} changed since the file was read")
         return data
 
-    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: TimeoutTypes = DEFAULT) -> bytes:
-        """The bytes of the UnixFS file (or raw block) `cid`, as `ipfs cat` would give them."""
+    def cat(self, cid: str | CID, *, max_size: int | None = None, timeout: TimeoutTypes = DEFAULT,
+            sink: Callable[[bytes], object] | None = None) -> bytes:
+        """The bytes of the UnixFS file (or raw block) `cid`, as `ipfs cat` would give them; with `sink`,
+        handed to it instead (and b"" returned), as `IPFSClient.cat` does."""
         cid = parse_cid(cid)
-        return unixfs_cat(self.block_get, cid, max_size=max_size, what=f"cat {cid_str(cid)} from CAR {self.path}")
+        data = unixfs_cat(self.block_get, cid, max_size=max_size, what=f"cat {cid_str(cid)} from CAR {self.path}")
+        if sink is None:
+            return data
+        sink(data)
+        return b""
 
     def block_put(self, data: bytes, *, codec: str = "dag-cbor", pin: bool = True) -> CID:
         raise CarError(f"CAR {self.path} is read-only: cannot store a block")
