@@ -98,7 +98,7 @@ class RunningFedAvg:
 
 def _times(a: np.ndarray, n: int) -> np.ndarray:
     """`a.astype(float64) * n`, the same bits, in one float64 copy of `a` instead of two."""
-    out = a.astype(np.float64)
+    out = a.astype(np.float64, order="C")  # C order whatever `a`'s: `_add_times` adds into a flat view of it
     out *= n
     return out
 

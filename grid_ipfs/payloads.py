@@ -234,7 +234,7 @@ def fetch_weights(store, cid, *, like: list[np.ndarray] | None = None, source: s
     """The weights file `cid` from `store` (an `IPFSClient`, or anything with its `cat`), fetched with
     the weights size limit and parsed by `weights_from_bytes` (checked against `like`; a compressed
     update is decoded against `base`). The one way a role reads weights by CID; pass `timeout=` to bound
-    the fetch (default: the store's own).
+    the fetch (default: the store's own). The store's `cat` must take `sink=`, as `IPFSClient.cat` does.
 
     The file is read into one buffer that the tensors then point into: one copy of an update in memory,
     where a list of chunks, their join and parsed copies made two or three."""
@@ -278,7 +278,7 @@ def weights_from_bytes(data: bytes | bytearray, *, source: str = "weights", max_
         raise PayloadError(source, f"{expected} with keys {keys[0]}..{keys[-1]} for {count} tensors; "
                                    f"found unexpected keys {unexpected}")
     if metadata.get("count") != str(count):
-        raise PayloadError(source, f"{expected}: metadata says {metadata.get('count')!r} tensors, "
+        raise PayloadError(source, f"{expected}: metadata says {_shorten(repr(metadata.get('count')), 40)} tensors, "
                                    f"the file holds {count}")
     copy = not isinstance(data, bytearray)  # views of immutable bytes are read-only
     weights = [np.array(tensors[key], copy=True) if copy else tensors[key] for key in keys]
@@ -292,7 +292,7 @@ SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I8": "i1", "I16
                       "I64": "<i8", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?"}
 """The safetensors dtypes NumPy holds natively (little-endian, as the format stores them)."""
 MAX_DIMS = 32
-MAX_DIM = 1 << 40
+"""Most dimensions a tensor's shape may have (NumPy's own limit is 64)."""
 
 
 def _tensor_views(data: bytes | bytearray, header: dict, start: int, source: str) -> dict[str, np.ndarray]:
@@ -317,9 +317,11 @@ def _tensor_views(data: bytes | bytearray, header: dict, start: int, source: str
                                        f"{_shorten(repr(info['dtype']), 20)} is not one of "
                                        f"{', '.join(SAFETENSORS_DTYPES)})")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-                or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
+                or not all(type(d) is int and d >= 0 for d in shape)
+                or math.prod(max(d, 1) for d in shape) > MAX_WEIGHTS_BYTES):  # NumPy refuses [0, 2^40, 2^40]
             raise PayloadError(source, f"{expected} (tensor {_shorten(name, 40)!r}: shape must be at most "
-                                       f"{MAX_DIMS} ints from 0 to 2^40)")
+                                       f"{MAX_DIMS} ints >= 0 whose non-zero ones multiply to at most "
+                                       f"{MAX_WEIGHTS_BYTES})")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1] <= body):
             raise PayloadError(source, f"{expected} (tensor {_shorten(name, 40)!r}: data_offsets must be "
@@ -338,9 +340,12 @@ def _tensor_views(data: bytes | bytearray, header: dict, start: int, source: str
         position = end
     if position != body:
         raise PayloadError(source, f"{expected} ({body - position} bytes after the last tensor)")
-    return {name: np.frombuffer(data, dtype, count=(end - begin) // np.dtype(dtype).itemsize,
-                                offset=start + begin).reshape(shape)
-            for begin, end, name, dtype, shape in spans}
+    try:
+        return {name: np.frombuffer(data, dtype, count=(end - begin) // np.dtype(dtype).itemsize,
+                                    offset=start + begin).reshape(shape)
+                for begin, end, name, dtype, shape in spans}
+    except (ValueError, TypeError, OverflowError) as exc:  # not reached by any input found: a backstop
+        raise PayloadError(source, f"{expected} ({type(exc).__name__}: {_shorten(str(exc))})") from None
 
 
 def _finite(weights: list[np.ndarray], source: str) -> list[np.ndarray]:
@@ -498,15 +503,35 @@ def _safetensors_header(data: bytes | bytearray, source: str) -> tuple[dict, int
         raise PayloadError(source, f"{expected} (header of {header_len} bytes, more than "
                                    f"{MAX_WEIGHTS_HEADER_BYTES})")
     try:
-        header = json.loads(bytes(data[8:8 + header_len]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PayloadError(source, f"{expected} (header is not JSON: {exc})") from exc
+        header = json.loads(bytes(data[8:8 + header_len]).decode("utf-8"), object_pairs_hook=_strict_object,
+                            parse_constant=_no_constant)
+    except (UnicodeError, ValueError, RecursionError) as exc:
+        raise PayloadError(source, f"{expected} (header is not JSON: {_shorten(str(exc))})") from exc
     if not isinstance(header, dict):
         raise PayloadError(source, f"{expected} (header is not a JSON object)")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PayloadError(source, f"{expected} (__metadata__ must map strings to strings)")
     tensors = len(header) - ("__metadata__" in header)
     if tensors > MAX_TENSORS:
         raise PayloadError(source, f"{expected} (it declares {tensors} tensors, more than {MAX_TENSORS})")
     return header, 8 + header_len
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict:
+    """A header object as safetensors' own reader takes it: no key twice, every string valid UTF-8 (Python's
+    `json` keeps the last duplicate and lone surrogates, which another reader of the chain would refuse)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError(f"a key appears twice in one object ({_shorten(repr([k for k, _ in pairs]), 80)})")
+    for key, value in pairs:
+        for text in (key, value) if isinstance(value, str) else (key,):
+            text.encode("utf-8")  # UnicodeEncodeError (a ValueError) on a lone surrogate
+    return out
+
+
+def _no_constant(token: str) -> None:
+    raise ValueError(f"{token} is not JSON")
 
 
 def _check_like(weights: list[np.ndarray], like: list[np.ndarray], source: str) -> None:

@@ -2,7 +2,7 @@
 
 The CLIs (`python -m grid_ipfs.worker`, `.pool`, `.chain`, `.demo`) call `quiet_tensorflow()` first
 thing; the owner's (`.client`, `.miner`) call `prepare_owner_process()`, which also tunes the
-allocator and the garbage collector. A program that uses grid_ipfs as a library decides for itself (e.g. by exporting the
+allocator, and the client's has the garbage collector run between rounds. A program that uses grid_ipfs as a library decides for itself (e.g. by exporting the
 variables before it starts).
 """
 
@@ -87,8 +87,8 @@ def between_rounds() -> None:
 
 
 def prepare_owner_process() -> None:
-    """What the owner's CLIs (client, miner) set first thing: `quiet_tensorflow()`, `return_large_frees()`
-    and `collect_cycles_between_rounds()`."""
+    """What the owner's CLIs (client, miner) set first thing: `quiet_tensorflow()` and `return_large_frees()`.
+    The client's also calls `collect_cycles_between_rounds()`: it runs one job and exits, so what the
+    freeze keeps is that job's (a miner serves job after job, and does not freeze)."""
     quiet_tensorflow()
     return_large_frees()
-    collect_cycles_between_rounds()

@@ -318,7 +318,8 @@ def test_running_fedavg_adds_large_tensors_in_slices_with_the_same_bits():
     rng = np.random.default_rng(5)
     updates = [[rng.standard_normal((2, SLICE + 3)).astype(np.float32), rng.standard_normal(4).astype(np.float32)]
                for _ in range(3)]
-    updates[2][0] = np.asfortranarray(updates[2][0])
+    updates[0][0] = np.asfortranarray(updates[0][0])  # the sum is C-ordered whatever the first update's order
+    updates[2][0] = np.repeat(updates[2][0], 2, axis=1)[:, ::2]  # a non-contiguous view of the same values
     counts = [7, 1, 2 ** 40]
     running = RunningFedAvg()
     for weights, n in zip(updates, counts):

@@ -171,7 +171,8 @@ def test_weights_from_a_buffer_are_views_into_it_and_from_bytes_are_copies():
     ({"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}, "data_offsets must be"),
     ({"dtype": "F32", "shape": [1], "data_offsets": [0, 400]}, "data_offsets must be"),
     ({"dtype": "F32", "shape": [1]}, "needs exactly dtype, shape and data_offsets"),
-    ({"dtype": "U8", "shape": [0, 2 ** 40], "data_offsets": [0, 0]}, "bytes after the last tensor"),
+    ({"dtype": "U8", "shape": [0, 2 ** 20], "data_offsets": [0, 0]}, "bytes after the last tensor"),
+    ({"dtype": "U8", "shape": [0, 2 ** 40, 2 ** 40], "data_offsets": [0, 0]}, "non-zero ones multiply to at most"),
 ])
 def test_weights_tensor_table_is_checked_before_any_view_is_made(entry, message):
     header = {"__metadata__": {"format": WEIGHTS_FORMAT, "count": "1"}, "w0000": entry}
@@ -179,6 +180,30 @@ def test_weights_tensor_table_is_checked_before_any_view_is_made(entry, message)
     data = len(text).to_bytes(8, "little") + text + b"\0" * 8
     with pytest.raises(PayloadError, match=f"^bad: expected a safetensors weights file \\(.*{message}"):
         weights_from_bytes(bytearray(data), source="bad")
+
+
+@pytest.mark.parametrize("header, message", [
+    (b'{"w0000": {"dtype": "F32", "dtype": "I32", "shape": [1], "data_offsets": [0, 4]}', "a key appears twice"),
+    (b'{"w0000": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w0000": {"dtype": "I32", '
+     b'"shape": [1], "data_offsets": [0, 4]}', "a key appears twice"),
+    (b'{"w0000": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}', "NaN is not JSON"),
+    (b'{"\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}', "surrogate"),
+])
+def test_weights_header_is_read_as_strictly_as_safetensors_reads_it(header, message):
+    """Python's json keeps the last of two equal keys, NaN and lone surrogates; the format's own reader
+    (and so any other verifier of the chain) refuses them, so this parser does too."""
+    text = header + b', "__metadata__": {"format": "%s", "count": "1"}}' % WEIGHTS_FORMAT.encode()
+    text += b" " * (-len(text) % 8)
+    data = len(text).to_bytes(8, "little") + text + bytes(4)
+    with pytest.raises(PayloadError, match=f"header is not JSON: .*{message}"):
+        weights_from_bytes(bytearray(data))
+
+
+def test_weights_metadata_must_map_strings_to_strings():
+    text = json.dumps({"__metadata__": {"format": WEIGHTS_FORMAT, "count": 1},
+                       "w0000": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    with pytest.raises(PayloadError, match="__metadata__ must map strings to strings"):
+        weights_from_bytes(len(text).to_bytes(8, "little") + text + bytes(4))
 
 
 def test_weights_bytes_are_deterministic_with_ordered_keys_and_metadata():

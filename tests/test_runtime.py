@@ -51,7 +51,7 @@ def a_round():
     return weakref.ref(running_sum)
 
 if sys.argv[1] == "entry-point":
-    runtime.prepare_owner_process()
+    runtime.collect_cycles_between_rounds()  # what the client's CLI does
 left = a_round()
 runtime.between_rounds()
 print(left() is not None, gc.get_freeze_count() > 0)
@@ -61,7 +61,7 @@ print(left() is not None, gc.get_freeze_count() > 0)
 def test_the_owner_s_entry_point_frees_what_a_round_left_in_reference_cycles():
     """A CID parse leaves a reference cycle (typing_validation keeps failed union members' errors, with
     their frames) that keeps the caller's frames, and their model-sized locals, alive until Python's
-    rare full collection. After `prepare_owner_process()`, `between_rounds()` collects them (and freezes
+    rare full collection. After `collect_cycles_between_rounds()`, `between_rounds()` collects them (and freezes
     the heap, so later collections are cheap); a library user's process is left to Python's schedule."""
     run = lambda mode: subprocess.run([sys.executable, "-c", ROUND_LEFTOVERS, mode], capture_output=True,
                                       text=True, timeout=120)

@@ -17,7 +17,7 @@ from ..identity import Identity, IdentityError, default_key_path, id_options_joi
 from ..ipfs import IPFSError
 from ..ipfs.rpc import IPFSClient
 from ..payloads import PayloadError
-from ..runtime import prepare_owner_process
+from ..runtime import collect_cycles_between_rounds, prepare_owner_process
 from ..strategies import canonical_name, check_params
 from .core import Client
 from .job import SECURE_RULES, ClientCallback, JobFailed, JobSpec
@@ -141,6 +141,7 @@ def _async_options(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     prepare_owner_process()  # before anything loads TensorFlow; an entry point's choice
+    collect_cycles_between_rounds()  # one job per process: see runtime
     from ..strategies import names
 
     parser = argparse.ArgumentParser(prog="python -m grid_ipfs.client",

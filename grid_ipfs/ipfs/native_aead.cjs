@@ -84,10 +84,29 @@ function open (original) {
   }
 }
 
+// One message sealed and opened both ways before anything is patched: a Node whose OpenSSL lists the cipher
+// but refuses it (a FIPS build) keeps stablelib's code instead of failing every connection.
+function agrees (ChaCha20Poly1305, nativeSeal, nativeOpen) {
+  try {
+    const aead = new ChaCha20Poly1305(crypto.randomBytes(KEY_LENGTH))
+    const nonce = crypto.randomBytes(NONCE_LENGTH)
+    const plain = new Uint8Array(crypto.randomBytes(100))
+    const ad = new Uint8Array(crypto.randomBytes(32))
+    const sealed = nativeSeal.call(aead, nonce, plain, ad)
+    const reference = ChaCha20Poly1305.prototype.seal.call(aead, nonce, plain, ad)
+    const opened = nativeOpen.call(aead, nonce, reference, ad)
+    return Buffer.compare(Buffer.from(sealed), Buffer.from(reference)) === 0 && opened !== null &&
+      Buffer.compare(Buffer.from(opened), Buffer.from(plain)) === 0
+  } catch {
+    return false
+  }
+}
+
 const ChaCha20Poly1305 = stablelibClass()
-if (ChaCha20Poly1305 && crypto.getCiphers().includes(CIPHER) && !ChaCha20Poly1305.prototype.seal.native) {
-  const nativeSeal = seal(ChaCha20Poly1305.prototype.seal)
-  const nativeOpen = open(ChaCha20Poly1305.prototype.open)
+const nativeSeal = ChaCha20Poly1305 && seal(ChaCha20Poly1305.prototype.seal)
+const nativeOpen = ChaCha20Poly1305 && open(ChaCha20Poly1305.prototype.open)
+if (ChaCha20Poly1305 && !ChaCha20Poly1305.prototype.seal.native && crypto.getCiphers().includes(CIPHER) &&
+    agrees(ChaCha20Poly1305, nativeSeal, nativeOpen)) {
   nativeSeal.native = nativeOpen.native = true
   ChaCha20Poly1305.prototype.seal = nativeSeal
   ChaCha20Poly1305.prototype.open = nativeOpen
