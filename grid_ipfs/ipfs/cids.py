@@ -7,11 +7,19 @@ strings. Every CID that crosses a trust boundary goes through `parse_cid`, which
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from multiformats import CID
 
 from .errors import InvalidCID
 
 __all__ = ["CID", "parse_cid", "same_cid", "same_data", "cid_str"]
+
+CACHED_CIDS = 4096
+"""CIDs whose parse and text form are remembered. multiformats type-checks every call with
+typing_validation: ~140 us a parse or a print here, each failed union member building an error message
+and leaving a reference cycle; a round handles the same few dozen CIDs over and over. CIDs are
+immutable values, so a bounded cache changes nothing but the cost."""
 
 
 def parse_cid(value: str | bytes | CID) -> CID:
@@ -21,9 +29,14 @@ def parse_cid(value: str | bytes | CID) -> CID:
     if not isinstance(value, str) or not value or len(value) > 256:
         raise InvalidCID(value, "expected a CID string")
     try:
-        return CID.decode(value.strip())
+        return _decoded(value.strip())
     except Exception as exc:  # multiformats raises several unrelated types
         raise InvalidCID(value, str(exc) or type(exc).__name__) from None
+
+
+@lru_cache(maxsize=CACHED_CIDS)
+def _decoded(text: str) -> CID:
+    return CID.decode(text)  # an error is raised again each time: lru_cache keeps only results
 
 
 def same_cid(a: str | CID, b: str | CID) -> bool:
@@ -48,5 +61,9 @@ def same_data(a: object, b: object) -> bool:
 
 def cid_str(cid: str | CID) -> str:
     """The canonical text form: CIDv0 stays `Qm...`, CIDv1 is printed base32 (`b...`) like Kubo."""
-    cid = parse_cid(cid)
+    return _canonical(parse_cid(cid))
+
+
+@lru_cache(maxsize=CACHED_CIDS)
+def _canonical(cid: CID) -> str:  # a CID in another base is equal to this one and prints the same here
     return str(cid) if cid.version == 0 else cid.encode("base32")
