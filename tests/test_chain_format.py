@@ -327,6 +327,26 @@ def test_append_refuses_another_job_or_model():
         log.append({**fields, "seq": 9}, OWNER)
 
 
+def test_the_log_reads_the_block_it_appended_last_from_memory():
+    """The next append's parent, which is also the head the owner's round extends, is the block this log
+    stored last: read (and checked) from the bytes it put, with no block_get; any other from the store."""
+    class CountingStore(MemoryStore):
+        gets = 0
+
+        def block_get(self, cid) -> bytes:
+            self.gets += 1
+            return super().block_get(cid)
+
+    store = CountingStore()
+    log, cids = build_chain(store, rounds=2)
+    fields = round_fields(store, np.random.default_rng(1), get_block(store, cids[0]), 3, log)
+    store.gets = 0
+    assert log.read(log.head) == get_block(store, log.head) and store.gets == 1  # get_block's own read
+    head = log.append(fields, OWNER)
+    assert store.gets == 1 and log.read(head)["seq"] == 3 and store.gets == 1
+    assert log.read(cids[0])["seq"] == 0 and store.gets == 2
+
+
 def test_append_checks_the_cid_the_store_answers():
     class LyingStore(MemoryStore):
         def block_put(self, data, *, codec="dag-cbor"):

@@ -101,6 +101,9 @@ class ChainLog:
         self.store = store
         self.head_file = Path(head_file) if head_file is not None else None
         self._head: CID | None = None
+        self._stored: tuple[CID, bytes] | None = None
+        """The block this log appended last, as stored: the next append's parent and the round's head,
+        read without a round trip to the daemon (blocks are content-addressed: these bytes are that CID)."""
 
     @property
     def head(self) -> CID | None:
@@ -135,8 +138,17 @@ class ChainLog:
             raise ChainError("stage sets seq and prev itself; do not pass them")
         return store_block(self.store, self._next(fields, extends), identity)
 
+    def read(self, cid: str | CID) -> dict:
+        """Block `cid`, checked by `decode_block`: the one this log appended last from memory, any other
+        from the store."""
+        cid = parse_cid(cid)
+        if self._stored is not None and same_cid(self._stored[0], cid):
+            return decode_block(self._stored[1], cid)
+        return decode_block(self.store.block_get(cid), cid)
+
     def _append(self, fields: dict, identity: Identity, extends: str | CID | None) -> CID:
-        cid = store_block(self.store, self._next(fields, extends), identity)
+        cid, data = _store(self.store, self._next(fields, extends), identity)
+        self._stored = (cid, data)
         if self.head_file is None:
             self._head = cid
         else:
@@ -154,7 +166,7 @@ class ChainLog:
         if head is None:
             block["seq"] = 0
         else:
-            parent = decode_block(self.store.block_get(head), head)
+            parent = self.read(head)
             for key in ("job", "model"):
                 if key in block and not same_data(block[key], parent[key]):
                     raise ChainError(f"{key} {_show(block[key])} differs from the head's {_show(parent[key])}")
@@ -164,11 +176,15 @@ class ChainLog:
 
 def store_block(store: BlockStore, block: dict, identity: Identity) -> CID:
     """Sign `block` (a complete block but for `v`, `signer`, `sig`), put it in `store`, return its CID."""
+    return _store(store, block, identity)[0]
+
+
+def _store(store: BlockStore, block: dict, identity: Identity) -> tuple[CID, bytes]:
     data, cid = encode_block(sign_block(block, identity))
     stored = store.block_put(data, codec="dag-cbor")
     if not same_cid(stored, cid):
         raise ChainError(f"the store answered CID {cid_str(stored)} for block {cid_str(cid)}")
-    return cid
+    return cid, data
 
 
 def _written_by(store: BlockStore, head: CID | None) -> str:

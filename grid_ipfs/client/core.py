@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from .. import messages
-from ..chain import ChainError, ChainLog, decode_block, walk
+from ..chain import ChainError, ChainLog, walk
 from ..chain.contributions import message_cid, update_entry
 from ..chain.verify import is_accepted
 from ..identity import Identity
@@ -279,7 +279,7 @@ class Client:
         """Aggregate, evaluate, judge, append the block; (the round's result, the acceptance rule's why)."""
         job, spec = inbox.job, inbox.job.spec
         ordered = [collected[w] for w in sorted(collected)]  # the block lists updates by worker id
-        seq = self._seq_of(job.extends) + 1  # append(extends=) refuses if the head moved: the block lands here
+        seq = job.chain.read(job.extends)["seq"] + 1  # append(extends=) refuses if the head moved: the block lands here
         fold = None
         if stream is None:
             result = self._aggregate(job, r, seq, ordered)
@@ -342,7 +342,7 @@ class Client:
         close: miners' rival aggregates are recomputed from them (so a job with miners holds them all)."""
         if not streams(job.strategy) or job.spec.miners:
             return None
-        seq = self._seq_of(job.extends) + 1
+        seq = job.chain.read(job.extends)["seq"] + 1
         context = RoundContext(job.accepted.weights, r, seq, job.accepted.state)
         return Stream(job.strategy, context, lambda c: fetch_update(self.ipfs, job, c.update, c.worker))
 
@@ -399,8 +399,6 @@ class Client:
                 return
         job.pinned = head
 
-    def _seq_of(self, cid) -> int:
-        return decode_block(self.ipfs.block_get(cid), cid)["seq"]
 
     def announce(self, job: JobRun) -> None:
         """Publish the job message again if the last time was `REANNOUNCE_EVERY` ago: pubsub is lossy, and
