@@ -136,7 +136,7 @@ def gather(client, inbox: Inbox, r: int, after_attempt: int) -> tuple[dict, dict
     job.extends = cid_str(job.chain.head)
     stream = None
     if streams(job.strategy):
-        context = RoundContext(job.accepted.weights, r, client._seq_of(job.extends) + 1, job.accepted.state)
+        context = RoundContext(job.accepted.weights, r, job.next_seq, job.accepted.state)
         stream = Stream(job.strategy, context, lambda c: reload(client.ipfs, job, c))
     collected: dict[str, Collected] = {}
     refused: dict[str, str] = {}

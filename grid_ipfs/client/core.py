@@ -279,7 +279,7 @@ class Client:
         """Aggregate, evaluate, judge, append the block; (the round's result, the acceptance rule's why)."""
         job, spec = inbox.job, inbox.job.spec
         ordered = [collected[w] for w in sorted(collected)]  # the block lists updates by worker id
-        seq = job.chain.read(job.extends)["seq"] + 1  # append(extends=) refuses if the head moved: the block lands here
+        seq = job.next_seq
         fold = None
         if stream is None:
             result = self._aggregate(job, r, seq, ordered)
@@ -342,8 +342,7 @@ class Client:
         close: miners' rival aggregates are recomputed from them (so a job with miners holds them all)."""
         if not streams(job.strategy) or job.spec.miners:
             return None
-        seq = job.chain.read(job.extends)["seq"] + 1
-        context = RoundContext(job.accepted.weights, r, seq, job.accepted.state)
+        context = RoundContext(job.accepted.weights, r, job.next_seq, job.accepted.state)
         return Stream(job.strategy, context, lambda c: fetch_update(self.ipfs, job, c.update, c.worker))
 
     def _finish(self, job: JobRun, r: int, stream: Stream, collected: dict[str, Collected]

@@ -82,3 +82,9 @@ class JobRun:
     @property
     def id(self) -> str:
         return self.message.job
+
+    @property
+    def next_seq(self) -> int:
+        """The seq of the block this round appends: one past the head its announcements name
+        (`ChainLog.append(extends=)` refuses if the head moved, so the block lands there)."""
+        return self.chain.read(self.extends)["seq"] + 1
