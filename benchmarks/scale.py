@@ -11,14 +11,13 @@ The client runs as its real CLI in a subprocess, `python -m grid_ipfs.client sub
 `benchmarks.probe client` (the same `main`, with `aggregate` and `IPFSClient.cat` timed); its peak RSS
 is its own VmHWM, read by the probe as the client ends. (Until 2026-12-07 it was ru_maxrss from
 `os.wait4`, which Linux starts at the parent's high-water mark: it measured this runner, not the owner.)
-`s_per_round` is the mean of the rounds' own seconds (joining excluded), `fetch_s` the client's time
-in `IPFSClient.cat` per round, summed over its threads (its daemon fetching each update from the network on a fetch thread, then the client reading
-it back from its daemon to add it), `critical_s` the mean of the blocks' `critical_path_s` (the slowest
-worker's own compute, not counting its wait for the pool's shared Keras runtime) and `coordination`
-the rest of the round as a share of it. FedAvg streams: each update is added to the running mean as it
-arrives, so the owner's memory should not grow with the workers; the target is growth from 1 to 64
-workers under 2 model copies.
-`--quick`: 1 and 4 workers, 2 rounds.
+`s_per_round` is the mean of the rounds' own seconds (joining excluded), `fetch_s` the client's time in
+`IPFSClient.cat` per round, summed over its threads (its daemon fetching each update from the network on a
+fetch thread, then the client reading it back from its daemon to add it), `critical_s` the mean of the
+blocks' `critical_path_s` (the slowest worker's own compute, not counting its wait for the pool's shared
+Keras runtime) and `coordination` the rest of the round as a share of it. FedAvg streams: each update is
+added to the running mean as it arrives, so the owner's memory should not grow with the workers; the target
+is growth from 1 to 64 workers under 2 model copies. `--quick`: 1 and 4 workers, 2 rounds.
 """
 
 from __future__ import annotations
@@ -159,8 +158,9 @@ def render(rows: list[dict]) -> str:
             f"(announcing, fetching, aggregating, and here also the hosted workers' turns at the one Keras "
             f"runtime, which separate machines would not queue for). `fetch updates` is the client's time in "
             f"`IPFSClient.cat` per round, summed over its 4 fetch threads (so it can exceed s/round). Peak RSS "
-            f"is the client process's own high-water mark (VmHWM, read as it ends); FedAvg adds each update to its running mean as "
-            f"it arrives (`client.collect.Stream`), so what the owner holds does not grow with the workers.")
+            f"is the client process's own high-water mark (VmHWM, read as it ends); FedAvg adds each update to "
+            f"its running mean as it arrives (`client.collect.Stream`), so what the owner holds does not grow "
+            f"with the workers.")
 
 
 if __name__ == "__main__":

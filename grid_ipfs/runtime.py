@@ -2,8 +2,8 @@
 
 The CLIs (`python -m grid_ipfs.worker`, `.pool`, `.chain`, `.demo`) call `quiet_tensorflow()` first
 thing; the owner's (`.client`, `.miner`) call `prepare_owner_process()`, which also tunes the
-allocator, and the client's has the garbage collector run between rounds. A program that uses grid_ipfs as a library decides for itself (e.g. by exporting the
-variables before it starts).
+allocator, and the client's has the garbage collector run between rounds. A program that uses
+grid_ipfs as a library decides for itself (e.g. by exporting the variables before it starts).
 """
 
 from __future__ import annotations

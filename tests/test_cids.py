@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from multiformats import CID, multihash
 
-from grid_ipfs.ipfs import InvalidCID, cid_str, parse_cid, same_cid
-from grid_ipfs.ipfs import cids
+from grid_ipfs.ipfs import InvalidCID, cid_str, cids, parse_cid, same_cid
 
 DIGEST = multihash.digest(b"grid_ipfs", "sha2-256")
 V1 = CID("base32", 1, "dag-pb", DIGEST)
