@@ -100,3 +100,51 @@ def test_the_owners_pin_moves_to_each_head_and_recovers_when_the_old_one_is_gone
     Client(ipfs, Identity.generate())._pin(job, cid_str(third))
     assert job.pinned == cid_str(third) and any(same_cid(c, third) for c in recursive())
     ipfs.pin_rm(third)
+
+
+def test_the_pin_thread_rests_nine_times_a_move_s_length_until_the_job_ends(monkeypatch):
+    """On js-ipfs a move walks the whole chain, so a long job's moves get spaced to take `PIN_SHARE` (a
+    tenth) of the time; once the job ends the newest head is pinned at once. Pure logic: a fake clock,
+    a node whose every move takes 2 s of it, and a `pin_now` that records each rest."""
+    from types import SimpleNamespace
+
+    from grid_ipfs.client import core
+    from grid_ipfs.identity import Identity
+
+    assert core.PIN_SHARE == 0.1
+    clock = [100.0]
+    monkeypatch.setattr(core, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    class Node:
+        moves: list = []
+
+        def pin_update(self, old, new, timeout):
+            clock[0] += 2.0
+            self.moves.append((old, new))
+
+    class PinNow:
+        rests: list = []
+        ended = False
+
+        def wait(self, timeout):
+            self.rests.append(timeout)
+            if not self.ended:
+                clock[0] += timeout
+
+        def set(self):
+            self.ended = True
+
+    node, job = Node(), SimpleNamespace(pinned=None, to_pin="h1", pin_rest_until=0.0, pin_now=PinNow(),
+                                        message=SimpleNamespace(job="paced"))
+    client = core.Client(node, Identity.generate())
+    client._pin_newest(job)  # the first move: nothing to rest from
+    clock[0] += 1.0  # a round later
+    job.to_pin = "h2"
+    client._pin_newest(job)  # rests until 20 s after the first move began
+    client._pin_newest(job)  # queued behind it: finds the newest head pinned, moves nothing
+    job.to_pin = "h3"
+    job.pin_now.set()  # the job ends
+    client._pin_newest(job)
+    assert node.moves == [(None, "h1"), ("h1", "h2"), ("h2", "h3")]
+    assert job.pin_now.rests == [0.0, 17.0, 18.0]
+    assert clock[0] == 124.0 and job.pinned == "h3"  # no rest once the job ended

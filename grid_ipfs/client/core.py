@@ -39,6 +39,11 @@ log = logging.getLogger("grid_ipfs.client")
 
 JOIN_GRACE = 1.0  # seconds without a new join before round 1 starts, once --min-workers have joined
 PIN_TIMEOUT = 120.0  # seconds for the recursive pin of a new head (local objects only: it is a walk, not a fetch)
+PIN_SHARE = 0.1
+"""The most of its time the pin thread spends moving a job's pin. On js-ipfs each move walks the whole
+chain (Kubo diffs the two heads), so on a long job moves every round would keep the owner's daemon busy
+and slow every round; instead each move is followed by a rest nine times its length. The newest head is
+always pinned before the job returns."""
 
 
 class Client:
@@ -189,7 +194,8 @@ class Client:
         finally:
             subscription.close()
             if job.pinning is not None:
-                job.pinning.result()  # the newest head is pinned before the job returns
+                job.pin_now.set()  # no more resting: the newest head is pinned before the job returns
+                job.pinning.result()
         job.result.dropped, job.result.rejected = dict(job.dropped), dict(job.rejected)
         self.callbacks.on_job_end(job.result)
         return job.result
@@ -375,9 +381,14 @@ class Client:
 
     def _pin_newest(self, job: JobRun) -> None:
         """On the pin thread: move the pin to the newest head, once (later moves queued behind this one
-        find it done), so a slow pin never queues up one walk of the chain per round."""
-        if job.to_pin is not None and job.to_pin != job.pinned:
-            self._pin(job, job.to_pin)
+        find it done), so a slow pin never queues up one walk of the chain per round; after the rest
+        that keeps pinning to `PIN_SHARE` of the time, cut short when the job ends (`job.pin_now`)."""
+        if job.to_pin is None or job.to_pin == job.pinned:
+            return
+        job.pin_now.wait(max(0.0, job.pin_rest_until - time.monotonic()))  # heads appended meanwhile: to_pin
+        started = time.monotonic()
+        self._pin(job, job.to_pin)
+        job.pin_rest_until = started + (time.monotonic() - started) / PIN_SHARE
 
     # -- the daemon ------------------------------------------------------------------------------------
 

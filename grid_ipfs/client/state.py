@@ -4,6 +4,7 @@ per-job state that lives exactly as long as the job (its inbox, drop counts, mem
 from __future__ import annotations
 
 import queue
+import threading
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -72,6 +73,10 @@ class JobRun:
     """The newest head, which the client's pin thread moves `pinned` to (off the rounds' path)."""
     pinning: Future | None = None
     """The newest move of the pin handed to that thread; the job waits for it before it returns."""
+    pin_rest_until: float = 0.0
+    """When (monotonic) the pin thread may move the pin again: `core.PIN_SHARE`."""
+    pin_now: threading.Event = field(default_factory=threading.Event)
+    """Set when the job ends: the pin thread stops resting and pins the newest head."""
     bases: dict = field(default_factory=dict)
     """Async jobs: recent heads updates may name -> `buffered.Base` (round, global weights)."""
     used: dict = field(default_factory=dict)
