@@ -37,7 +37,7 @@ import numpy as np
 from . import messages
 from .data import DataError, train_val_split
 from .identity import Identity, IdentityError, default_key_path
-from .ipfs import IPFSError
+from .ipfs import IPFSError, cid_str
 from .ipfs.pubsub import PubsubMessage
 from .ipfs.rpc import IPFSClient
 from .kerasstate import KERAS_LOCK
@@ -278,8 +278,8 @@ class Worker(Peer):
         head_seq = checking.result()
         if head_seq is None:  # refused, in one log line: the update stays unsigned and unannounced
             return
-        self.witness_signed(joined, round_, head_seq, str(cid))  # on disk before the signature leaves
-        self.publish(messages.Update(job=round_.job, round=round_.round, weights=str(cid),
+        self.witness_signed(joined, round_, head_seq, cid_str(cid))  # on disk before the signature leaves
+        self.publish(messages.Update(job=round_.job, round=round_.round, weights=cid_str(cid),
                                      num_examples=len(split.x_train), metrics=metrics,
                                      eval_metrics=eval_metrics, attempt=round_.attempt, head=round_.head,
                                      base=round_.weights, backend=backend()))

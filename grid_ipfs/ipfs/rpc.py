@@ -24,7 +24,7 @@ import dag_cbor
 import httpx
 from multiformats import CID, multihash
 
-from .cids import parse_cid
+from .cids import cid_str, parse_cid
 from .errors import DaemonError, DaemonUnreachable, IPFSTimeout, TooLarge, daemon_error, map_transport_errors
 from .multibase import decode_text, encode_topic
 from .timeouts import DEFAULT, Timeout, TimeoutTypes, resolve
@@ -193,17 +193,17 @@ class IPFSClient:
         """Fetch a file's bytes. Stops as soon as `max_size` is passed, or when `timeout` passes. With
         `sink`, each chunk goes to it as it arrives and b"" is returned."""
         cid = parse_cid(cid)
-        return self._stream("cat", params={"arg": str(cid)}, max_size=max_size, timeout=timeout,
-                            what=f"cat {cid}", sink=sink)
+        return self._stream("cat", params={"arg": cid_str(cid)}, max_size=max_size, timeout=timeout,
+                            what=f"cat {cid_str(cid)}", sink=sink)
 
     # -- pins ---------------------------------------------------------------------------------------
 
     def pin_add(self, cid: str | CID, *, recursive: bool = True, timeout: TimeoutTypes = DEFAULT) -> None:
-        self._json("pin/add", params={"arg": str(parse_cid(cid)), "recursive": _flag(recursive)},
+        self._json("pin/add", params={"arg": cid_str(cid), "recursive": _flag(recursive)},
                    timeout=timeout)
 
     def pin_rm(self, cid: str | CID, *, recursive: bool = True, timeout: TimeoutTypes = DEFAULT) -> None:
-        self._json("pin/rm", params={"arg": str(parse_cid(cid)), "recursive": _flag(recursive)},
+        self._json("pin/rm", params={"arg": cid_str(cid), "recursive": _flag(recursive)},
                    timeout=timeout)
 
     def pin_update(self, old: str | CID | None, new: str | CID, *, timeout: TimeoutTypes = DEFAULT) -> None:
@@ -221,7 +221,7 @@ class IPFSClient:
             if parse_cid(old).digest != new.digest:
                 self.pin_rm(old, timeout=timeout)
         else:
-            self._json("pin/update", params={"arg": [str(parse_cid(old)), str(new)], "unpin": "true"},
+            self._json("pin/update", params={"arg": [cid_str(old), cid_str(new)], "unpin": "true"},
                        timeout=timeout)
 
     def repo_gc(self, *, timeout: TimeoutTypes = 120.0) -> None:
@@ -232,7 +232,7 @@ class IPFSClient:
         """Map of pinned CID (text as the daemon prints it) -> pin type."""
         params: dict[str, str] = {"type": type}
         if cid is not None:
-            params["arg"] = str(parse_cid(cid))
+            params["arg"] = cid_str(cid)
         response = self._request("pin/ls", params=params)
         keys: dict[str, str] = {}
         for line in response.text.splitlines():  # Kubo: one object; js-ipfs: may stream one per line
@@ -261,10 +261,10 @@ class IPFSClient:
     def block_get(self, cid: str | CID, *, max_size: int = 2 << 20, timeout: TimeoutTypes = 30.0) -> bytes:
         """Fetch one block's raw bytes, and check they hash to the CID asked for."""
         cid = parse_cid(cid)
-        data = self._stream("block/get", params={"arg": str(cid)}, max_size=max_size, timeout=timeout,
-                            what=f"block {cid}")
+        data = self._stream("block/get", params={"arg": cid_str(cid)}, max_size=max_size, timeout=timeout,
+                            what=f"block {cid_str(cid)}")
         if cid.hashfun.name == "sha2-256" and multihash.digest(data, "sha2-256") != cid.digest:
-            raise DaemonError("block/get", 200, f"bytes returned for {cid} do not hash to it")
+            raise DaemonError("block/get", 200, f"bytes returned for {cid_str(cid)} do not hash to it")
         return data
 
     def dag_put(self, node: Any, *, pin: bool = True) -> CID:
@@ -294,12 +294,12 @@ class IPFSClient:
         """
         cid = parse_cid(cid)
         path = Path(path)
-        params = {"arg": str(cid)}
+        params = {"arg": cid_str(cid)}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
                 self._stream("dag/export", params=params, max_size=max_size, timeout=timeout,
-                             what=f"dag export {cid}", sink=f.write)
+                             what=f"dag export {cid_str(cid)}", sink=f.write)
                 f.flush()
                 os.fsync(f.fileno())
                 size = f.tell()
@@ -331,7 +331,7 @@ class IPFSClient:
             cid = parse_cid(cid.get("/", "") if isinstance(cid, dict) else cid)
             if root.get("PinErrorMsg"):
                 raise DaemonError("dag/import", response.status_code,
-                                  f"root {cid} not pinned: {root['PinErrorMsg']}")
+                                  f"root {cid_str(cid)} not pinned: {root['PinErrorMsg']}")
             roots.append(cid)
         return roots
 
