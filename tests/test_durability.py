@@ -116,15 +116,16 @@ def test_the_pin_thread_rests_nine_times_a_move_s_length_until_the_job_ends(monk
     monkeypatch.setattr(core, "time", SimpleNamespace(monotonic=lambda: clock[0]))
 
     class Node:
-        moves: list = []
+        def __init__(self):
+            self.moves = []
 
         def pin_update(self, old, new, timeout):
             clock[0] += 2.0
             self.moves.append((old, new))
 
     class PinNow:
-        rests: list = []
-        ended = False
+        def __init__(self):
+            self.rests, self.ended = [], False
 
         def wait(self, timeout):
             self.rests.append(timeout)

@@ -192,9 +192,9 @@ class IPFSClient:
             sink: Callable[[bytes], object] | None = None) -> bytes:
         """Fetch a file's bytes. Stops as soon as `max_size` is passed, or when `timeout` passes. With
         `sink`, each chunk goes to it as it arrives and b"" is returned."""
-        cid = parse_cid(cid)
-        return self._stream("cat", params={"arg": cid_str(cid)}, max_size=max_size, timeout=timeout,
-                            what=f"cat {cid_str(cid)}", sink=sink)
+        arg = cid_str(cid)
+        return self._stream("cat", params={"arg": arg}, max_size=max_size, timeout=timeout, what=f"cat {arg}",
+                            sink=sink)
 
     # -- pins ---------------------------------------------------------------------------------------
 
@@ -260,11 +260,11 @@ class IPFSClient:
 
     def block_get(self, cid: str | CID, *, max_size: int = 2 << 20, timeout: TimeoutTypes = 30.0) -> bytes:
         """Fetch one block's raw bytes, and check they hash to the CID asked for."""
-        cid = parse_cid(cid)
-        data = self._stream("block/get", params={"arg": cid_str(cid)}, max_size=max_size, timeout=timeout,
-                            what=f"block {cid_str(cid)}")
+        cid, arg = parse_cid(cid), cid_str(cid)
+        data = self._stream("block/get", params={"arg": arg}, max_size=max_size, timeout=timeout,
+                            what=f"block {arg}")
         if cid.hashfun.name == "sha2-256" and multihash.digest(data, "sha2-256") != cid.digest:
-            raise DaemonError("block/get", 200, f"bytes returned for {cid_str(cid)} do not hash to it")
+            raise DaemonError("block/get", 200, f"bytes returned for {arg} do not hash to it")
         return data
 
     def dag_put(self, node: Any, *, pin: bool = True) -> CID:
@@ -292,14 +292,12 @@ class IPFSClient:
         has, `timeout` passed, `max_size` bytes passed) leaves no file behind. Both
         daemons take `arg` (js-ipfs renames it to `root`).
         """
-        cid = parse_cid(cid)
-        path = Path(path)
-        params = {"arg": cid_str(cid)}
+        arg, path = cid_str(cid), Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                self._stream("dag/export", params=params, max_size=max_size, timeout=timeout,
-                             what=f"dag export {cid_str(cid)}", sink=f.write)
+                self._stream("dag/export", params={"arg": arg}, max_size=max_size, timeout=timeout,
+                             what=f"dag export {arg}", sink=f.write)
                 f.flush()
                 os.fsync(f.fileno())
                 size = f.tell()
